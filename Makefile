@@ -1,0 +1,47 @@
+# Two commands on a fresh machine: `make demo` and `make test` (they set everything up themselves).
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+EXTRAS := test,tokenizer,notebooks
+
+# JAX >= 0.11 needs Python >= 3.12. Take $PYTHON if set, else the first >= 3.12 on PATH, else pyenv's.
+define find_python
+for c in "$${PYTHON:-}" python3.12 python3.13 python3 \
+         $$(ls -d "$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv)"/versions/3.1[2-9]*/bin/python3 2>/dev/null); do \
+  [ -n "$$c" ] && command -v "$$c" >/dev/null 2>&1 && \
+  "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { echo "$$c"; exit 0; }; \
+done; echo "moejax needs Python >= 3.12 and none was found (set PYTHON=/path/to/python3.12)" >&2; exit 1
+endef
+
+.PHONY: setup demo test test-fast bench-kernels fixtures clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@py=$$($(find_python)) && echo "using $$py ($$($$py --version))" && \
+	  { [ -x $(PY) ] || $$py -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/moejax generate
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench-kernels: setup
+	$(VENV)/bin/moejax bench kernels --json benchmarks/kernels-$$(hostname).json
+
+# Regenerates tests/fixtures/ from HF transformers (a Python 3.11 venv with the local CPU torch wheel).
+fixtures:
+	@[ -x .venv-fixtures/bin/python ] || { python3.11 -m venv .venv-fixtures && \
+	  .venv-fixtures/bin/pip install -q torch==2.13.0 && \
+	  .venv-fixtures/bin/pip install -q transformers==5.23.0 safetensors tokenizers; }
+	.venv-fixtures/bin/python tests/fixtures/make_fixtures.py
+
+clean:
+	rm -rf $(VENV) .venv-fixtures build *.egg-info

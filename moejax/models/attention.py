@@ -1,0 +1,85 @@
+"""Grouped-query attention over a paged KV cache, with the q/k-norm, bias and clipping variants."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import kernels
+from moejax.config import ModelConfig
+from moejax.models.layers import RMSNorm, Rope, init_normal, param
+
+LayerKV = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, KV, head_dim]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Where each token row sits: built once per iteration (per row set) and shared by all layers.
+
+    T is the padded row count; padding rows have valid=False and a slot past the cache end.
+    """
+
+    positions: jax.Array  # [T] int32: position of the row in its sequence
+    slot_mapping: jax.Array  # [T] int32: flat KV slot the row's K/V goes to
+    seq_ids: jax.Array  # [T] int32: row of `block_tables` the token belongs to
+    block_tables: jax.Array  # [S, max_blocks_per_seq] int32
+    num_kv_blocks: jax.Array  # [] int32: KV blocks the longest row attends over
+    valid: jax.Array  # [T] bool
+
+    def replace(self, **kw) -> "AttentionMetadata":
+        return dataclasses.replace(self, **kw)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
+        D, H, KV, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
+        self.w_q = param(init_normal(rngs, (D, H * hd), D, dtype), "embed", "q_heads")
+        self.w_k = param(init_normal(rngs, (D, KV * hd), D, dtype), "embed", "kv_heads")
+        self.w_v = param(init_normal(rngs, (D, KV * hd), D, dtype), "embed", "kv_heads")
+        self.w_o = param(init_normal(rngs, (H * hd, D), H * hd, dtype), "q_heads", "embed")
+        if cfg.qkv_bias:
+            self.b_q = param(init_normal(rngs, (H * hd,), 16, dtype), "q_heads")
+            self.b_k = param(init_normal(rngs, (KV * hd,), 16, dtype), "kv_heads")
+            self.b_v = param(init_normal(rngs, (KV * hd,), 16, dtype), "kv_heads")
+        self.b_o = param(init_normal(rngs, (D,), 16, dtype), "embed") if cfg.o_bias else None
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "per_head":  # Qwen3: one RMSNorm over head_dim, shared by heads
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, rngs)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, rngs)
+        elif cfg.qk_norm == "full":  # OLMoE: over the whole q / k projection
+            self.q_norm = RMSNorm(H * hd, cfg.rms_norm_eps, dtype, rngs, axis="q_heads")
+            self.k_norm = RMSNorm(KV * hd, cfg.rms_norm_eps, dtype, rngs, axis="kv_heads")
+        self.has_bias = cfg.qkv_bias
+        self.clip_qkv = cfg.clip_qkv
+        self.window = cfg.sliding_windows[layer]
+        self.rope = Rope.from_config(cfg)
+
+    def __call__(self, x: jax.Array, kv: LayerKV, meta: AttentionMetadata) -> tuple[jax.Array, LayerKV]:
+        """x: [T, D] (normed hidden) -> ([T, D], updated layer KV)."""
+        T = x.shape[0]
+        q, k, v = x @ self.w_q[...], x @ self.w_k[...], x @ self.w_v[...]
+        if self.has_bias:
+            q, k, v = q + self.b_q[...], k + self.b_k[...], v + self.b_v[...]
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.reshape(T, self.num_heads, self.head_dim)
+        k = k.reshape(T, self.num_kv_heads, self.head_dim)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, meta.positions), self.rope(k, meta.positions)
+        k_cache, v_cache = kernels.write_kv(*kv, k, v, meta.slot_mapping)
+        out = kernels.paged_attention(q, k_cache, v_cache, meta.positions, meta.seq_ids, meta.block_tables,
+                                      meta.num_kv_blocks, scale=self.head_dim ** -0.5, window=self.window)
+        out = out.reshape(T, -1) @ self.w_o[...]
+        if self.b_o is not None:
+            out = out + self.b_o[...]
+        return out, (k_cache, v_cache)

@@ -1,0 +1,132 @@
+"""Building blocks shared by all architectures: parameters with logical axes, RMSNorm, RoPE, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.config import ModelConfig, RopeConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def param(value: jax.Array, *logical_axes: str | None) -> nnx.Param:
+    """A parameter annotated with logical axis names (one per dim); meshes/ maps them to mesh axes.
+
+    Placement is decided by the loader and the layout, never eagerly at creation.
+    """
+    assert len(logical_axes) == value.ndim, (logical_axes, value.shape)
+    return nnx.Param(value, out_sharding=logical_axes, eager_sharding=False)
+
+
+def init_normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
+    """1/sqrt(fan_in) normal init: keeps random tiny models well-conditioned (no near-tie argmaxes)."""
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs, axis: str | None = None):
+        self.weight = param(jnp.ones((dim,), dtype), axis)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+# --- rotary embeddings ------------------------------------------------------------------------------
+
+def rope_frequencies(rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, float]:
+    """(inv_freq [head_dim // 2] float32, attention scaling) for the config's RoPE type, as HF computes them."""
+    dim = head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    pos_freqs = np.float32(rope.theta) ** exponents
+    inv_freq = (np.float32(1.0) / pos_freqs).astype(np.float32)
+    scaling = 1.0
+    if rope.kind == "linear":
+        inv_freq = inv_freq / np.float32(rope.factor)
+    elif rope.kind == "llama3":
+        old_ctx = rope.original_max_position
+        low_wavelen = old_ctx / rope.low_freq_factor
+        high_wavelen = old_ctx / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_ctx / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    elif rope.kind == "yarn":
+        inv_freq, scaling = _yarn(rope, dim, pos_freqs)
+    return inv_freq.astype(np.float32), float(scaling)
+
+
+def _yarn(rope: RopeConfig, dim: int, pos_freqs: np.ndarray) -> tuple[np.ndarray, float]:
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if rope.attention_factor is not None:
+        scaling = rope.attention_factor
+    elif rope.mscale and rope.mscale_all_dim:
+        scaling = mscale(rope.factor, rope.mscale) / mscale(rope.factor, rope.mscale_all_dim)
+    else:
+        scaling = mscale(rope.factor)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(rope.original_max_position / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = np.float32(1) - ramp.astype(np.float32)
+    inv_extra = np.float32(1.0) / pos_freqs
+    inv_inter = np.float32(1.0) / (np.float32(rope.factor) * pos_freqs)
+    return (inv_inter * (1 - extrapolation) + inv_extra * extrapolation).astype(np.float32), scaling
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary embedding with HF's rotate-half convention; cos/sin computed from positions on the fly.
+
+    Frozen and hashable: it is static structure of the attention module (part of its graphdef).
+    """
+
+    inv_freq: tuple[float, ...]  # [head_dim // 2]
+    scaling: float
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> "Rope":
+        inv_freq, scaling = rope_frequencies(cfg.rope, cfg.head_dim)
+        return cls(tuple(float(f) for f in inv_freq), scaling)
+
+    def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x: [T, heads, head_dim], positions: [T] -> x rotated."""
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        cos = (jnp.cos(emb) * self.scaling).astype(x.dtype)[:, None, :]
+        sin = (jnp.sin(emb) * self.scaling).astype(x.dtype)[:, None, :]
+        half = x.shape[-1] // 2
+        rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+
+class SwiGLU(nnx.Module):
+    """A dense SwiGLU MLP (dense layers and shared experts). w_gate_up: [D, 2F] (gate | up), w_down: [F, D]."""
+
+    def __init__(self, dim: int, hidden: int, dtype, rngs: nnx.Rngs):
+        self.w_gate_up = param(init_normal(rngs, (dim, 2 * hidden), dim, dtype), "embed", "mlp")
+        self.w_down = param(init_normal(rngs, (hidden, dim), hidden, dtype), "mlp", "embed")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate, up = jnp.split(x @ self.w_gate_up[...], 2, axis=-1)
+        return (jax.nn.silu(gate) * up) @ self.w_down[...]

@@ -1,0 +1,107 @@
+"""A model ready to run in layer ranges — the interface every executor and schedule uses.
+
+    hidden = model.embed(token_ids)
+    hidden, counts = model.run_layers(hidden, kv_caches, meta, start, end)   # any [start, end)
+    logits = model.logits(hidden)
+
+A full forward is one range. Each layer is a jitted pure function of (layer params, hidden, layer KV,
+metadata); layers with the same structure share one compilation, so a layer range of any length costs
+no new compile. The KV buffers are donated: `run_layers` replaces `kv_caches[i]` in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import kernels
+from moejax.config import ModelConfig
+from moejax.models.attention import AttentionMetadata, LayerKV
+from moejax.models.decoder import CausalLM
+
+
+def _layer_step(graphdef, state, x, kv, meta):
+    return nnx.merge(graphdef, state)(x, kv, meta)
+
+
+def _io_call(graphdef, method: str, state, x):
+    return getattr(nnx.merge(graphdef, state), method)(x)
+
+
+def _logits_at(graphdef, state, hidden, rows):
+    return nnx.merge(graphdef, state).logits(jnp.take(hidden, rows, axis=0))
+
+
+class Model:
+    def __init__(self, config: ModelConfig, module: CausalLM):
+        self.config = config
+        self.io_def, self.io_state = nnx.split(module.io)
+        split = [nnx.split(layer) for layer in module.layers]
+        self.layer_defs = [g for g, _ in split]
+        self.layer_states = [s for _, s in split]
+        self._fns: dict[tuple, Callable] = {}
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.io_state["embed"][...].dtype
+
+    def _fn(self, key: tuple, make: Callable[[], Callable]) -> Callable:
+        # The kernel backend is read at trace time, so it is part of the cache key.
+        key = (*key, kernels.backend_for())
+        if key not in self._fns:
+            self._fns[key] = make()
+        return self._fns[key]
+
+    def embed(self, token_ids: jax.Array) -> jax.Array:
+        """[T] int32 -> [T, D]."""
+        fn = self._fn(("embed",), lambda: jax.jit(partial(_io_call, self.io_def, "embed_tokens")))
+        return fn(self.io_state, token_ids)
+
+    def logits(self, hidden: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+        """hidden: [T, D] -> [T, V] fp32 logits, or only those of `rows` ([R] int32) -> [R, V]."""
+        if rows is None:
+            fn = self._fn(("logits",), lambda: jax.jit(partial(_io_call, self.io_def, "logits")))
+            return fn(self.io_state, hidden)
+        fn = self._fn(("logits_at",), lambda: jax.jit(partial(_logits_at, self.io_def)))
+        return fn(self.io_state, hidden, rows)
+
+    def layer(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
+        """One decoder layer: -> (x [T, D], new layer KV, tokens per expert [E])."""
+        graphdef = self.layer_defs[i]
+        fn = self._fn(("layer", graphdef),
+                      lambda: jax.jit(partial(_layer_step, graphdef), donate_argnums=(2,)))
+        return fn(self.layer_states[i], x, kv, meta)
+
+    def run_layers(self, x: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata,
+                   start: int = 0, end: int | None = None) -> tuple[jax.Array, list[jax.Array]]:
+        """Layers [start, end) on hidden rows x: [T, D] -> (x, tokens per expert per layer: list of [E])."""
+        end = self.config.num_layers if end is None else end
+        counts = []
+        for i in range(start, end):
+            x, kv_caches[i], group_sizes = self.layer(i, x, kv_caches[i], meta)
+            counts.append(group_sizes)
+        return x, counts
+
+    def init_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKV]:
+        """Zeroed paged KV cache: per layer (k, v), each [num_blocks, block_size, KV, head_dim]."""
+        c = self.config
+        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(c.num_layers)]
+
+    def params(self) -> nnx.State:
+        """All parameters as one state tree: {"io": ..., "layers": {i: ...}} (for saving / inspection)."""
+        return nnx.State({"io": self.io_state, "layers": nnx.State(dict(enumerate(self.layer_states)))})
+
+
+def build_model(config: ModelConfig, seed: int = 0, dtype: str | None = None) -> Model:
+    """A model with seeded random weights (the tiny presets build in seconds)."""
+    if not config.executable:
+        raise ValueError(f"{config.name}: architecture {config.architecture!r} "
+                         f"(attention {config.attention_kind!r}) has no executable model yet; "
+                         "it can be simulated only")
+    module = CausalLM(config, nnx.Rngs(params=seed), dtype=jnp.dtype(dtype or config.dtype))
+    return Model(config, module)
