@@ -28,10 +28,10 @@ demo: setup
 	$(VENV)/bin/moejax generate
 
 test: setup
-	$(PY) -m pytest -q
+	$(VENV)/bin/pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(VENV)/bin/pytest -q -m "not slow"
 
 bench-kernels: setup
 	$(VENV)/bin/moejax bench kernels --json benchmarks/kernels-$$(hostname).json

@@ -8,6 +8,10 @@ by platform; `use_backend` (or MOEJAX_KERNEL_BACKEND) overrides it.
 
 from __future__ import annotations
 
+if __name__ == "kernels":  # the repo root is on sys.path: refuse to pose as a top-level package
+    raise ImportError("moejax's kernels/ folder is importable only as moejax.kernels")
+
+
 import contextlib
 import os
 from collections.abc import Iterator

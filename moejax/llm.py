@@ -1,18 +1,17 @@
-"""The Python API: `LLM(model).generate(prompts, SamplingParams(...))`."""
+"""The Python API: `LLM(model).generate(prompts, SamplingParams(...))`, streaming, abort."""
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Sequence
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import jax.numpy as jnp
 import numpy as np
 
 from moejax.checkpoint import load_model
-from moejax.engine.metadata import attention_metadata, bucket, pad_tokens
-from moejax.engine.sampling import RequestError, SamplingParams, sample
+from moejax.engine.engine import real_engine
+from moejax.engine.request import Request
+from moejax.engine.sampling import RequestError, SamplingParams
 
 Prompt = str | Sequence[int]
 
@@ -23,103 +22,103 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     text: str | None = None
-    finish_reason: str | None = None  # "length" | "stop" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    metrics: dict = field(default_factory=dict)  # arrival / first token / finish times, ttft, preemptions
+
+
+@dataclass
+class TokenDelta:
+    """New output of one request since the last delta (streaming)."""
+
+    request_id: int
+    token_ids: list[int]
+    text: str | None
+    finished: bool
+    finish_reason: str | None = None
 
 
 class LLM:
     """Generate with a MoE model: a preset name (seeded random weights), a HF checkpoint directory,
-    or a saved moejax checkpoint."""
+    or a saved moejax checkpoint. Engine options (policy, token_budget, max_num_seqs, max_model_len,
+    block_size, num_blocks, kv_budget_bytes, ...) go to `moejax.engine.engine.real_engine`."""
 
-    def __init__(self, model: str = "tiny-qwen3-moe", *, dtype: str | None = None, seed: int = 0,
-                 block_size: int = 16):
+    def __init__(self, model: str = "tiny-qwen3-moe", *, dtype: str | None = None, seed: int = 0, **engine_options):
         self.model, self.tokenizer = load_model(model, dtype=dtype, seed=seed)
         self.config = self.model.config
-        self.seed = seed
-        self.block_size = block_size
+        self.engine = real_engine(self.model, seed=seed, **engine_options)
         self.last_stats: dict[str, float] = {}
 
-    # --- requests ---------------------------------------------------------------------------------
+    # --- requests ------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError(f"{self.config.name} has no tokenizer: pass token ids, not text")
-            ids = self.tokenizer.encode(prompt).ids
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise RequestError("prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
-        if len(ids) >= self.config.max_position:
-            raise RequestError(f"prompt has {len(ids)} tokens; the model's context is {self.config.max_position}")
-        return ids
+            return self.tokenizer.encode(prompt).ids
+        return [int(t) for t in prompt]
 
     def decode(self, token_ids: list[int]) -> str | None:
         return None if self.tokenizer is None else self.tokenizer.decode(token_ids)
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, np.integer))):
+    def add(self, prompts: Prompt | Sequence[Prompt],
+            params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Request]:
+        """Queue prompts without running them (generate / stream run the engine)."""
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], (int, np.integer))):
             prompts = [prompts]
         params = params or SamplingParams()
         per_request = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(per_request) != len(prompts):
             raise RequestError(f"{len(per_request)} SamplingParams for {len(prompts)} prompts")
-        outputs = [RequestOutput(i, self.encode(p)) for i, p in enumerate(prompts)]
-        start = time.perf_counter()
-        self._run(outputs, per_request)
-        elapsed = time.perf_counter() - start
-        for out in outputs:
-            out.text = self.decode(out.token_ids)
-        n = sum(len(o.token_ids) for o in outputs)
-        self.last_stats = {"output_tokens": n, "seconds": elapsed, "tokens_per_s": n / max(elapsed, 1e-9)}
-        return outputs
+        encoded = [self.encode(p) for p in prompts]  # validate all before queueing any
+        return [self.engine.add_request(ids, p) for ids, p in zip(encoded, per_request)]
 
-    # --- a simple batched loop: prefill each prompt, then decode all together ----------------------
-    def _run(self, outputs: list[RequestOutput], params: list[SamplingParams]) -> None:
-        bs, cfg = self.block_size, self.config
-        lengths = [min(len(o.prompt_token_ids) + p.max_tokens, cfg.max_position) for o, p in zip(outputs, params)]
-        blocks = [math.ceil(n / bs) for n in lengths]
-        tables = np.zeros((len(outputs), max(blocks)), np.int32)
-        first = np.cumsum([0] + blocks[:-1])
-        for i, (f, b) in enumerate(zip(first, blocks)):
-            tables[i, :b] = np.arange(f, f + b)
-        num_blocks = int(sum(blocks))
-        kv = self.model.init_kv_cache(num_blocks, bs)
-        seeds = np.array([p.seed if p.seed is not None else (self.seed * 1_000_003 + i) % 2**32
-                          for i, p in enumerate(params)], np.uint32)
+    def abort(self, request_id: int) -> None:
+        self.engine.abort(request_id)
 
-        def step(tokens: list[int], positions: list[int], seq_ids: list[int], sample_rows: list[int],
-                 reqs: list[int]) -> list[int]:
-            meta = attention_metadata(np.array(positions), np.array(seq_ids), tables, bs, num_blocks)
-            T = meta.positions.shape[0]
-            x = self.model.embed(pad_tokens(tokens, T))
-            x, _ = self.model.run_layers(x, kv, meta)
-            R = bucket(len(sample_rows))
-            logits = self.model.logits(x, pad_tokens(sample_rows, R))
-            p = [params[r] for r in reqs] + [params[reqs[0]]] * (R - len(reqs))
-            idx = reqs + [reqs[0]] * (R - len(reqs))
-            toks = sample(logits, jnp.array([q.temperature for q in p], jnp.float32),
-                          jnp.array([q.top_k for q in p], jnp.int32), jnp.array([q.top_p for q in p], jnp.float32),
-                          jnp.asarray(seeds[idx]), jnp.array([len(outputs[r].token_ids) for r in idx], jnp.int32))
-            return np.asarray(toks)[: len(reqs)].tolist()
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        requests = self.add(prompts, params)
+        start, steps = self.engine.clock.now(), len(self.engine.steps)
+        while not all(r.is_finished for r in requests):
+            self.engine.step()
+        elapsed = self.engine.clock.now() - start
+        n = sum(r.num_output_tokens for r in requests)
+        self.last_stats = {"output_tokens": n, "seconds": elapsed, "tokens_per_s": n / max(elapsed, 1e-9),
+                           "iterations": len(self.engine.steps) - steps}
+        return [self._output(r) for r in requests]
 
-        def accept(r: int, token: int) -> None:
-            out, p = outputs[r], params[r]
-            out.token_ids.append(token)
-            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(cfg.eos_token_ids))
-            if token in stops:
-                out.finish_reason = "stop"
-            elif len(out.token_ids) >= p.max_tokens or len(out.prompt_token_ids) + len(out.token_ids) >= lengths[r]:
-                out.finish_reason = "length"
+    def stream(self, prompts: Prompt | Sequence[Prompt],
+               params: SamplingParams | Sequence[SamplingParams] | None = None) -> Iterator[TokenDelta]:
+        """Token deltas as the engine produces them. Abort a request mid-way with llm.abort(id)."""
+        requests = self.add(prompts, params)
+        sent = {r.request_id: 0 for r in requests}
+        while sent:
+            if self.engine.has_unfinished:
+                self.engine.step()
+            for r in requests:
+                if r.request_id in sent and (r.num_output_tokens > sent[r.request_id] or r.is_finished):
+                    yield self._delta(r, sent[r.request_id])
+                    sent[r.request_id] = r.num_output_tokens
+                    if r.is_finished:
+                        del sent[r.request_id]
 
-        for r, out in enumerate(outputs):
-            n = len(out.prompt_token_ids)
-            accept(r, step(out.prompt_token_ids, list(range(n)), [r] * n, [n - 1], [r])[0])
-        while active := [r for r, o in enumerate(outputs) if o.finish_reason is None]:
-            positions = [len(outputs[r].prompt_token_ids) + len(outputs[r].token_ids) - 1 for r in active]
-            toks = step([outputs[r].token_ids[-1] for r in active], positions, active,
-                        list(range(len(active))), active)
-            for r, t in zip(active, toks):
-                accept(r, t)
+    async def astream(self, prompts: Prompt | Sequence[Prompt],
+                      params: SamplingParams | Sequence[SamplingParams] | None = None) -> AsyncIterator[TokenDelta]:
+        """The async form of `stream`: yields to the event loop between iterations."""
+        for delta in self.stream(prompts, params):
+            yield delta
+            await asyncio.sleep(0)
+
+    def _delta(self, r: Request, already: int) -> TokenDelta:
+        out = r.output_token_ids
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(out)[len(self.tokenizer.decode(out[:already])):]
+        return TokenDelta(r.request_id, out[already:], text, r.is_finished, r.finish_reason)
+
+    def _output(self, r: Request) -> RequestOutput:
+        return RequestOutput(
+            r.request_id, list(r.prompt_token_ids), r.output_token_ids, self.decode(r.output_token_ids),
+            r.finish_reason,
+            {"arrival_time": r.arrival_time, "first_token_time": r.first_token_time, "finish_time": r.finish_time,
+             "ttft_s": None if r.first_token_time is None else r.first_token_time - r.arrival_time,
+             "num_preemptions": r.num_preemptions})

@@ -32,6 +32,12 @@ def _io_call(graphdef, method: str, state, x):
     return getattr(nnx.merge(graphdef, state), method)(x)
 
 
+def _gather_rows(graphdef, state, x_prev, token_ids, extra, rows):
+    parts = [p for p in (x_prev, None if token_ids is None else nnx.merge(graphdef, state).embed_tokens(token_ids),
+                         extra) if p is not None]
+    return jnp.take(jnp.concatenate(parts), rows, axis=0)
+
+
 def _logits_at(graphdef, state, hidden, rows):
     return nnx.merge(graphdef, state).logits(jnp.take(hidden, rows, axis=0))
 
@@ -60,6 +66,13 @@ class Model:
         """[T] int32 -> [T, D]."""
         fn = self._fn(("embed",), lambda: jax.jit(partial(_io_call, self.io_def, "embed_tokens")))
         return fn(self.io_state, token_ids)
+
+    def gather_rows(self, x_prev: jax.Array | None, token_ids: jax.Array | None, extra: jax.Array | None,
+                    rows: jax.Array) -> jax.Array:
+        """The hidden rows of a layer group in one op: rows [T] index the concatenation
+        [x_prev; embed(token_ids); extra] (any part may be None) -> [T, D]."""
+        fn = self._fn(("gather_rows",), lambda: jax.jit(partial(_gather_rows, self.io_def)))
+        return fn(self.io_state, x_prev, token_ids, extra, rows)
 
     def logits(self, hidden: jax.Array, rows: jax.Array | None = None) -> jax.Array:
         """hidden: [T, D] -> [T, V] fp32 logits, or only those of `rows` ([R] int32) -> [R, V]."""

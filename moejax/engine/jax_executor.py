@@ -1,0 +1,168 @@
+"""Runs IterationPlans with the real model on one device mesh.
+
+A host loop over the plan's layer groups: for each group, gather its rows' hidden states (carried
+from the previous group, freshly embedded, or kept from an earlier iteration), build the attention
+metadata, run the group's layers. Row counts are padded to power-of-two buckets, so steady state
+compiles nothing. Everything is dispatched asynchronously; the only host sync is reading the sampled
+tokens and the per-layer expert counts at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.engine.metadata import attention_metadata, bucket, pad_tokens
+from moejax.engine.plan import IterationPlan, StepResult
+from moejax.engine.sampling import sample
+from moejax.engine.traffic import layer_stats
+from moejax.models.model import Model
+
+
+@jax.jit
+def _scatter_rows(pool: jax.Array, x: jax.Array, src: jax.Array, dst: jax.Array) -> jax.Array:
+    return pool.at[dst].set(jnp.take(x, src, axis=0), mode="drop")
+
+
+class HiddenStash:
+    """Hidden rows of slices that stopped before the last layer, kept on device between iterations
+    (layered prefill keeps a whole prompt here while it crosses the layer groups). One pool [P, D]
+    with rows handed out per request, so gathering from it never changes shapes."""
+
+    def __init__(self, hidden_size: int, dtype):
+        self.pool = jnp.zeros((0, hidden_size), dtype)
+        self._rows: dict[int, np.ndarray] = {}
+        self._free: list[int] = []
+
+    def rows(self, request_id: int) -> np.ndarray:
+        return self._rows[request_id]
+
+    def put(self, request_id: int, x: jax.Array, src_rows: np.ndarray) -> None:
+        n = len(src_rows)
+        if len(self._rows.get(request_id, ())) != n:
+            self.release(request_id)
+            if len(self._free) < n:
+                self._grow(n - len(self._free))
+            self._free.sort()
+            self._rows[request_id], self._free = np.array(self._free[:n]), self._free[n:]
+        size = bucket(n)
+        P = self.pool.shape[0]
+        src = np.pad(src_rows, (0, size - n))
+        dst = np.pad(self._rows[request_id], (0, size - n), constant_values=P)  # P: dropped
+        self.pool = _scatter_rows(self.pool, x, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+
+    def release(self, request_id: int) -> None:
+        self._free.extend(self._rows.pop(request_id, np.array([], int)).tolist())
+
+    def _grow(self, extra: int) -> None:
+        P = self.pool.shape[0]
+        new_size = bucket(P + extra, minimum=64)
+        self.pool = jnp.concatenate([self.pool, jnp.zeros((new_size - P, self.pool.shape[1]), self.pool.dtype)])
+        self._free.extend(range(P, new_size))
+
+
+class JaxExecutor:
+    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int):
+        self.model = model
+        self.config = model.config
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        self.kv = model.init_kv_cache(num_blocks, block_size)
+        self.stash = HiddenStash(model.config.hidden_size, model.dtype)
+
+    def execute(self, plan: IterationPlan) -> StepResult:
+        t0 = time.perf_counter()
+        for rid in plan.released:
+            self.stash.release(rid)
+        L, E = self.config.num_layers, max(self.config.num_experts, 1)
+        counts: list[jax.Array | None] = [None] * L
+        if not plan.slices:
+            return self._result(plan, {}, np.zeros((L, E), np.int64), t0)
+
+        seq_of = {rid: i for i, rid in enumerate(plan.block_tables)}
+        tables = np.zeros((len(seq_of), self.max_blocks_per_seq), np.int32)
+        for rid, i in seq_of.items():
+            blocks = plan.block_tables[rid]
+            tables[i, :len(blocks)] = blocks
+
+        x, offsets = None, {}  # hidden rows of the previous group and where each slice sits in them
+        for group in plan.groups:
+            x, offsets = self._group_rows(plan, group.slices, x, offsets)
+            positions = np.concatenate([np.arange(plan.slices[i].start, plan.slices[i].start + plan.slices[i].num_tokens)
+                                        for i in group.slices])
+            seq_ids = np.concatenate([np.full(plan.slices[i].num_tokens, seq_of[plan.slices[i].request_id])
+                                      for i in group.slices])
+            meta = attention_metadata(positions, seq_ids, tables, self.block_size, self.num_blocks,
+                                      row_bucket=x.shape[0])
+            x, group_counts = self.model.run_layers(x, self.kv, meta, group.layer_start, group.layer_end)
+            counts[group.layer_start:group.layer_end] = group_counts
+            for i in group.slices:  # slices stopping here before the last layer keep their rows
+                s = plan.slices[i]
+                if s.layer_end == group.layer_end < L:
+                    self.stash.put(s.request_id, x, np.arange(offsets[i], offsets[i] + s.num_tokens))
+
+        tokens = self._sample(plan, x, offsets)
+        ran = [c for c in counts if c is not None]
+        host_tokens, host_counts = jax.device_get((tokens, ran))
+        expert_tokens = np.zeros((L, E), np.int64)
+        rows = iter(host_counts)
+        for layer, c in enumerate(counts):
+            if c is not None:
+                expert_tokens[layer, :c.shape[0]] = next(rows)
+        sampled = {row.request_id: int(t) for row, t in zip(plan.sampling, host_tokens)}
+        return self._result(plan, sampled, expert_tokens, t0)
+
+    def _group_rows(self, plan: IterationPlan, members: tuple[int, ...], x_prev, prev_offsets):
+        """Hidden rows for a group, in the order of its slices: carried over from the previous group,
+        embedded (slices starting at layer 0), or taken from the stash (slices resuming mid-model)."""
+        new_tokens: list[int] = []
+        for i in members:
+            if i not in prev_offsets and plan.slices[i].layer_start == 0:
+                new_tokens.extend(plan.slices[i].token_ids)
+        Tp = 0 if x_prev is None else x_prev.shape[0]
+        Te = bucket(len(new_tokens)) if new_tokens else 0
+        index, offsets, n, t, uses_stash = [], {}, 0, 0, False
+        for i in members:
+            s = plan.slices[i]
+            offsets[i] = n
+            n += s.num_tokens
+            if i in prev_offsets:
+                index.append(np.arange(prev_offsets[i], prev_offsets[i] + s.num_tokens))
+            elif s.layer_start == 0:
+                index.append(Tp + t + np.arange(s.num_tokens))
+                t += s.num_tokens
+            else:
+                index.append(Tp + Te + self.stash.rows(s.request_id))
+                uses_stash = True
+        T = bucket(n)
+        rows = np.pad(np.concatenate(index), (0, T - n)).astype(np.int32)
+        x = self.model.gather_rows(x_prev, pad_tokens(new_tokens, Te) if new_tokens else None,
+                                   self.stash.pool if uses_stash else None, jnp.asarray(rows))
+        return x, offsets
+
+    def _sample(self, plan: IterationPlan, x, offsets) -> jax.Array:
+        if not plan.sampling:
+            return jnp.zeros((0,), jnp.int32)
+        sampled_slices = [i for i, s in enumerate(plan.slices) if s.sample]
+        R = bucket(len(sampled_slices))
+        rows = [offsets[i] + plan.slices[i].num_tokens - 1 for i in sampled_slices]
+        logits = self.model.logits(x, pad_tokens(rows, R))
+        pad = R - len(rows)
+
+        def col(values, dtype):
+            return jnp.asarray(np.pad(np.asarray(values, dtype), (0, pad)))
+
+        s = plan.sampling
+        # padding rows have temperature 0: they are argmaxed and dropped
+        return sample(logits, col([r.temperature for r in s], np.float32), col([r.top_k for r in s], np.int32),
+                      col([r.top_p for r in s], np.float32), col([r.seed for r in s], np.uint32),
+                      col([r.output_index for r in s], np.int32))
+
+    def _result(self, plan: IterationPlan, sampled: dict[int, int], expert_tokens: np.ndarray, t0: float) -> StepResult:
+        stats = layer_stats(self.config, plan, expert_tokens=expert_tokens)
+        return StepResult(sampled=sampled, elapsed_s=time.perf_counter() - t0, layer_stats=stats)

@@ -1,0 +1,74 @@
+"""The paged KV cache's bookkeeping: a block allocator and per-request block tables.
+
+The device arrays live in the executor; here are only block ids. Capacity comes from a memory budget.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from moejax.config import ModelConfig
+from moejax.engine.request import Request
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int) -> int:
+    """Bytes of one block across all layers (K and V)."""
+    per_token = sum(cfg.kv_elems_per_token(i) for i in range(cfg.num_layers))
+    return per_token * block_size * cfg.dtype_bytes
+
+
+def kv_capacity(cfg: ModelConfig, block_size: int, budget_bytes: int) -> int:
+    """How many blocks fit in `budget_bytes`."""
+    n = budget_bytes // kv_block_bytes(cfg, block_size)
+    if n < 1:
+        raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no block "
+                         f"(one block is {kv_block_bytes(cfg, block_size)} bytes)")
+    return int(n)
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
+        return [self._free.popleft() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(blocks)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int):
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.allocator.num_free
+
+    def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
+        """Extra blocks for req to hold KV of its first num_computed + num_new_tokens tokens."""
+        total = math.ceil((req.num_computed_tokens + num_new_tokens) / self.block_size)
+        return max(0, total - len(req.block_ids))
+
+    def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
+        return self.blocks_needed(req, num_new_tokens) <= self.allocator.num_free
+
+    def allocate(self, req: Request, num_new_tokens: int) -> None:
+        req.block_ids.extend(self.allocator.allocate(self.blocks_needed(req, num_new_tokens)))
+
+    def free(self, req: Request) -> None:
+        self.allocator.free(req.block_ids)
+        req.block_ids = []

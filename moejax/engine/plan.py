@@ -1,0 +1,125 @@
+"""The data between scheduler and executor: an IterationPlan in, a StepResult out.
+
+A plan says, for every layer group of the model, which token rows pass through it this iteration.
+Rows come in slices: consecutive tokens of one request that pass a contiguous layer range.
+
+    chunked prefill:  every slice passes layers [0, L); a prompt slice is a token chunk
+    layered prefill:  decode slices pass [0, L); a prompt slice (the whole prompt) passes [a, b)
+
+A slice that starts past layer 0 continues from hidden states the executor kept from an earlier
+iteration; one that ends before layer L leaves its hidden states for a later one. A slice whose last
+token is the request's last known token and which passes the last layer is sampled. The plan knows
+nothing of devices: executors decide how it runs (one mesh, two submeshes, host-resident experts, a
+cost model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    request_id: int
+    start: int  # position of the first token
+    token_ids: tuple[int, ...]  # the slice's tokens (embedded when layer_start == 0)
+    layer_start: int
+    layer_end: int
+    sample: bool  # draw the request's next token from the last row's logits
+    context_len: int  # tokens of the request visible to the last row (start + len(token_ids))
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.sample and self.layer_start == 0
+
+
+@dataclass(frozen=True)
+class LayerGroup:
+    """Layers [layer_start, layer_end) run once on the rows of `slices` (indices into plan.slices)."""
+
+    layer_start: int
+    layer_end: int
+    slices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the sampler needs for one sampled slice."""
+
+    request_id: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    output_index: int  # index of the token being drawn in the request's output
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    step: int
+    slices: tuple[RowSlice, ...]
+    groups: tuple[LayerGroup, ...]
+    block_tables: dict[int, tuple[int, ...]]  # request id -> its KV blocks (all layers share them)
+    sampling: tuple[SamplingRow, ...]  # in the order of the sampled slices
+    released: tuple[int, ...] = ()  # requests whose executor-side state (kept hidden rows) can go
+    num_layers: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.slices)
+
+    @property
+    def num_decode_tokens(self) -> int:
+        return sum(1 for s in self.slices if s.is_decode)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.num_tokens - self.num_decode_tokens
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.slices
+
+
+def layer_groups(slices: list[RowSlice] | tuple[RowSlice, ...], num_layers: int) -> tuple[LayerGroup, ...]:
+    """Cut [0, L) at every slice boundary; each piece lists the slices that cover it. Pieces no
+    slice covers are dropped (an iteration may run only some layers)."""
+    cuts = sorted({0, num_layers, *(s.layer_start for s in slices), *(s.layer_end for s in slices)})
+    groups = []
+    for a, b in zip(cuts, cuts[1:]):
+        members = tuple(i for i, s in enumerate(slices) if s.layer_start <= a and b <= s.layer_end)
+        if members:
+            groups.append(LayerGroup(a, b, members))
+    return tuple(groups)
+
+
+@dataclass
+class LayerStats:
+    """Per-layer traffic of one iteration (the currency of the MoE scheduling papers)."""
+
+    distinct_experts: np.ndarray  # [L] int: experts with >= 1 token in the layer
+    expert_bytes: np.ndarray  # [L] float: routed-expert weight bytes that must be read
+    dense_weight_bytes: np.ndarray  # [L] float: attention + dense MLP / shared-expert weight bytes
+    kv_read_bytes: np.ndarray  # [L] float
+    kv_write_bytes: np.ndarray  # [L] float
+    tokens: np.ndarray  # [L] int: rows that passed the layer
+    expert_tokens: np.ndarray | None = None  # [L, E] int tokens per expert (real runs and sims that draw them)
+
+    @property
+    def total_expert_bytes(self) -> float:
+        return float(self.expert_bytes.sum())
+
+
+@dataclass
+class StepResult:
+    sampled: dict[int, int]  # request id -> new token
+    elapsed_s: float  # wall time (real executors) or modelled time (simulator)
+    layer_stats: LayerStats
+    energy_j: float = 0.0
+    extra: dict = field(default_factory=dict)

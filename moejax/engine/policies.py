@@ -1,0 +1,88 @@
+"""Scheduling policies: which slices run in the next iteration.
+
+    chunked   (Sarathi-Serve) decode first, then fill the token budget with prompt chunks
+    no_chunk  (vLLM v0 style) whole prompts first in prefill-only iterations, else a decode iteration
+
+Layered prefill lives in moejax.engine.layered (it adds per-request layer progress).
+"""
+
+from __future__ import annotations
+
+from moejax.engine.plan import RowSlice
+from moejax.engine.request import Status
+from moejax.engine.scheduler import Scheduler
+
+
+def schedule_decodes(s: Scheduler, budget: int) -> tuple[list[RowSlice], int]:
+    """One token for every running request that has exactly one uncomputed token, in priority order."""
+    slices = []
+    for req in list(s.running):
+        if budget == 0:
+            break
+        if req.status is Status.RUNNING and req.num_uncomputed == 1 and not s.is_scheduled(req):
+            if s.reserve(req, 1):
+                slices.append(s.make_slice(req, 1))
+                budget -= 1
+    return slices, budget
+
+
+class ChunkedPrefill:
+    name = "chunked"
+
+    def schedule(self, s: Scheduler) -> list[RowSlice]:
+        slices, budget = schedule_decodes(s, s.config.token_budget)
+        for req in list(s.running):  # prompts already under way
+            if budget == 0:
+                break
+            if req.status is Status.RUNNING and req.num_uncomputed > 1:
+                n = min(req.num_uncomputed, budget)
+                if s.reserve(req, n):
+                    slices.append(s.make_slice(req, n))
+                    budget -= n
+        while s.waiting and budget > 0 and len(s.running) < s.config.max_num_seqs:
+            req = s.waiting[0]
+            n = min(req.num_uncomputed, budget)
+            if not s.kv.can_allocate(req, n):
+                break  # new requests never preempt running ones
+            s.admit(req)
+            s.kv.allocate(req, n)
+            slices.append(s.make_slice(req, n))
+            budget -= n
+        return slices
+
+    def forget(self, request_id: int) -> None:
+        pass
+
+
+class NoChunk:
+    """Prefill-prioritising: whole prompts (up to the token budget; the first one even if longer)."""
+
+    name = "no_chunk"
+
+    def schedule(self, s: Scheduler) -> list[RowSlice]:
+        slices, budget = [], s.config.token_budget
+        while s.waiting and len(s.running) < s.config.max_num_seqs:
+            req = s.waiting[0]
+            n = req.num_uncomputed
+            if (slices and n > budget) or not s.kv.can_allocate(req, n):
+                break
+            s.admit(req)
+            s.kv.allocate(req, n)
+            slices.append(s.make_slice(req, n))
+            budget -= n
+        if slices:
+            return slices
+        return schedule_decodes(s, s.config.max_num_seqs)[0]
+
+    def forget(self, request_id: int) -> None:
+        pass
+
+
+POLICIES = {"chunked": ChunkedPrefill, "no_chunk": NoChunk}
+
+
+def make_policy(name: str, **kwargs):
+    try:
+        return POLICIES[name](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; policies: {', '.join(POLICIES)}") from None

@@ -1,0 +1,139 @@
+"""What an iteration must move and compute, per layer: bytes of weights and KV, and FLOPs.
+
+One accounting for every executor: the JAX executor feeds it the experts the routers really chose,
+the simulator the experts its routing model drew. Bytes are the ideal ("must be read") traffic: each
+weight read once per layer per iteration, each routed expert read once if any row reaches it, each
+row reading the KV it attends to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moejax.config import ModelConfig
+from moejax.engine.plan import IterationPlan, LayerStats
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """Parameter and KV sizes of one layer, in elements."""
+
+    attn_params: int
+    dense_ffn_params: int  # dense MLP (non-MoE layer) or shared expert + router + gate (MoE layer)
+    expert_params: int  # one routed expert; 0 for a dense layer
+    kv_elems_per_token: int
+    window: int | None
+
+
+def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
+    D = cfg.hidden_size
+    attn = D * cfg.q_size * 2 + D * cfg.kv_size * 2 + 2 * D  # q, o, k, v + the two norms
+    shapes = []
+    for i in range(cfg.num_layers):
+        if cfg.moe_layers[i]:
+            dense = D * cfg.num_experts + 3 * D * cfg.shared_expert_intermediate_size \
+                + (D if cfg.shared_expert_gate else 0)
+            expert = cfg.expert_params()
+        else:
+            dense, expert = 3 * D * cfg.dense_intermediate_size, 0
+        shapes.append(LayerShape(attn, dense, expert, cfg.kv_elems_per_token(i), cfg.sliding_windows[i]))
+    return shapes
+
+
+def attended_keys(start: int, n: int, window: int | None) -> int:
+    """Keys read by rows at positions start .. start+n-1 (causal, optional sliding window):
+    sum over v in [start+1, start+n] of min(v, window), in closed form."""
+    def triangle(a: int, b: int) -> int:  # a+1 + ... + b
+        return (b * (b + 1) - a * (a + 1)) // 2
+
+    end = start + n
+    if window is None or end <= window:
+        return triangle(start, end)
+    if start >= window:
+        return n * window
+    return triangle(start, window) + (end - window) * window
+
+
+def attended_keys_many(start: np.ndarray, n: np.ndarray, window: int | None) -> np.ndarray:
+    """`attended_keys` for arrays of slices ([S] int64 starts and lengths), same closed form."""
+    def triangle(a, b):
+        return (b * (b + 1) - a * (a + 1)) // 2
+
+    end = start + n
+    if window is None:
+        return triangle(start, end)
+    straddle = triangle(np.minimum(start, window), window) + (end - window) * window
+    return np.where(end <= window, triangle(start, end), np.where(start >= window, n * window, straddle))
+
+
+@dataclass
+class LayerWork:
+    tokens: np.ndarray  # [L] rows that pass each layer
+    attended_keys: np.ndarray  # [L] sum over those rows of the keys each attends to
+
+
+def layer_work(cfg: ModelConfig, plan: IterationPlan) -> LayerWork:
+    """Vectorised over slices (the simulator prices thousands of plans): each slice adds its value
+    to the layers [layer_start, layer_end) through a difference array."""
+    L, S = cfg.num_layers, len(plan.slices)
+    start = np.fromiter((s.start for s in plan.slices), np.int64, S)
+    n = np.fromiter((s.num_tokens for s in plan.slices), np.int64, S)
+    first = np.fromiter((s.layer_start for s in plan.slices), np.int64, S)
+    end = np.fromiter((s.layer_end for s in plan.slices), np.int64, S)
+
+    def over_layers(per_slice: np.ndarray) -> np.ndarray:  # [S] -> [L]
+        diff = np.zeros(L + 1, np.int64)
+        np.add.at(diff, first, per_slice)
+        np.add.at(diff, end, -per_slice)
+        return np.cumsum(diff[:L])
+
+    windows = cfg.sliding_windows
+    keys = np.zeros(L, np.int64)
+    for w in set(windows):
+        in_layer = np.array([x == w for x in windows])
+        keys += over_layers(attended_keys_many(start, n, w)) * in_layer
+    return LayerWork(over_layers(n), keys)
+
+
+def layer_stats(cfg: ModelConfig, plan: IterationPlan, expert_tokens: np.ndarray | None = None,
+                distinct_experts: np.ndarray | None = None, work: LayerWork | None = None) -> LayerStats:
+    """Per-layer traffic of a plan, given tokens per expert [L, E] or just distinct experts [L].
+    `work`: the plan's layer_work, when the caller already has it."""
+    if distinct_experts is None:
+        distinct_experts = (expert_tokens > 0).sum(axis=1) if expert_tokens is not None else \
+            np.zeros(cfg.num_layers, np.int64)
+    shapes = layer_shapes(cfg)
+    work = work if work is not None else layer_work(cfg, plan)
+    nbytes = cfg.dtype_bytes
+    ran = work.tokens > 0
+    return LayerStats(
+        distinct_experts=np.asarray(distinct_experts, np.int64),
+        expert_bytes=np.array([d * s.expert_params * nbytes for d, s in zip(distinct_experts, shapes)], float),
+        dense_weight_bytes=np.array([(s.attn_params + s.dense_ffn_params) * nbytes if r else 0.0
+                                     for s, r in zip(shapes, ran)]),
+        kv_read_bytes=np.array([k * s.kv_elems_per_token * nbytes for k, s in zip(work.attended_keys, shapes)], float),
+        kv_write_bytes=np.array([t * s.kv_elems_per_token * nbytes for t, s in zip(work.tokens, shapes)], float),
+        tokens=work.tokens,
+        expert_tokens=expert_tokens,
+    )
+
+
+def layer_flops_parts(cfg: ModelConfig, plan: IterationPlan,
+                      work: LayerWork | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[L] attention FLOPs (projections, scores and values) and [L] FFN FLOPs (router, dense MLP or
+    shared expert, the k routed experts of every row); 2 FLOPs per multiply-add."""
+    shapes = layer_shapes(cfg)
+    work = work if work is not None else layer_work(cfg, plan)
+    k = cfg.num_experts_per_tok
+    attn_params = np.array([s.attn_params for s in shapes], float)
+    ffn_params = np.array([s.dense_ffn_params + k * s.expert_params for s in shapes], float)
+    attn = 2.0 * work.tokens * attn_params + 4.0 * work.attended_keys * cfg.num_heads * cfg.head_dim
+    return attn, 2.0 * work.tokens * ffn_params
+
+
+def layer_flops(cfg: ModelConfig, plan: IterationPlan, work: LayerWork | None = None) -> np.ndarray:
+    """[L] FLOPs: projections and experts (2 per multiply-add) plus attention scores and values."""
+    attn, ffn = layer_flops_parts(cfg, plan, work)
+    return attn + ffn
