@@ -106,6 +106,9 @@ class JaxExecutor:
                 if s.layer_end == group.layer_end < L:
                     self.stash.put(s.request_id, x, np.arange(offsets[i], offsets[i] + s.num_tokens))
 
+        for s in plan.slices:  # a slice that reached the last layer needs no kept rows any more
+            if s.layer_end == L:
+                self.stash.release(s.request_id)
         tokens = self._sample(plan, x, offsets)
         ran = [c for c in counts if c is not None]
         host_tokens, host_counts = jax.device_get((tokens, ran))
@@ -153,15 +156,13 @@ class JaxExecutor:
         rows = [offsets[i] + plan.slices[i].num_tokens - 1 for i in sampled_slices]
         logits = self.model.logits(x, pad_tokens(rows, R))
         pad = R - len(rows)
-
-        def col(values, dtype):
-            return jnp.asarray(np.pad(np.asarray(values, dtype), (0, pad)))
-
         s = plan.sampling
-        # padding rows have temperature 0: they are argmaxed and dropped
-        return sample(logits, col([r.temperature for r in s], np.float32), col([r.top_k for r in s], np.int32),
-                      col([r.top_p for r in s], np.float32), col([r.seed for r in s], np.uint32),
-                      col([r.output_index for r in s], np.int32))
+        columns = jax.device_put(tuple(  # one transfer; padding rows have temperature 0 (argmax, dropped)
+            np.pad(np.asarray(values, dtype), (0, pad)) for values, dtype in (
+                ([r.temperature for r in s], np.float32), ([r.top_k for r in s], np.int32),
+                ([r.top_p for r in s], np.float32), ([r.seed for r in s], np.uint32),
+                ([r.output_index for r in s], np.int32))))
+        return sample(logits, *columns)
 
     def _result(self, plan: IterationPlan, sampled: dict[int, int], expert_tokens: np.ndarray, t0: float) -> StepResult:
         stats = layer_stats(self.config, plan, expert_tokens=expert_tokens)

@@ -3,34 +3,23 @@
     chunked   (Sarathi-Serve) decode first, then fill the token budget with prompt chunks
     no_chunk  (vLLM v0 style) whole prompts first in prefill-only iterations, else a decode iteration
 
-Layered prefill lives in moejax.engine.layered (it adds per-request layer progress).
+    layered   (Lee et al.) decode first, then whole prompts crossing one layer group per iteration
+              (moejax.engine.layered)
 """
 
 from __future__ import annotations
 
+from moejax.engine.layered import LayeredPrefill
 from moejax.engine.plan import RowSlice
 from moejax.engine.request import Status
 from moejax.engine.scheduler import Scheduler
-
-
-def schedule_decodes(s: Scheduler, budget: int) -> tuple[list[RowSlice], int]:
-    """One token for every running request that has exactly one uncomputed token, in priority order."""
-    slices = []
-    for req in list(s.running):
-        if budget == 0:
-            break
-        if req.status is Status.RUNNING and req.num_uncomputed == 1 and not s.is_scheduled(req):
-            if s.reserve(req, 1):
-                slices.append(s.make_slice(req, 1))
-                budget -= 1
-    return slices, budget
 
 
 class ChunkedPrefill:
     name = "chunked"
 
     def schedule(self, s: Scheduler) -> list[RowSlice]:
-        slices, budget = schedule_decodes(s, s.config.token_budget)
+        slices, budget = s.schedule_decodes(s.config.token_budget)
         for req in list(s.running):  # prompts already under way
             if budget == 0:
                 break
@@ -72,13 +61,13 @@ class NoChunk:
             budget -= n
         if slices:
             return slices
-        return schedule_decodes(s, s.config.max_num_seqs)[0]
+        return s.schedule_decodes(s.config.max_num_seqs)[0]
 
     def forget(self, request_id: int) -> None:
         pass
 
 
-POLICIES = {"chunked": ChunkedPrefill, "no_chunk": NoChunk}
+POLICIES = {"chunked": ChunkedPrefill, "no_chunk": NoChunk, "layered": LayeredPrefill}
 
 
 def make_policy(name: str, **kwargs):

@@ -120,6 +120,19 @@ class Scheduler:
         self.kv.allocate(req, num_new_tokens)
         return True
 
+    def schedule_decodes(self, budget: int, skip: set[int] = frozenset()) -> tuple[list[RowSlice], int]:
+        """One token for every running request with exactly one uncomputed token (not in `skip`),
+        in priority order, within `budget` tokens -> (slices, budget left)."""
+        slices = []
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if (req.status is Status.RUNNING and req.num_uncomputed == 1 and not self.is_scheduled(req)
+                    and req.request_id not in skip and self.reserve(req, 1)):
+                slices.append(self.make_slice(req, 1))
+                budget -= 1
+        return slices, budget
+
     def make_slice(self, req: Request, num_tokens: int, layer_start: int = 0, layer_end: int | None = None) -> RowSlice:
         """The next `num_tokens` uncomputed tokens of req through layers [layer_start, layer_end)."""
         layer_end = self.num_layers if layer_end is None else layer_end

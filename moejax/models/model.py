@@ -49,6 +49,10 @@ class Model:
         split = [nnx.split(layer) for layer in module.layers]
         self.layer_defs = [g for g, _ in split]
         self.layer_states = [s for _, s in split]
+        # Layers of equal structure share one compiled function; comparing graphdefs is costly, so
+        # each layer's structure class is worked out once here, not per call.
+        first_of: dict = {}
+        self.layer_kind = [first_of.setdefault(g, i) for i, g in enumerate(self.layer_defs)]
         self._fns: dict[tuple, Callable] = {}
 
     @property
@@ -84,9 +88,9 @@ class Model:
 
     def layer(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
         """One decoder layer: -> (x [T, D], new layer KV, tokens per expert [E])."""
-        graphdef = self.layer_defs[i]
-        fn = self._fn(("layer", graphdef),
-                      lambda: jax.jit(partial(_layer_step, graphdef), donate_argnums=(2,)))
+        kind = self.layer_kind[i]
+        fn = self._fn(("layer", kind),
+                      lambda: jax.jit(partial(_layer_step, self.layer_defs[kind]), donate_argnums=(2,)))
         return fn(self.layer_states[i], x, kv, meta)
 
     def run_layers(self, x: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata,
