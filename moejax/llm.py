@@ -39,11 +39,13 @@ class TokenDelta:
 
 class LLM:
     """Generate with a MoE model: a preset name (seeded random weights), a HF checkpoint directory,
-    or a saved moejax checkpoint. Engine options (policy, token_budget, max_num_seqs, max_model_len,
+    or a saved moejax checkpoint, placed by `layout` (a moejax.meshes preset name, a .toml file or a
+    Layout; default one device). Engine options (policy, token_budget, max_num_seqs, max_model_len,
     block_size, num_blocks, kv_budget_bytes, ...) go to `moejax.engine.engine.real_engine`."""
 
-    def __init__(self, model: str = "tiny-qwen3-moe", *, dtype: str | None = None, seed: int = 0, **engine_options):
-        self.model, self.tokenizer = load_model(model, dtype=dtype, seed=seed)
+    def __init__(self, model: str = "tiny-qwen3-moe", *, dtype: str | None = None, seed: int = 0,
+                 layout=None, **engine_options):
+        self.model, self.tokenizer = load_model(model, dtype=dtype, seed=seed, layout=layout)
         self.config = self.model.config
         self.engine = real_engine(self.model, seed=seed, **engine_options)
         self.last_stats: dict[str, float] = {}

@@ -179,11 +179,13 @@ def real_engine(model, *, policy: str = "chunked", token_budget: int = 512, max_
 
     cfg = model.config
     max_model_len = max_model_len or min(cfg.max_position, 4096)
+    shards = model.placement.shards("batch") if model.placement else 1
     if num_blocks is None:
         wanted = max_num_seqs * math.ceil(max_model_len / block_size)
         budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget()
         num_blocks = min(wanted, kv_capacity(cfg, block_size, min(budget, wanted * kv_block_bytes(cfg, block_size))))
-    kv = KVCacheManager(num_blocks, block_size)
+        num_blocks = max(shards, num_blocks - num_blocks % shards)
+    kv = KVCacheManager(num_blocks, block_size, num_shards=shards)
     scheduler = Scheduler(cfg, kv, make_policy(policy, **policy_kwargs),
                           SchedulerConfig(max_num_seqs=max_num_seqs, token_budget=token_budget,
                                           max_model_len=max_model_len))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -65,15 +66,30 @@ class HiddenStash:
         self._free.extend(range(P, new_size))
 
 
+@dataclass
+class RowLayout:
+    offsets: dict[int, int]  # slice index -> its first row
+    positions: np.ndarray  # [T]
+    seq_ids: np.ndarray  # [T]
+    valid: np.ndarray  # [T]
+
+
 class JaxExecutor:
+    """Runs plans on the model's placement. Under data parallelism the rows of each group are laid out
+    shard-major (each request shard's rows together, every shard padded to the same bucket), so each
+    shard attends over the KV blocks it owns."""
+
     def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int):
         self.model = model
         self.config = model.config
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.row_shards = model.placement.shards("batch") if model.placement else 1
+        self.blocks_per_shard = num_blocks // self.row_shards
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         self.kv = model.init_kv_cache(num_blocks, block_size)
         self.stash = HiddenStash(model.config.hidden_size, model.dtype)
+        self._sharding = model.placement.sharding if model.placement else None
 
     def execute(self, plan: IterationPlan) -> StepResult:
         t0 = time.perf_counter()
@@ -92,13 +108,11 @@ class JaxExecutor:
 
         x, offsets = None, {}  # hidden rows of the previous group and where each slice sits in them
         for group in plan.groups:
-            x, offsets = self._group_rows(plan, group.slices, x, offsets)
-            positions = np.concatenate([np.arange(plan.slices[i].start, plan.slices[i].start + plan.slices[i].num_tokens)
-                                        for i in group.slices])
-            seq_ids = np.concatenate([np.full(plan.slices[i].num_tokens, seq_of[plan.slices[i].request_id])
-                                      for i in group.slices])
-            meta = attention_metadata(positions, seq_ids, tables, self.block_size, self.num_blocks,
-                                      row_bucket=x.shape[0])
+            layout = self._layout(plan, group.slices, seq_of)
+            x = self._group_rows(plan, group.slices, layout, x, offsets)
+            offsets = layout.offsets
+            meta = attention_metadata(layout.positions, layout.seq_ids, tables, self.block_size, self.num_blocks,
+                                      valid=layout.valid, sharding=self._sharding)
             x, group_counts = self.model.run_layers(x, self.kv, meta, group.layer_start, group.layer_end)
             counts[group.layer_start:group.layer_end] = group_counts
             for i in group.slices:  # slices stopping here before the last layer keep their rows
@@ -120,33 +134,50 @@ class JaxExecutor:
         sampled = {row.request_id: int(t) for row, t in zip(plan.sampling, host_tokens)}
         return self._result(plan, sampled, expert_tokens, t0)
 
-    def _group_rows(self, plan: IterationPlan, members: tuple[int, ...], x_prev, prev_offsets):
-        """Hidden rows for a group, in the order of its slices: carried over from the previous group,
-        embedded (slices starting at layer 0), or taken from the stash (slices resuming mid-model)."""
-        new_tokens: list[int] = []
+    def _layout(self, plan: IterationPlan, members: tuple[int, ...], seq_of: dict[int, int]) -> "RowLayout":
+        """Where each member slice's rows go: grouped by request shard, each shard padded to one bucket."""
+        by_shard: list[list[int]] = [[] for _ in range(self.row_shards)]
         for i in members:
-            if i not in prev_offsets and plan.slices[i].layer_start == 0:
-                new_tokens.extend(plan.slices[i].token_ids)
+            rid = plan.slices[i].request_id
+            by_shard[plan.block_tables[rid][0] // self.blocks_per_shard].append(i)
+        width = bucket(max(sum(plan.slices[i].num_tokens for i in ids) for ids in by_shard))
+        T = width * self.row_shards
+        layout = RowLayout({}, np.zeros(T, np.int32), np.zeros(T, np.int32), np.zeros(T, bool))
+        for shard, ids in enumerate(by_shard):
+            row = shard * width
+            for i in ids:
+                s = plan.slices[i]
+                layout.offsets[i] = row
+                span = slice(row, row + s.num_tokens)
+                layout.positions[span] = np.arange(s.start, s.start + s.num_tokens)
+                layout.seq_ids[span] = seq_of[s.request_id]
+                layout.valid[span] = True
+                row += s.num_tokens
+        return layout
+
+    def _group_rows(self, plan: IterationPlan, members: tuple[int, ...], layout: "RowLayout", x_prev,
+                    prev_offsets: dict[int, int]) -> jax.Array:
+        """Hidden rows of a group in its layout: carried over from the previous group, embedded
+        (slices starting at layer 0), or taken from the stash (slices resuming mid-model)."""
+        new_tokens = [t for i in members if i not in prev_offsets and plan.slices[i].layer_start == 0
+                      for t in plan.slices[i].token_ids]
         Tp = 0 if x_prev is None else x_prev.shape[0]
         Te = bucket(len(new_tokens)) if new_tokens else 0
-        index, offsets, n, t, uses_stash = [], {}, 0, 0, False
+        rows = np.zeros(len(layout.valid), np.int32)  # padding rows copy row 0 (masked downstream)
+        embedded, uses_stash = 0, False
         for i in members:
             s = plan.slices[i]
-            offsets[i] = n
-            n += s.num_tokens
+            at = slice(layout.offsets[i], layout.offsets[i] + s.num_tokens)
             if i in prev_offsets:
-                index.append(np.arange(prev_offsets[i], prev_offsets[i] + s.num_tokens))
+                rows[at] = np.arange(prev_offsets[i], prev_offsets[i] + s.num_tokens)
             elif s.layer_start == 0:
-                index.append(Tp + t + np.arange(s.num_tokens))
-                t += s.num_tokens
+                rows[at] = Tp + embedded + np.arange(s.num_tokens)
+                embedded += s.num_tokens
             else:
-                index.append(Tp + Te + self.stash.rows(s.request_id))
+                rows[at] = Tp + Te + self.stash.rows(s.request_id)
                 uses_stash = True
-        T = bucket(n)
-        rows = np.pad(np.concatenate(index), (0, T - n)).astype(np.int32)
-        x = self.model.gather_rows(x_prev, pad_tokens(new_tokens, Te) if new_tokens else None,
-                                   self.stash.pool if uses_stash else None, jnp.asarray(rows))
-        return x, offsets
+        return self.model.gather_rows(x_prev, pad_tokens(new_tokens, Te) if new_tokens else None,
+                                      self.stash.pool if uses_stash else None, jnp.asarray(rows))
 
     def _sample(self, plan: IterationPlan, x, offsets) -> jax.Array:
         if not plan.sampling:

@@ -28,9 +28,9 @@ def kv_capacity(cfg: ModelConfig, block_size: int, budget_bytes: int) -> int:
 
 
 class BlockAllocator:
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+    def __init__(self, block_ids: range):
+        self.num_blocks = len(block_ids)
+        self._free: deque[int] = deque(block_ids)
 
     @property
     def num_free(self) -> int:
@@ -46,17 +46,29 @@ class BlockAllocator:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int):
-        self.block_size = block_size
-        self.allocator = BlockAllocator(num_blocks)
+    """Block tables over `num_shards` equal block ranges. Under data parallelism each request shard
+    owns one range: a request takes all its blocks from one shard (chosen at its first allocation:
+    the one with most free blocks), so its attention runs where its KV is."""
 
-    @property
-    def num_blocks(self) -> int:
-        return self.allocator.num_blocks
+    def __init__(self, num_blocks: int, block_size: int, num_shards: int = 1):
+        if num_blocks % num_shards:
+            raise ValueError(f"{num_blocks} KV blocks do not split evenly over {num_shards} request shards")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.blocks_per_shard = num_blocks // num_shards
+        per = self.blocks_per_shard
+        self.shards = [BlockAllocator(range(i * per, (i + 1) * per)) for i in range(num_shards)]
 
     @property
     def num_free_blocks(self) -> int:
-        return self.allocator.num_free
+        return sum(a.num_free for a in self.shards)
+
+    def shard_of(self, req: Request) -> int | None:
+        return req.block_ids[0] // self.blocks_per_shard if req.block_ids else None
+
+    def _allocator(self, req: Request) -> BlockAllocator:
+        shard = self.shard_of(req)
+        return max(self.shards, key=lambda a: a.num_free) if shard is None else self.shards[shard]
 
     def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
         """Extra blocks for req to hold KV of its first num_computed + num_new_tokens tokens."""
@@ -64,11 +76,12 @@ class KVCacheManager:
         return max(0, total - len(req.block_ids))
 
     def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
-        return self.blocks_needed(req, num_new_tokens) <= self.allocator.num_free
+        return self.blocks_needed(req, num_new_tokens) <= self._allocator(req).num_free
 
     def allocate(self, req: Request, num_new_tokens: int) -> None:
-        req.block_ids.extend(self.allocator.allocate(self.blocks_needed(req, num_new_tokens)))
+        req.block_ids.extend(self._allocator(req).allocate(self.blocks_needed(req, num_new_tokens)))
 
     def free(self, req: Request) -> None:
-        self.allocator.free(req.block_ids)
+        if req.block_ids:
+            self.shards[self.shard_of(req)].free(req.block_ids)
         req.block_ids = []

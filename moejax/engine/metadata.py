@@ -17,29 +17,39 @@ def bucket(n: int, minimum: int = 8) -> int:
 
 def attention_metadata(positions: np.ndarray, seq_ids: np.ndarray, block_tables: np.ndarray,
                        block_size: int, num_blocks: int, row_bucket: int | None = None,
-                       seq_bucket: int | None = None) -> AttentionMetadata:
-    """Rows: positions [n], seq_ids [n] (into block_tables [S, max_blocks]) -> padded device metadata.
+                       seq_bucket: int | None = None, valid: np.ndarray | None = None,
+                       sharding=None) -> AttentionMetadata:
+    """Device metadata for a row set. Either n real rows (positions, seq_ids: [n]) padded at the end
+    to `row_bucket`, or rows already laid out with padding in between (`valid`: [T] marks real rows).
 
     Padding rows sit at position 0 of sequence 0, write to a slot past the cache (dropped) and are
-    marked invalid so no expert sees them.
+    marked invalid so no expert sees them. `sharding(logical_axes)` places the arrays (None: default).
     """
-    n = len(positions)
-    T = row_bucket or bucket(n)
-    S = seq_bucket or bucket(len(block_tables), minimum=1)
     positions = np.asarray(positions, np.int32)
     seq_ids = np.asarray(seq_ids, np.int32)
+    if valid is None:
+        n = len(positions)
+        T = row_bucket or bucket(n)
+        valid = np.arange(T) < n
+        positions, seq_ids = np.pad(positions, (0, T - n)), np.pad(seq_ids, (0, T - n))
+    valid = np.asarray(valid, bool)
+    positions, seq_ids = np.where(valid, positions, 0), np.where(valid, seq_ids, 0)
+    S = seq_bucket or bucket(len(block_tables), minimum=1)
     tables = np.zeros((S, block_tables.shape[1]), np.int32)
     tables[: len(block_tables)] = block_tables
     slots = tables[seq_ids, positions // block_size] * block_size + positions % block_size
-    pad = T - n
-    return jax.device_put(AttentionMetadata(
-        positions=np.pad(positions, (0, pad)),
-        slot_mapping=np.pad(slots, (0, pad), constant_values=num_blocks * block_size),
-        seq_ids=np.pad(seq_ids, (0, pad)),
+    meta = AttentionMetadata(
+        positions=positions,
+        slot_mapping=np.where(valid, slots, num_blocks * block_size).astype(np.int32),
+        seq_ids=seq_ids,
         block_tables=tables,
-        num_kv_blocks=np.int32(positions.max() // block_size + 1 if n else 0),
-        valid=np.arange(T) < n,
-    ))
+        num_kv_blocks=np.int32(positions[valid].max() // block_size + 1 if valid.any() else 0),
+        valid=valid,
+    )
+    if sharding is None:
+        return jax.device_put(meta)
+    rows = sharding(("batch",))
+    return jax.device_put(meta, AttentionMetadata(rows, rows, rows, sharding((None, None)), sharding(()), rows))
 
 
 def pad_tokens(token_ids: np.ndarray, size: int) -> jax.Array:

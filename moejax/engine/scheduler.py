@@ -59,9 +59,10 @@ class Scheduler:
         self._released: list[int] = []
         self._scheduled: set[int] = set()
         blocks_per_seq = -(-config.max_model_len // kv.block_size)
-        if blocks_per_seq > kv.num_blocks:
-            raise ValueError(f"the KV cache holds {kv.num_blocks} blocks of {kv.block_size} tokens, fewer than "
-                             f"one request of max_model_len={config.max_model_len} needs ({blocks_per_seq})")
+        if blocks_per_seq > kv.blocks_per_shard:
+            raise ValueError(f"the KV cache holds {kv.blocks_per_shard} blocks of {kv.block_size} tokens per request "
+                             f"shard, fewer than one request of max_model_len={config.max_model_len} needs "
+                             f"({blocks_per_seq})")
 
     @property
     def num_layers(self) -> int:
@@ -110,8 +111,11 @@ class Scheduler:
     def reserve(self, req: Request, num_new_tokens: int) -> bool:
         """KV blocks for num_new_tokens more tokens of running `req`, preempting lower-priority requests
         not in this iteration if needed. False (and req itself preempted) when nothing can give way."""
+        shard = self.kv.shard_of(req)
         while not self.kv.can_allocate(req, num_new_tokens):
-            victims = [r for r in self.running if r is not req and r.request_id not in self._scheduled]
+            # only requests holding blocks of req's shard can make room for it
+            victims = [r for r in self.running if r is not req and r.request_id not in self._scheduled
+                       and self.kv.shard_of(r) == shard]
             victim = max(victims, key=priority, default=None)
             if victim is None or priority(victim) < priority(req):
                 self.preempt(req)

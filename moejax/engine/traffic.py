@@ -3,7 +3,8 @@
 One accounting for every executor: the JAX executor feeds it the experts the routers really chose,
 the simulator the experts its routing model drew. Bytes are the ideal ("must be read") traffic: each
 weight read once per layer per iteration, each routed expert read once if any row reaches it, each
-row reading the KV it attends to.
+slice reading once the KV its rows attend to (a prefill chunk reads its context once, not once per
+row: attention kernels tile the rows, and the FLOPs, not the bytes, grow with rows × keys).
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def attended_keys(start: int, n: int, window: int | None) -> int:
     return triangle(start, window) + (end - window) * window
 
 
+def keys_read(start: np.ndarray, n: np.ndarray, window: int | None) -> np.ndarray:
+    """[S] distinct keys the rows start .. start+n-1 attend to: positions max(0, start-window+1)
+    .. start+n-1 (row p sees keys p-window+1 .. p)."""
+    return start + n if window is None else np.minimum(start + n, n + window - 1)
+
+
 def attended_keys_many(start: np.ndarray, n: np.ndarray, window: int | None) -> np.ndarray:
     """`attended_keys` for arrays of slices ([S] int64 starts and lengths), same closed form."""
     def triangle(a, b):
@@ -71,7 +78,8 @@ def attended_keys_many(start: np.ndarray, n: np.ndarray, window: int | None) -> 
 @dataclass
 class LayerWork:
     tokens: np.ndarray  # [L] rows that pass each layer
-    attended_keys: np.ndarray  # [L] sum over those rows of the keys each attends to
+    attended_keys: np.ndarray  # [L] sum over those rows of the keys each attends to (FLOPs)
+    keys_read: np.ndarray  # [L] sum over the slices of the distinct keys their rows attend to (bytes)
 
 
 def layer_work(cfg: ModelConfig, plan: IterationPlan) -> LayerWork:
@@ -90,11 +98,12 @@ def layer_work(cfg: ModelConfig, plan: IterationPlan) -> LayerWork:
         return np.cumsum(diff[:L])
 
     windows = cfg.sliding_windows
-    keys = np.zeros(L, np.int64)
+    attended, read = np.zeros(L, np.int64), np.zeros(L, np.int64)
     for w in set(windows):
         in_layer = np.array([x == w for x in windows])
-        keys += over_layers(attended_keys_many(start, n, w)) * in_layer
-    return LayerWork(over_layers(n), keys)
+        attended += over_layers(attended_keys_many(start, n, w)) * in_layer
+        read += over_layers(keys_read(start, n, w)) * in_layer
+    return LayerWork(over_layers(n), attended, read)
 
 
 def layer_stats(cfg: ModelConfig, plan: IterationPlan, expert_tokens: np.ndarray | None = None,
@@ -113,7 +122,7 @@ def layer_stats(cfg: ModelConfig, plan: IterationPlan, expert_tokens: np.ndarray
         expert_bytes=np.array([d * s.expert_params * nbytes for d, s in zip(distinct_experts, shapes)], float),
         dense_weight_bytes=np.array([(s.attn_params + s.dense_ffn_params) * nbytes if r else 0.0
                                      for s, r in zip(shapes, ran)]),
-        kv_read_bytes=np.array([k * s.kv_elems_per_token * nbytes for k, s in zip(work.attended_keys, shapes)], float),
+        kv_read_bytes=np.array([k * s.kv_elems_per_token * nbytes for k, s in zip(work.keys_read, shapes)], float),
         kv_write_bytes=np.array([t * s.kv_elems_per_token * nbytes for t, s in zip(work.tokens, shapes)], float),
         tokens=work.tokens,
         expert_tokens=expert_tokens,

@@ -11,6 +11,7 @@ from flax import nnx
 
 from moejax import kernels
 from moejax.config import ModelConfig
+from moejax.meshes import sharded_ops
 from moejax.models.layers import RMSNorm, Rope, init_normal, param
 
 LayerKV = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, KV, head_dim]
@@ -76,10 +77,17 @@ class Attention(nnx.Module):
         if self.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, meta.positions), self.rope(k, meta.positions)
-        k_cache, v_cache = kernels.write_kv(*kv, k, v, meta.slot_mapping)
-        out = kernels.paged_attention(q, k_cache, v_cache, meta.positions, meta.seq_ids, meta.block_tables,
-                                      meta.num_kv_blocks, scale=self.head_dim ** -0.5, window=self.window)
+        out, k_cache, v_cache = sharded_ops.attention(
+            self._attend, q, k, v, *kv, meta.positions, meta.slot_mapping, meta.seq_ids, meta.block_tables,
+            meta.num_kv_blocks)
         out = out.reshape(T, -1) @ self.w_o[...]
         if self.b_o is not None:
             out = out + self.b_o[...]
         return out, (k_cache, v_cache)
+
+    def _attend(self, q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks):
+        """Write this step's K/V into the paged cache, then attend through the block tables."""
+        k_cache, v_cache = kernels.write_kv(k_cache, v_cache, k, v, slot_mapping)
+        out = kernels.paged_attention(q, k_cache, v_cache, positions, seq_ids, block_tables, num_kv_blocks,
+                                      scale=self.head_dim ** -0.5, window=self.window)
+        return out, k_cache, v_cache

@@ -20,12 +20,18 @@ from flax import nnx
 
 from moejax import kernels
 from moejax.config import ModelConfig
+from moejax.meshes import placement as placement_ctx
+from moejax.meshes.placement import Placement, constrain
 from moejax.models.attention import AttentionMetadata, LayerKV
 from moejax.models.decoder import CausalLM
 
 
+ROWS = ("batch", None)  # hidden [T, D]: rows split by request under data parallelism
+
+
 def _layer_step(graphdef, state, x, kv, meta):
-    return nnx.merge(graphdef, state)(x, kv, meta)
+    x, kv, counts = nnx.merge(graphdef, state)(constrain(x, ROWS), kv, meta)
+    return constrain(x, ROWS), kv, counts
 
 
 def _io_call(graphdef, method: str, state, x):
@@ -35,7 +41,7 @@ def _io_call(graphdef, method: str, state, x):
 def _gather_rows(graphdef, state, x_prev, token_ids, extra, rows):
     parts = [p for p in (x_prev, None if token_ids is None else nnx.merge(graphdef, state).embed_tokens(token_ids),
                          extra) if p is not None]
-    return jnp.take(jnp.concatenate(parts), rows, axis=0)
+    return constrain(jnp.take(jnp.concatenate(parts), rows, axis=0), ROWS)
 
 
 def _logits_at(graphdef, state, hidden, rows):
@@ -43,8 +49,9 @@ def _logits_at(graphdef, state, hidden, rows):
 
 
 class Model:
-    def __init__(self, config: ModelConfig, module: CausalLM):
+    def __init__(self, config: ModelConfig, module: CausalLM, placement: Placement | None = None):
         self.config = config
+        self.placement = placement  # the layout + mesh the parameters live on (None: one device)
         self.io_def, self.io_state = nnx.split(module.io)
         split = [nnx.split(layer) for layer in module.layers]
         self.layer_defs = [g for g, _ in split]
@@ -60,38 +67,43 @@ class Model:
         return self.io_state["embed"][...].dtype
 
     def _fn(self, key: tuple, make: Callable[[], Callable]) -> Callable:
-        # The kernel backend is read at trace time, so it is part of the cache key.
+        # The kernel backend is read at trace time, so it is part of the cache key. The placement
+        # is fixed per model; calls trace under it (see _call).
         key = (*key, kernels.backend_for())
         if key not in self._fns:
             self._fns[key] = make()
         return self._fns[key]
 
+    def _call(self, fn: Callable, *args):
+        with placement_ctx.use(self.placement):
+            return fn(*args)
+
     def embed(self, token_ids: jax.Array) -> jax.Array:
         """[T] int32 -> [T, D]."""
         fn = self._fn(("embed",), lambda: jax.jit(partial(_io_call, self.io_def, "embed_tokens")))
-        return fn(self.io_state, token_ids)
+        return self._call(fn, self.io_state, token_ids)
 
     def gather_rows(self, x_prev: jax.Array | None, token_ids: jax.Array | None, extra: jax.Array | None,
                     rows: jax.Array) -> jax.Array:
         """The hidden rows of a layer group in one op: rows [T] index the concatenation
         [x_prev; embed(token_ids); extra] (any part may be None) -> [T, D]."""
         fn = self._fn(("gather_rows",), lambda: jax.jit(partial(_gather_rows, self.io_def)))
-        return fn(self.io_state, x_prev, token_ids, extra, rows)
+        return self._call(fn, self.io_state, x_prev, token_ids, extra, rows)
 
     def logits(self, hidden: jax.Array, rows: jax.Array | None = None) -> jax.Array:
         """hidden: [T, D] -> [T, V] fp32 logits, or only those of `rows` ([R] int32) -> [R, V]."""
         if rows is None:
             fn = self._fn(("logits",), lambda: jax.jit(partial(_io_call, self.io_def, "logits")))
-            return fn(self.io_state, hidden)
+            return self._call(fn, self.io_state, hidden)
         fn = self._fn(("logits_at",), lambda: jax.jit(partial(_logits_at, self.io_def)))
-        return fn(self.io_state, hidden, rows)
+        return self._call(fn, self.io_state, hidden, rows)
 
     def layer(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
         """One decoder layer: -> (x [T, D], new layer KV, tokens per expert [E])."""
         kind = self.layer_kind[i]
         fn = self._fn(("layer", kind),
                       lambda: jax.jit(partial(_layer_step, self.layer_defs[kind]), donate_argnums=(2,)))
-        return fn(self.layer_states[i], x, kv, meta)
+        return self._call(fn, self.layer_states[i], x, kv, meta)
 
     def run_layers(self, x: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata,
                    start: int = 0, end: int | None = None) -> tuple[jax.Array, list[jax.Array]]:
@@ -104,21 +116,35 @@ class Model:
         return x, counts
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKV]:
-        """Zeroed paged KV cache: per layer (k, v), each [num_blocks, block_size, KV, head_dim]."""
+        """Zeroed paged KV cache: per layer (k, v), each [num_blocks, block_size, KV, head_dim]; under a
+        placement, blocks are split by request shard and heads by head shard."""
         c = self.config
         shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        return [(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(c.num_layers)]
+        device = None if self.placement is None else self.placement.sharding(("batch", None, "kv_heads", None))
+        return [(jnp.zeros(shape, self.dtype, device=device), jnp.zeros(shape, self.dtype, device=device))
+                for _ in range(c.num_layers)]
 
     def params(self) -> nnx.State:
         """All parameters as one state tree: {"io": ..., "layers": {i: ...}} (for saving / inspection)."""
         return nnx.State({"io": self.io_state, "layers": nnx.State(dict(enumerate(self.layer_states)))})
 
 
-def build_model(config: ModelConfig, seed: int = 0, dtype: str | None = None) -> Model:
-    """A model with seeded random weights (the tiny presets build in seconds)."""
+def build_model(config: ModelConfig, seed: int = 0, dtype: str | None = None,
+                placement: Placement | None = None) -> Model:
+    """A model with seeded random weights (the tiny presets build in seconds). Under a placement the
+    weights are generated directly into their shardings (same values as unsharded)."""
     if not config.executable:
         raise ValueError(f"{config.name}: architecture {config.architecture!r} "
                          f"(attention {config.attention_kind!r}) has no executable model yet; "
                          "it can be simulated only")
-    module = CausalLM(config, nnx.Rngs(params=seed), dtype=jnp.dtype(dtype or config.dtype))
-    return Model(config, module)
+    dtype = jnp.dtype(dtype or config.dtype)
+    if placement is None:
+        return Model(config, CausalLM(config, nnx.Rngs(params=seed), dtype=dtype))
+    placement.layout.validate(config, placement.mesh.size)
+    abstract = nnx.eval_shape(lambda: CausalLM(config, nnx.Rngs(params=seed), dtype=dtype))
+    graphdef, state = nnx.split(abstract)
+    shardings = jax.tree.map(lambda v: placement.sharding(v.get_metadata("out_sharding", None) or (None,) * v.ndim),
+                             state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    make = jax.jit(lambda: nnx.split(CausalLM(config, nnx.Rngs(params=seed), dtype=dtype))[1],
+                   out_shardings=shardings)
+    return Model(config, nnx.merge(graphdef, make()), placement)

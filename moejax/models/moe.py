@@ -9,6 +9,7 @@ from flax import nnx
 
 from moejax import kernels
 from moejax.config import ModelConfig
+from moejax.meshes import sharded_ops
 from moejax.models.layers import SwiGLU, init_normal, param
 
 
@@ -30,8 +31,8 @@ class MoEBlock(nnx.Module):
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.num_experts, self.top_k, self.norm_topk_prob = E, cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.w_router = param(init_normal(rngs, (D, E), D, dtype), "embed", None)  # [D, E]
-        self.w_gate_up = param(init_normal(rngs, (E, D, 2 * F), D, dtype), "expert", "embed", "mlp")  # [E, D, 2F]
-        self.w_down = param(init_normal(rngs, (E, F, D), F, dtype), "expert", "mlp", "embed")  # [E, F, D]
+        self.w_gate_up = param(init_normal(rngs, (E, D, 2 * F), D, dtype), "expert", "embed", "expert_mlp")  # [E, D, 2F]
+        self.w_down = param(init_normal(rngs, (E, F, D), F, dtype), "expert", "expert_mlp", "embed")  # [E, F, D]
         self.shared_expert = (SwiGLU(D, cfg.shared_expert_intermediate_size, dtype, rngs)
                               if cfg.shared_expert_intermediate_size else None)
         self.w_shared_gate = (param(init_normal(rngs, (D, 1), D, dtype), "embed", None)
@@ -41,7 +42,8 @@ class MoEBlock(nnx.Module):
         """x: [T, D], valid: [T] -> (out [T, D], tokens per expert [E]; padding rows reach no expert)."""
         weights, ids = route(x @ self.w_router[...], self.top_k, self.norm_topk_prob)
         ids = jnp.where(valid[:, None], ids, self.num_experts)
-        out, group_sizes = kernels.moe_ffn(x, ids, weights, self.w_gate_up[...], self.w_down[...])
+        out, group_sizes = sharded_ops.experts(kernels.moe_ffn, x, ids, weights, self.w_gate_up[...],
+                                               self.w_down[...])
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.w_shared_gate is not None:

@@ -1,6 +1,10 @@
 """The slow, obviously-correct twin of the engine: one request at a time, a private contiguous KV
 cache, the whole prompt in one forward, then one token per forward. Engine outputs are held equal
-to this for every policy, batch composition and preemption pattern."""
+to this for every policy, batch composition and preemption pattern.
+
+Under a placement that splits requests over `batch` shards, the request lives on shard 0 (its rows
+first, its blocks at the start of shard 0's range); the other shards hold only padding rows.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +12,42 @@ import math
 
 import numpy as np
 
-from moejax.engine.metadata import attention_metadata, pad_tokens
+from moejax.engine.metadata import attention_metadata, bucket, pad_tokens
 from moejax.models.model import Model
+
+
+class _Sequence:
+    def __init__(self, model: Model, max_len: int, block_size: int):
+        self.model, self.block_size = model, block_size
+        self.shards = model.placement.shards("batch") if model.placement else 1
+        nb = math.ceil(max_len / block_size)
+        self.num_blocks = nb * self.shards
+        self.tables = np.arange(nb, dtype=np.int32)[None]
+        self.kv = model.init_kv_cache(self.num_blocks, block_size)
+
+    def forward(self, tokens: list[int], start: int):
+        """Rows for tokens at positions start.. -> hidden [T, D] (the real rows first)."""
+        n = len(tokens)
+        meta = attention_metadata(np.arange(start, start + n), np.zeros(n), self.tables, self.block_size,
+                                  self.num_blocks, row_bucket=self.shards * bucket(n))
+        x = self.model.embed(pad_tokens(tokens, meta.positions.shape[0]))
+        x, _ = self.model.run_layers(x, self.kv, meta)
+        return x
 
 
 def prompt_logits(model: Model, prompt: list[int], block_size: int = 16) -> np.ndarray:
     """[len(prompt), V] fp32 logits of one prompt's full forward."""
-    nb = math.ceil(len(prompt) / block_size)
-    kv = model.init_kv_cache(nb, block_size)
-    meta = attention_metadata(np.arange(len(prompt)), np.zeros(len(prompt)), np.arange(nb, dtype=np.int32)[None],
-                              block_size, nb)
-    x, _ = model.run_layers(model.embed(pad_tokens(prompt, meta.positions.shape[0])), kv, meta)
+    x = _Sequence(model, len(prompt), block_size).forward(prompt, 0)
     return np.asarray(model.logits(x))[: len(prompt)]
 
 
 def greedy_generate(model: Model, prompt: list[int], max_new_tokens: int, block_size: int = 16) -> list[int]:
     """Greedy continuation of one prompt (no stop tokens)."""
-    total = len(prompt) + max_new_tokens
-    nb = math.ceil(total / block_size)
-    tables = np.arange(nb, dtype=np.int32)[None]
-    kv = model.init_kv_cache(nb, block_size)
-    tokens, out = list(prompt), []
-    start = 0
+    seq = _Sequence(model, len(prompt) + max_new_tokens, block_size)
+    tokens, out, start = list(prompt), [], 0
     while len(out) < max_new_tokens:
-        new = tokens[start:]
-        positions = np.arange(start, len(tokens))
-        meta = attention_metadata(positions, np.zeros(len(new)), tables, block_size, nb)
-        x, _ = model.run_layers(model.embed(pad_tokens(new, meta.positions.shape[0])), kv, meta)
-        logits = np.asarray(model.logits(x, pad_tokens([len(new) - 1], 8)))[0]
+        x = seq.forward(tokens[start:], start)
+        logits = np.asarray(model.logits(x, pad_tokens([len(tokens) - start - 1], 8)))[0]
         out.append(int(np.argmax(logits)))
         start = len(tokens)
         tokens.append(out[-1])

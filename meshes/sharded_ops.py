@@ -1,0 +1,85 @@
+"""The two model operations that run per shard under a placement.
+
+attention   rows and KV blocks are split by request (`batch`), heads by `q_heads`/`kv_heads`. Each
+            shard writes and reads only its own blocks: block tables hold global block ids, a shard
+            subtracts the first id of its range. No communication.
+
+experts     rows split by `batch`, experts by `expert`. Where the two share mesh axes (DP-attention +
+            EP over the same devices) a shard gathers the rows of its expert group, computes the
+            experts it holds for all of them, and a reduce-scatter returns each row's sum to its owner;
+            over expert axes that do not split rows, a psum adds the partial sums. The local grouped
+            GEMM goes through moejax.kernels: rows routed to experts held elsewhere take the padding
+            id, exactly like padding rows. (On platforms with `ragged_all_to_all` an all-to-all
+            dispatch moves fewer bytes; this gather/reduce-scatter form runs everywhere, CPU included.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from .placement import active, local
+
+
+def _linear_index(axes: tuple[str, ...]) -> jax.Array:
+    return jax.lax.axis_index(axes) if axes else jnp.int32(0)
+
+
+def attention(attend: Callable, q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables,
+              num_kv_blocks):
+    """attend(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks)
+    -> (out, k_cache, v_cache), run per (request shard, head shard)."""
+    p = active()
+    if p is None or p.mesh.size == 1:
+        return attend(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks)
+    batch_axes = p.axes("batch")
+
+    def per_shard(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks):
+        nb, bs = k_cache.shape[:2]
+        first = _linear_index(batch_axes) * nb  # global id of this shard's first block
+        local_tables = jnp.clip(block_tables - first, 0, nb - 1)  # other shards' tables: never read
+        return attend(q, k, v, k_cache, v_cache, positions, slot_mapping - first * bs, seq_ids, local_tables,
+                      num_kv_blocks)
+
+    rows, heads, kv = ("batch", "q_heads", None), ("batch", "kv_heads", None), ("batch", None, "kv_heads", None)
+    return local(per_shard,
+                 in_axes=(rows, heads, heads, kv, kv, ("batch",), ("batch",), ("batch",), (None, None), None),
+                 out_axes=(rows, kv, kv))(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids,
+                                          block_tables, num_kv_blocks)
+
+
+def experts(moe: Callable, x, ids, weights, w_gate_up, w_down):
+    """moe(x, ids, weights, w_gate_up, w_down) -> (out [T, D], tokens per expert [E]) with experts
+    split over `expert` and rows over `batch`. ids == E marks rows that reach no expert."""
+    p = active()
+    if p is None or p.shards("expert") == 1 and p.shards("batch") == 1:
+        return moe(x, ids, weights, w_gate_up, w_down)
+    batch_axes, expert_axes = p.axes("batch"), p.axes("expert")
+    shared = tuple(a for a in batch_axes if a in expert_axes)  # axes splitting both rows and experts
+    expert_only = tuple(a for a in expert_axes if a not in shared)
+    batch_only = tuple(a for a in batch_axes if a not in shared)
+    num_experts = w_gate_up.shape[0]
+
+    def per_shard(x, ids, weights, w_gate_up, w_down):
+        if shared:  # gather the rows of this expert group
+            x, ids, weights = (jax.lax.all_gather(a, shared, tiled=True) for a in (x, ids, weights))
+        local_e = w_gate_up.shape[0]
+        first = _linear_index(expert_axes) * local_e
+        mine = (ids >= first) & (ids < first + local_e)
+        out, counts = moe(x, jnp.where(mine, ids - first, local_e), weights, w_gate_up, w_down)
+        out = out.astype(jnp.float32)
+        if shared:
+            out = jax.lax.psum_scatter(out, shared, scatter_dimension=0, tiled=True)
+        if expert_only:
+            out = jax.lax.psum(out, expert_only)
+        counts = jax.lax.all_gather(counts, expert_axes, tiled=True) if expert_axes else counts
+        if batch_only:  # rows of other request shards reached the same experts
+            counts = jax.lax.psum(counts, batch_only)
+        return out.astype(x.dtype), counts
+
+    return local(per_shard,
+                 in_axes=(("batch", None), ("batch", None), ("batch", None), ("expert", None, None),
+                          ("expert", None, None)),
+                 out_axes=(("batch", None), (None,)))(x, ids, weights, w_gate_up, w_down)

@@ -1,0 +1,91 @@
+"""Sharded execution on 8 CPU devices: for every 8-device layout preset and every architecture the
+sharded model's logits equal the single-device model's, and the engine's greedy outputs are identical."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from moejax.checkpoint import load_hf, load_model
+from moejax.config import get_preset
+from moejax.engine.engine import real_engine
+from moejax.engine.sampling import SamplingParams
+from moejax.meshes import LAYOUTS, Layout, LayoutError, get_layout
+from moejax.models.model import build_model
+from moejax.models.reference import prompt_logits
+
+CPU8 = [name for name in LAYOUTS if name.startswith("cpu8-")]
+ARCHS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe"]
+PROMPT = [(13 * i + 5) % 500 for i in range(37)]
+
+
+def test_cpu8_presets_exist():
+    assert len(CPU8) >= 5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sharded_logits_equal_single_device(arch):
+    want = prompt_logits(build_model(get_preset(arch), seed=11), PROMPT)
+    for name in CPU8:
+        try:
+            get_layout(name).validate(get_preset(arch))
+        except LayoutError:
+            continue  # this layout does not fit the architecture's head / expert counts
+        model, _ = load_model(arch, seed=11, layout=name)
+        np.testing.assert_allclose(prompt_logits(model, PROMPT), want, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_sharded_hf_checkpoint_logits():
+    path = Path(__file__).parent / "fixtures" / "hf" / "qwen3_moe"
+    want = prompt_logits(load_hf(path), PROMPT[:20])
+    model, _ = load_model(str(path), layout="cpu8-ep")
+    assert model.layer_states[0]["ffn"]["w_gate_up"][...].sharding.spec[0] == "data"
+    np.testing.assert_allclose(prompt_logits(model, PROMPT[:20]), want, rtol=1e-5, atol=1e-5)
+
+
+def serve(model, prompts):
+    engine = real_engine(model, max_model_len=96, block_size=4, token_budget=24, num_blocks=8 * 24)
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=8, ignore_eos=True)) for p in prompts]
+    while engine.has_unfinished:
+        engine.step()
+    return [r.output_token_ids for r in reqs]
+
+
+@pytest.mark.parametrize("layout", CPU8)
+def test_engine_greedy_identical_sharded(layout):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 512, n).tolist() for n in (5, 30, 12, 41, 2, 19, 8, 27, 33, 3)]
+    want = serve(build_model(get_preset("tiny-qwen3-moe"), seed=2), prompts)
+    model, _ = load_model("tiny-qwen3-moe", seed=2, layout=layout)
+    assert serve(model, prompts) == want
+
+
+def test_layout_validation_errors():
+    cfg = get_preset("tiny-qwen3-moe")  # 4 heads, 2 KV heads, 16 experts
+    with pytest.raises(LayoutError, match=r"splits kv_heads over tensor = 4 ways, but tiny-qwen3-moe has 2 KV heads"):
+        Layout("t4", {"tensor": 4}, {"q_heads": "tensor", "kv_heads": "tensor"}).validate(cfg)
+    with pytest.raises(LayoutError, match=r"splits expert over data = 32 ways, but tiny-qwen3-moe has 16 experts"):
+        Layout("e32", {"data": 32}, {"expert": "data"}).validate(cfg)
+    with pytest.raises(LayoutError, match=r"needs 6 devices \(data=3 x tensor=2\), 8 are available"):
+        Layout("six", {"data": 3, "tensor": 2}).make_mesh()
+    with pytest.raises(LayoutError, match=r"unknown logical axis 'heads'"):
+        Layout("bad", {"tensor": 2}, {"heads": "tensor"})
+    with pytest.raises(LayoutError, match=r"rule 'q_heads' -> 'model' names no mesh axis"):
+        Layout("bad", {"tensor": 2}, {"q_heads": "model", "kv_heads": "model"})
+    with pytest.raises(LayoutError, match=r"q_heads -> \('tensor',\) but kv_heads -> \(\)"):
+        Layout("bad", {"tensor": 2}, {"q_heads": "tensor"})
+    with pytest.raises(LayoutError, match=r"mesh axis 'data' has size 0"):
+        Layout("bad", {"data": 0})
+    with pytest.raises(LayoutError, match=r"unknown layout 'nope'"):
+        get_layout("nope")
+
+
+def test_layout_from_toml(tmp_path):
+    f = tmp_path / "mine.toml"
+    f.write_text('[axes]\ndata = 4\ntensor = 2\n[rules]\nbatch = "data"\nq_heads = "tensor"\n'
+                 'kv_heads = "tensor"\nexpert = ["data", "tensor"]\n')
+    layout = get_layout(str(f))
+    assert layout.name == "mine" and layout.num_devices == 8
+    assert layout.spec(("expert", "embed", "expert_mlp")) == P(("data", "tensor"), None, None)
+    layout.validate(get_preset("tiny-qwen3-moe"), 8)
