@@ -64,6 +64,89 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_common_serving(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"a preset (default: {DEFAULT_MODEL} for real runs, qwen3-30b-a3b simulated) "
+                                   "or, for real runs, a checkpoint directory")
+    p.add_argument("--workload", default="sharegpt", help="sharegpt, arxiv or longctx")
+    p.add_argument("--rate", type=float, default=1.0, help="request arrival rate (req/s; inf: all at once)")
+    p.add_argument("--num-requests", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--token-budget", type=int, default=512, help="tokens per iteration (chunked: chunk size)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--slo-ttft", type=float, default=2.0, help="TTFT SLO in seconds")
+    p.add_argument("--slo-tbt", type=float, default=0.1, help="time-between-tokens SLO in seconds")
+    p.add_argument("--cohorts-in-flight", type=int, help="layered: prompt cohorts crossing the layers at once")
+    p.add_argument("--max-prefill-tokens", type=int, help="layered: prompt tokens in one cohort")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def _add_placement_args(p: argparse.ArgumentParser, simulated: bool | None) -> None:
+    """simulated: True (simulate only), False (real only), None (either: --hardware decides)."""
+    if simulated is not False:
+        p.add_argument("--hardware", default="h100x2" if simulated else None,
+                       help="a moejax.sim.hardware preset (e.g. h100x2, h200)" +
+                            ("" if simulated else "; simulate instead of running the model"))
+        p.add_argument("--routing", default="correlated", help="simulated routing: uniform, zipf, correlated")
+    if simulated is not True:
+        p.add_argument("--layout", help="a moejax.meshes layout preset or .toml (default: one device)")
+        p.add_argument("--dtype", choices=["float32", "bfloat16"])
+
+
+def _run_options(args: argparse.Namespace) -> dict:
+    from moejax.engine.metrics import SLO
+
+    opts = dict(workload=args.workload, rate=args.rate, num_requests=args.num_requests, seed=args.seed,
+                max_model_len=args.max_model_len, token_budget=args.token_budget, max_num_seqs=args.max_num_seqs,
+                slo=SLO(args.slo_ttft, args.slo_tbt), progress=True)
+    for name in ("cohorts_in_flight", "max_prefill_tokens"):
+        if getattr(args, name, None) is not None:
+            opts[name] = getattr(args, name)
+    if getattr(args, "hardware", None):
+        opts.update(hardware=args.hardware, routing=args.routing)
+    else:
+        opts.update(layout=getattr(args, "layout", None), dtype=getattr(args, "dtype", None))
+    return opts
+
+
+def _report(results: dict, title: str, json_path: str | None, ratio_to: str | None = None) -> None:
+    from rich.console import Console
+
+    from moejax.engine.metrics import metrics_table
+
+    runs = results["runs"] if "runs" in results else {results["policy"]: results}
+    Console().print(metrics_table(runs, title=title, ratio_to=ratio_to))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"wrote {json_path}")
+
+
+def _model(args: argparse.Namespace) -> str:
+    return args.model or ("qwen3-30b-a3b" if getattr(args, "hardware", None) else DEFAULT_MODEL)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from moejax.runs import run
+
+    result = run(_model(args), policy=args.policy, **_run_options(args))
+    where = result["hardware"] + (" (simulated)" if result["simulated"] else "")
+    _report(result, f"{result['model']} on {where}: {args.policy}, {args.workload} @ {args.rate} req/s", args.json)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from moejax.runs import compare
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    results = compare(policies, _model(args), **_run_options(args))
+    first = next(iter(results["runs"].values()))
+    where = first["hardware"] + (" (simulated)" if first["simulated"] else "")
+    _report(results, f"{first['model']} on {where}: {args.workload} @ {args.rate} req/s", args.json,
+            ratio_to=policies[0])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moejax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--json", action="store_true", help="print {'outputs': [...]} as JSON")
     g.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    serve = bench.add_parser("serve", help="serve a workload with the real model and report serving metrics")
+    _add_common_serving(serve)
+    _add_placement_args(serve, simulated=False)
+    serve.add_argument("--policy", default="chunked", help="chunked, no_chunk or layered (name@budget allowed)")
+    serve.set_defaults(func=cmd_serve)
+
+    sim = sub.add_parser("simulate", help="the same engine and metrics, on a cost model of real hardware")
+    _add_common_serving(sim)
+    _add_placement_args(sim, simulated=True)
+    sim.add_argument("--policy", default="chunked", help="chunked, no_chunk or layered (name@budget allowed)")
+    sim.set_defaults(func=cmd_serve)
+
+    cmp = sub.add_parser("compare", help="several policies on the same workload, with ratios to the first")
+    cmp.add_argument("--policies", default="chunked,layered", help="comma-separated, e.g. chunked@256,layered")
+    _add_common_serving(cmp)
+    _add_placement_args(cmp, simulated=None)
+    cmp.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -44,6 +44,30 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MLAShape:
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank q and kv projections; the cache keeps
+    the kv latent plus the shared rope key per token."""
+
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    def attn_params(self, hidden: int, heads: int) -> int:
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        return (hidden * self.q_lora_rank + self.q_lora_rank * heads * qk  # q down / up
+                + hidden * (self.kv_lora_rank + self.qk_rope_head_dim)  # kv down (+ rope key)
+                + self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)  # kv up
+                + heads * self.v_head_dim * hidden  # o
+                + self.q_lora_rank + self.kv_lora_rank + 2 * hidden)  # norms
+
+    @property
+    def kv_elems_per_token(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shapes and quirks of a MoE decoder. Sizes: D = hidden, F = expert intermediate, E = experts."""
 
@@ -74,9 +98,8 @@ class ModelConfig:
     shared_expert_gate: bool = False  # sigmoid(x @ w) scales the shared expert (Qwen2-MoE)
     dense_intermediate_size: int = 0  # MLP width of the non-MoE layers
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE block (True) or dense MLP (False)
-    # Attention kind for cost modelling; only "gqa" runs. "mla" (DeepSeek) keeps a compressed KV.
-    attention_kind: Literal["gqa", "mla"] = "gqa"
-    mla_kv_dim: int = 0  # per-token, per-layer KV elements of an MLA layer (kv_lora_rank + rope dim)
+    # Multi-head latent attention (DeepSeek) instead of GQA: costed by the simulator, not executable yet.
+    mla: MLAShape | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -102,8 +125,12 @@ class ModelConfig:
         return sum(self.moe_layers)
 
     @property
+    def attention_kind(self) -> str:
+        return "gqa" if self.mla is None else "mla"
+
+    @property
     def executable(self) -> bool:
-        return self.architecture in EXECUTABLE_ARCHITECTURES and self.attention_kind == "gqa"
+        return self.architecture in EXECUTABLE_ARCHITECTURES and self.mla is None
 
     @property
     def dtype_bytes(self) -> int:
@@ -115,8 +142,8 @@ class ModelConfig:
 
     def kv_elems_per_token(self, layer: int) -> int:
         """K+V elements one token keeps in the cache of `layer`."""
-        if self.attention_kind == "mla":
-            return self.mla_kv_dim
+        if self.mla is not None:
+            return self.mla.kv_elems_per_token
         return 2 * self.kv_size
 
     def replace(self, **changes: Any) -> "ModelConfig":
@@ -130,6 +157,8 @@ class ModelConfig:
         """Inverse of to_dict (JSON turns tuples into lists; they come back as tuples)."""
         d = dict(d)
         d["rope"] = RopeConfig(**d.get("rope", {}))
+        if d.get("mla"):
+            d["mla"] = MLAShape(**d["mla"])
         for k in ("sliding_windows", "moe_layers", "eos_token_ids"):
             if k in d:
                 d[k] = tuple(d[k])
@@ -359,7 +388,8 @@ _register(
                 moe_intermediate_size=2880),
     ModelConfig(name="deepseek-v3", architecture="deepseek_v3", vocab_size=129280, hidden_size=7168,
                 num_layers=61, num_heads=128, num_kv_heads=128, head_dim=192, max_position=163840,
-                attention_kind="mla", mla_kv_dim=512 + 64, num_experts=256, num_experts_per_tok=8,
+                mla=MLAShape(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                             v_head_dim=128), num_experts=256, num_experts_per_tok=8,
                 moe_intermediate_size=2048, shared_expert_intermediate_size=2048,
                 dense_intermediate_size=18432, moe_layers=(False,) * 3 + (True,) * 58),
     # A dense reference (no experts): layered prefill should not help it.

@@ -38,3 +38,30 @@ def test_bad_request_is_one_clear_line(capsys):
 def test_text_without_tokenizer_is_rejected(capsys):
     assert main(["generate", "--prompt", "hi"]) == 2
     assert "has no tokenizer" in capsys.readouterr().err
+
+
+def test_simulate_json_has_stable_metrics(tmp_path, capsys):
+    path = tmp_path / "sim.json"
+    assert main(["simulate", "--model", "qwen3-30b-a3b", "--hardware", "h100x2", "--policy", "chunked",
+                 "--workload", "arxiv", "--rate", "1.3", "--num-requests", "12", "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    for key in ("model", "hardware", "policy", "workload", "rate", "seed"):
+        assert key in out
+    for m in ("num_requests", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "tbt_mean_s", "tbt_p50_s", "tbt_p99_s",
+              "e2e_mean_s", "requests_per_s", "output_tokens_per_s", "expert_bytes_total", "expert_bytes_per_token",
+              "slo_attainment"):
+        assert out["metrics"][m] is not None, m
+    assert out["metrics"]["num_requests"] == 12 and out["simulated"] and out["hardware"] == "h100x2"
+    assert "ttft_mean_s" in capsys.readouterr().out
+
+
+def test_bench_serve_and_compare_real(tmp_path):
+    path = tmp_path / "cmp.json"
+    assert main(["compare", "--policies", "chunked@64,layered", "--workload", "sharegpt", "--rate", "inf",
+                 "--num-requests", "4", "--max-model-len", "256", "--json", str(path)]) == 0
+    runs = json.loads(path.read_text())["runs"]
+    assert set(runs) == {"chunked@64", "layered"}
+    for r in runs.values():
+        assert not r["simulated"] and r["metrics"]["num_requests"] == 4 and r["metrics"]["expert_bytes_total"] > 0
+    assert main(["bench", "serve", "--policy", "no_chunk", "--num-requests", "3", "--rate", "inf",
+                 "--max-model-len", "256"]) == 0

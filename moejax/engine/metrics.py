@@ -83,19 +83,24 @@ def summarize(requests: list[Request], steps: list[StepRecord], slo: SLO = SLO()
 
 # --- presentation -------------------------------------------------------------------------------------
 
-_UNITS = {"_s": ("ms", 1e3), "_bytes_total": ("GB", 1e-9), "_bytes_per_token": ("MB", 1e-6),
-          "_j": ("J", 1.0), "per_token_j": ("mJ", 1e3)}
-
-
 def _fmt(name: str, value) -> str:
     if value is None:
         return "—"
-    if isinstance(value, int) or name.startswith("num_"):
+    if name.startswith("num_"):
         return f"{int(value)}"
-    for suffix, (unit, scale) in _UNITS.items():
-        if name.endswith(suffix):
-            return f"{value * scale:,.3g} {unit}"
-    return f"{value:,.4g}"
+    if name.endswith("_per_s"):
+        return f"{value:,.4g}/s"
+    if name.endswith("_s"):
+        return f"{value * 1e3:.3g} ms" if abs(value) < 1 else f"{value:,.3g} s"
+    if name.endswith("bytes_total"):
+        return f"{value / 1e9:,.4g} GB"
+    if name.endswith("bytes_per_token"):
+        return f"{value / 1e6:,.4g} MB"
+    if name.endswith("per_token_j"):
+        return f"{value * 1e3:.4g} mJ"
+    if name.endswith("_j"):
+        return f"{value:,.4g} J"
+    return f"{value:.3g}"
 
 
 def metrics_table(runs: dict[str, dict], title: str = "", ratio_to: str | None = None):

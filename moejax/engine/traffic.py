@@ -30,7 +30,8 @@ class LayerShape:
 
 def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
     D = cfg.hidden_size
-    attn = D * cfg.q_size * 2 + D * cfg.kv_size * 2 + 2 * D  # q, o, k, v + the two norms
+    attn = cfg.mla.attn_params(D, cfg.num_heads) if cfg.mla else \
+        D * cfg.q_size * 2 + D * cfg.kv_size * 2 + 2 * D  # q, o, k, v + the two norms
     shapes = []
     for i in range(cfg.num_layers):
         if cfg.moe_layers[i]:
@@ -41,6 +42,14 @@ def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
             dense, expert = 3 * D * cfg.dense_intermediate_size, 0
         shapes.append(LayerShape(attn, dense, expert, cfg.kv_elems_per_token(i), cfg.sliding_windows[i]))
     return shapes
+
+
+def model_bytes(cfg: ModelConfig) -> int:
+    """Bytes of all weights: the layers (every expert) plus embedding and LM head."""
+    layers = sum(s.attn_params + s.dense_ffn_params + cfg.num_experts * s.expert_params
+                 for s in layer_shapes(cfg))
+    io = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) + cfg.hidden_size
+    return (layers + io) * cfg.dtype_bytes
 
 
 def attended_keys(start: int, n: int, window: int | None) -> int:

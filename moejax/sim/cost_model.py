@@ -111,7 +111,7 @@ class CostModel:
         hidden rows (D) are replicated across TP devices, head/intermediate dimensions split."""
         cfg, n = self.cfg, self.hw.count
         D, E, k = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok
-        kv = cfg.mla_kv_dim if cfg.attention_kind == "mla" else 2 * cfg.kv_size
+        kv = cfg.kv_elems_per_token(0)
         q = cfg.q_size / n
         attn = 4 * D + (D + q + kv / n) + 2 * q + (q + D)  # norm/residual, qkv, attention, o proj
 

@@ -1,0 +1,111 @@
+"""Serve a workload and report metrics — for real or in simulation, with the same call.
+
+    run("tiny-qwen3-moe", policy="chunked", workload="sharegpt", rate=4)                 # real, local devices
+    run("qwen3-30b-a3b", hardware="h100x2", policy="layered", workload="arxiv", rate=1.3)  # simulated
+    compare(["chunked", "layered"], "qwen3-30b-a3b", hardware="h100x2", workload="arxiv")
+
+Both build the same engine (scheduler + policy) and differ only in the executor: JaxExecutor on a
+wall clock, or SimExecutor on a virtual one. The result is the stable JSON of moejax.engine.metrics.
+
+Policies are named `name[@token_budget]`: "chunked@256" is chunked prefill with 256-token chunks.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from moejax.config import ModelConfig, get_preset
+from moejax.engine.engine import Arrival, Engine, real_engine
+from moejax.engine.kv_cache import KVCacheManager, kv_block_bytes
+from moejax.engine.metrics import SLO
+from moejax.engine.policies import make_policy
+from moejax.engine.sampling import SamplingParams
+from moejax.engine.scheduler import Scheduler, SchedulerConfig
+from moejax.engine.traffic import model_bytes
+from moejax.sim.workloads import make_workload, prompt_token_ids
+
+
+def parse_policy(spec: str) -> tuple[str, dict]:
+    """'chunked@256' -> ('chunked', {'token_budget': 256})."""
+    name, _, budget = spec.partition("@")
+    if not budget:
+        return name, {}
+    try:
+        return name, {"token_budget": int(budget)}
+    except ValueError:
+        raise ValueError(f"policy {spec!r}: expected name@<token budget>, e.g. chunked@256") from None
+
+
+def simulated_engine(config: ModelConfig | str, hardware: str, *, policy: str = "chunked",
+                     routing: str = "correlated", token_budget: int = 512, max_num_seqs: int = 256,
+                     max_model_len: int | None = None, block_size: int = 16, memory_fraction: float = 0.9,
+                     seed: int = 0, **policy_options) -> Engine:
+    """The engine with a SimExecutor: KV capacity is what the hardware's memory holds after the weights."""
+    from moejax.sim.executor import SimExecutor
+
+    cfg = get_preset(config) if isinstance(config, str) else config
+    executor = SimExecutor(cfg, hardware, routing=routing if cfg.num_experts else None, seed=seed)
+    max_model_len = max_model_len or cfg.max_position
+    free = memory_fraction * executor.hardware.memory_bytes - model_bytes(cfg)
+    if free <= 0:
+        raise ValueError(f"{cfg.name} ({model_bytes(cfg) / 1e9:.1f} GB of weights) does not fit "
+                         f"{hardware} ({executor.hardware.memory_bytes / 1e9:.0f} GB)")
+    num_blocks = int(free // kv_block_bytes(cfg, block_size))
+    scheduler = Scheduler(cfg, KVCacheManager(num_blocks, block_size), make_policy(policy, **policy_options),
+                          SchedulerConfig(max_num_seqs=max_num_seqs, token_budget=token_budget,
+                                          max_model_len=max_model_len))
+    return Engine(scheduler, executor, virtual_time=True, seed=seed)
+
+
+def run(model: str, *, hardware: str | None = None, policy: str = "chunked", workload: str = "sharegpt",
+        rate: float = 1.0, num_requests: int = 100, seed: int = 0, slo: SLO = SLO(),
+        max_model_len: int | None = None, token_budget: int = 512, max_num_seqs: int = 256,
+        routing: str = "correlated", layout: str | None = None, progress: bool = False,
+        dtype: str | None = None, **policy_options) -> dict:
+    """Serve `num_requests` of `workload` arriving at `rate` req/s; returns settings + "metrics".
+
+    hardware=None runs the real model (preset or checkpoint) on the local devices (`layout` places it);
+    a hardware name (moejax.sim.hardware) simulates the preset on that machine."""
+    name, overrides = parse_policy(policy)
+    token_budget = overrides.get("token_budget", token_budget)
+    if hardware is None:
+        from moejax.checkpoint import load_model
+
+        m, _ = load_model(model, seed=seed, layout=layout, dtype=dtype)
+        cfg = m.config
+        max_model_len = max_model_len or min(cfg.max_position, 4096)
+        engine = real_engine(m, policy=name, token_budget=token_budget, max_num_seqs=max_num_seqs,
+                             max_model_len=max_model_len, seed=seed, **policy_options)
+        where = f"{jax.devices()[0].platform}x{jax.device_count()}" + (f" ({layout})" if layout else "")
+    else:
+        cfg = get_preset(model)
+        max_model_len = max_model_len or cfg.max_position
+        engine = simulated_engine(cfg, hardware, policy=name, routing=routing, token_budget=token_budget,
+                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len, seed=seed,
+                                  **policy_options)
+        where = hardware
+    requests = make_workload(workload, rate, num_requests, seed=seed, max_model_len=max_model_len)
+    prompts = prompt_token_ids(requests, cfg.vocab_size, seed=seed, exclude=cfg.eos_token_ids)
+    arrivals = [Arrival(r.arrival_s, p, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
+                for r, p in zip(requests, prompts)]
+    served = engine.run(arrivals, progress=progress)
+    return {
+        "model": cfg.name, "hardware": where, "simulated": hardware is not None, "policy": policy,
+        "workload": workload, "rate": rate, "num_requests": num_requests, "seed": seed,
+        "routing": routing if hardware is not None and cfg.num_experts else None,
+        "token_budget": token_budget, "max_model_len": max_model_len,
+        "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}, "policy_options": policy_options,
+        "metrics": engine.metrics(served, slo),
+    }
+
+
+def compare(policies: list[str], model: str, **kwargs) -> dict:
+    """run() once per policy with the same workload and settings -> {"runs": {policy: result}}."""
+    return {"runs": {p: run(model, policy=p, **kwargs) for p in policies}}
+
+
+def max_rate_within_slo(model: str, *, target: float = 0.9, rates: list[float], **kwargs) -> dict:
+    """The highest of `rates` whose SLO attainment is >= target, and every run's metrics."""
+    results = {r: run(model, rate=r, **kwargs) for r in rates}
+    ok = [r for r, res in results.items() if (res["metrics"]["slo_attainment"] or 0) >= target]
+    return {"max_rate": max(ok) if ok else None, "target": target, "runs": results}
