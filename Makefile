@@ -13,7 +13,7 @@ for c in "$${PYTHON:-}" python3.12 python3.13 python3 \
 done; echo "moejax needs Python >= 3.12 and none was found (set PYTHON=/path/to/python3.12)" >&2; exit 1
 endef
 
-.PHONY: setup demo test test-fast bench-kernels fixtures clean
+.PHONY: setup demo test test-fast bench-kernels bench-decode bench-host fixtures fixtures-venv clean
 
 setup: $(VENV)/.installed
 
@@ -36,12 +36,21 @@ test-fast: setup
 bench-kernels: setup
 	$(VENV)/bin/moejax bench kernels --json benchmarks/kernels-$$(hostname).json
 
+# moejax vs HF transformers decode throughput (the HF half runs in the fixtures venv)
+bench-decode: setup fixtures-venv
+	$(PY) benchmarks/decode_vs_hf.py --hf-python .venv-fixtures/bin/python
+
+bench-host: setup
+	$(PY) benchmarks/host_overhead.py
+
 # Regenerates tests/fixtures/ from HF transformers (a Python 3.11 venv with the local CPU torch wheel).
-fixtures:
+fixtures: fixtures-venv
+	.venv-fixtures/bin/python tests/fixtures/make_fixtures.py
+
+fixtures-venv:
 	@[ -x .venv-fixtures/bin/python ] || { python3.11 -m venv .venv-fixtures && \
 	  .venv-fixtures/bin/pip install -q torch==2.13.0 && \
 	  .venv-fixtures/bin/pip install -q transformers==5.23.0 safetensors tokenizers; }
-	.venv-fixtures/bin/python tests/fixtures/make_fixtures.py
 
 clean:
 	rm -rf $(VENV) .venv-fixtures build *.egg-info

@@ -5,7 +5,6 @@ The device arrays live in the executor; here are only block ids. Capacity comes 
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 from moejax.config import ModelConfig
@@ -72,7 +71,7 @@ class KVCacheManager:
 
     def blocks_needed(self, req: Request, num_new_tokens: int) -> int:
         """Extra blocks for req to hold KV of its first num_computed + num_new_tokens tokens."""
-        total = math.ceil((req.num_computed_tokens + num_new_tokens) / self.block_size)
+        total = -(-(req.num_computed_tokens + num_new_tokens) // self.block_size)
         return max(0, total - len(req.block_ids))
 
     def can_allocate(self, req: Request, num_new_tokens: int) -> bool:

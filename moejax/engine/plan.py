@@ -16,12 +16,12 @@ cost model).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class RowSlice:
+class RowSlice(NamedTuple):  # a NamedTuple: hundreds are made per iteration, it must be cheap
     request_id: int
     start: int  # position of the first token
     token_ids: tuple[int, ...]  # the slice's tokens (embedded when layer_start == 0)
@@ -39,8 +39,7 @@ class RowSlice:
         return self.num_tokens == 1 and self.sample and self.layer_start == 0
 
 
-@dataclass(frozen=True)
-class LayerGroup:
+class LayerGroup(NamedTuple):
     """Layers [layer_start, layer_end) run once on the rows of `slices` (indices into plan.slices)."""
 
     layer_start: int
@@ -48,8 +47,7 @@ class LayerGroup:
     slices: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class SamplingRow:
+class SamplingRow(NamedTuple):
     """What the sampler needs for one sampled slice."""
 
     request_id: int

@@ -111,6 +111,8 @@ class Scheduler:
     def reserve(self, req: Request, num_new_tokens: int) -> bool:
         """KV blocks for num_new_tokens more tokens of running `req`, preempting lower-priority requests
         not in this iteration if needed. False (and req itself preempted) when nothing can give way."""
+        if self.kv.blocks_needed(req, num_new_tokens) == 0:  # the common decode step: room in the last block
+            return True
         shard = self.kv.shard_of(req)
         while not self.kv.can_allocate(req, num_new_tokens):
             # only requests holding blocks of req's shard can make room for it
@@ -127,53 +129,53 @@ class Scheduler:
     def schedule_decodes(self, budget: int, skip: set[int] = frozenset()) -> tuple[list[RowSlice], int]:
         """One token for every running request with exactly one uncomputed token (not in `skip`),
         in priority order, within `budget` tokens -> (slices, budget left)."""
-        slices = []
+        slices, scheduled = [], self._scheduled
         for req in list(self.running):
             if budget == 0:
                 break
-            if (req.status is Status.RUNNING and req.num_uncomputed == 1 and not self.is_scheduled(req)
-                    and req.request_id not in skip and self.reserve(req, 1)):
+            rid = req.request_id
+            if (len(req.token_ids) - req.num_computed_tokens == 1 and req.status is Status.RUNNING
+                    and rid not in scheduled and rid not in skip and self.reserve(req, 1)):
                 slices.append(self.make_slice(req, 1))
                 budget -= 1
         return slices, budget
 
     def make_slice(self, req: Request, num_tokens: int, layer_start: int = 0, layer_end: int | None = None) -> RowSlice:
         """The next `num_tokens` uncomputed tokens of req through layers [layer_start, layer_end)."""
-        layer_end = self.num_layers if layer_end is None else layer_end
+        L = self.model_config.num_layers
+        layer_end = L if layer_end is None else layer_end
         start = req.num_computed_tokens
+        end = start + num_tokens
         self._scheduled.add(req.request_id)
-        return RowSlice(request_id=req.request_id, start=start,
-                        token_ids=tuple(req.token_ids[start:start + num_tokens]),
-                        layer_start=layer_start, layer_end=layer_end,
-                        sample=layer_end == self.num_layers and start + num_tokens == req.num_tokens,
-                        context_len=start + num_tokens)
+        return RowSlice(req.request_id, start, tuple(req.token_ids[start:end]), layer_start, layer_end,
+                        layer_end == L and end == len(req.token_ids), end)
 
     # --- one iteration ------------------------------------------------------------------------------
     def schedule(self) -> IterationPlan:
         self._scheduled = set()
         slices = self.policy.schedule(self)
-        sampling = tuple(
-            SamplingRow(s.request_id, (p := self.requests[s.request_id].params).temperature, p.top_p, p.top_k,
-                        self.requests[s.request_id].seed, self.requests[s.request_id].num_output_tokens)
-            for s in slices if s.sample)
+        requests = [self.requests[s.request_id] for s in slices]
+        sampling = tuple(SamplingRow(r.request_id, r.params.temperature, r.params.top_p, r.params.top_k, r.seed,
+                                     len(r.token_ids) - len(r.prompt_token_ids))
+                         for s, r in zip(slices, requests) if s.sample)
         plan = IterationPlan(
             step=self.step, slices=tuple(slices), groups=layer_groups(slices, self.num_layers),
-            block_tables={s.request_id: tuple(self.requests[s.request_id].block_ids) for s in slices},
+            block_tables={r.request_id: tuple(r.block_ids) for r in requests},
             sampling=sampling, released=tuple(self._released), num_layers=self.num_layers)
         self._released = []
         return plan
 
     def update(self, plan: IterationPlan, result: StepResult, now: float) -> list[Request]:
         """Apply an executed plan: advance computed tokens, append sampled tokens, finish requests."""
-        finished = []
+        finished, L, sampled = [], self.num_layers, result.sampled
         for s in plan.slices:
             req = self.requests.get(s.request_id)
             if req is None or req.status is not Status.RUNNING:
                 continue  # aborted while the iteration ran
-            if s.layer_end == self.num_layers:
-                req.num_computed_tokens = s.start + s.num_tokens
+            if s.layer_end == L:
+                req.num_computed_tokens = s.context_len
             if s.sample:
-                token = result.sampled[s.request_id]
+                token = sampled[s.request_id]
                 req.token_ids.append(token)
                 req.token_times.append(now)
                 if req.first_token_time is None:
