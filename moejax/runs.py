@@ -12,9 +12,13 @@ Policies are named `name[@token_budget]`: "chunked@256" is chunked prefill with 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import numpy as np
 
 from moejax.config import ModelConfig, get_preset
+from moejax.engine.compiles import count_compilations
 from moejax.engine.engine import Arrival, Engine, real_engine
 from moejax.engine.kv_cache import KVCacheManager, kv_block_bytes
 from moejax.engine.metrics import SLO
@@ -61,11 +65,15 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
         rate: float = 1.0, num_requests: int = 100, seed: int = 0, slo: SLO = SLO(),
         max_model_len: int | None = None, token_budget: int = 512, max_num_seqs: int = 256,
         routing: str = "correlated", layout: str | None = None, progress: bool = False,
-        dtype: str | None = None, **policy_options) -> dict:
-    """Serve `num_requests` of `workload` arriving at `rate` req/s; returns settings + "metrics".
+        dtype: str | None = None, details: bool = False, warmup: bool = True, **policy_options) -> dict:
+    """Serve `num_requests` of `workload` arriving at `rate` req/s; returns settings + "metrics"
+    (+ per-request "requests" and per-iteration "iterations" records when `details`).
 
     hardware=None runs the real model (preset or checkpoint) on the local devices (`layout` places it);
-    a hardware name (moejax.sim.hardware) simulates the preset on that machine."""
+    a hardware name (moejax.sim.hardware) simulates the preset on that machine. Real runs measure steady
+    state: with `warmup`, the workload is first served once all at once (compiling the row buckets it
+    needs) and a fresh engine on the same model is timed; compilations left in the timed run are
+    reported as metrics["num_compilations"]."""
     name, overrides = parse_policy(policy)
     token_budget = overrides.get("token_budget", token_budget)
     if hardware is None:
@@ -74,8 +82,11 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
         m, _ = load_model(model, seed=seed, layout=layout, dtype=dtype)
         cfg = m.config
         max_model_len = max_model_len or min(cfg.max_position, 4096)
-        engine = real_engine(m, policy=name, token_budget=token_budget, max_num_seqs=max_num_seqs,
-                             max_model_len=max_model_len, seed=seed, **policy_options)
+
+        def make_engine():
+            return real_engine(m, policy=name, token_budget=token_budget, max_num_seqs=max_num_seqs,
+                               max_model_len=max_model_len, seed=seed, **policy_options)
+        engine = make_engine()
         where = f"{jax.devices()[0].platform}x{jax.device_count()}" + (f" ({layout})" if layout else "")
     else:
         cfg = get_preset(model)
@@ -88,15 +99,29 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
     prompts = prompt_token_ids(requests, cfg.vocab_size, seed=seed, exclude=cfg.eos_token_ids)
     arrivals = [Arrival(r.arrival_s, p, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
                 for r, p in zip(requests, prompts)]
-    served = engine.run(arrivals, progress=progress)
-    return {
+    if hardware is None and warmup:
+        engine.run([Arrival(0.0, a.prompt_token_ids, a.params) for a in arrivals])
+        engine = make_engine()
+    with count_compilations() as compiled:
+        served = engine.run(arrivals, progress=progress)
+    metrics = engine.metrics(served, slo)
+    if hardware is None:
+        metrics["num_compilations"] = compiled[0]
+    result = {
         "model": cfg.name, "hardware": where, "simulated": hardware is not None, "policy": policy,
         "workload": workload, "rate": rate, "num_requests": num_requests, "seed": seed,
         "routing": routing if hardware is not None and cfg.num_experts else None,
         "token_budget": token_budget, "max_model_len": max_model_len,
         "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}, "policy_options": policy_options,
-        "metrics": engine.metrics(served, slo),
+        "metrics": metrics,
     }
+    if details:
+        result["requests"] = [
+            {"prompt_len": r.num_prompt_tokens, "output_len": r.num_output_tokens, "arrival_s": r.arrival_time,
+             "ttft_s": r.first_token_time - r.arrival_time, "e2e_s": r.finish_time - r.arrival_time,
+             "tbt_s": np.diff(r.token_times).tolist(), "preemptions": r.num_preemptions} for r in served]
+        result["iterations"] = [dataclasses.asdict(s) for s in engine.steps]
+    return result
 
 
 def compare(policies: list[str], model: str, **kwargs) -> dict:

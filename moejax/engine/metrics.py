@@ -18,7 +18,7 @@ METRIC_NAMES = (
     "tbt_mean_s", "tbt_p50_s", "tbt_p90_s", "tbt_p99_s", "e2e_mean_s", "e2e_p50_s", "e2e_p99_s",
     "requests_per_s", "output_tokens_per_s", "slo_attainment",
     "expert_bytes_total", "expert_bytes_per_token", "energy_total_j", "energy_per_token_j",
-    "num_iterations", "iteration_mean_s", "num_preemptions", "duration_s",
+    "num_iterations", "iteration_mean_s", "num_preemptions", "num_compilations", "duration_s",
 )
 
 
