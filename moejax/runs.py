@@ -21,11 +21,13 @@ from moejax.config import ModelConfig, get_preset
 from moejax.engine.compiles import count_compilations
 from moejax.engine.engine import Arrival, Engine, real_engine
 from moejax.engine.kv_cache import KVCacheManager, kv_block_bytes
+from moejax.engine.layered import WithinTarget
 from moejax.engine.metrics import SLO
 from moejax.engine.policies import make_policy
 from moejax.engine.sampling import SamplingParams
 from moejax.engine.scheduler import Scheduler, SchedulerConfig
 from moejax.engine.traffic import model_bytes
+from moejax.sim.cost_model import idle_energy_j
 from moejax.sim.workloads import make_workload, prompt_token_ids
 
 
@@ -41,14 +43,26 @@ def parse_policy(spec: str) -> tuple[str, dict]:
 
 
 def simulated_engine(config: ModelConfig | str, hardware: str, *, policy: str = "chunked",
+                     tbt_target_s: float = 0.1,
                      routing: str = "correlated", token_budget: int = 512, max_num_seqs: int = 256,
                      max_model_len: int | None = None, block_size: int = 16, memory_fraction: float = 0.9,
-                     seed: int = 0, **policy_options) -> Engine:
-    """The engine with a SimExecutor: KV capacity is what the hardware's memory holds after the weights."""
+                     seed: int = 0, routing_params: dict | None = None, **policy_options) -> Engine:
+    """The engine with a SimExecutor: KV capacity is what the hardware's memory holds after the weights.
+    layered-adaptive prices candidate iterations with the same cost model, aiming at `tbt_target_s`."""
     from moejax.sim.executor import SimExecutor
+    from moejax.sim.pricing import ExpectedPricer
 
+    policy_options = dict(policy_options, tbt_target_s=tbt_target_s) if policy == "layered-adaptive" \
+        else policy_options
     cfg = get_preset(config) if isinstance(config, str) else config
+    if routing_params and cfg.num_experts:  # e.g. {"affinity": 5.0} for "correlated" (see make_routing)
+        from moejax.sim.routing import make_routing
+        routing = make_routing(routing, cfg, seed, **routing_params)
     executor = SimExecutor(cfg, hardware, routing=routing if cfg.num_experts else None, seed=seed)
+    if policy == "layered-adaptive":
+        policy_options["choose_layers"] = WithinTarget(
+            ExpectedPricer(cfg, executor.hardware, executor.routing, executor.cost_model.calibration),
+            target_s=policy_options.pop("tbt_target_s"))
     max_model_len = max_model_len or cfg.max_position
     free = memory_fraction * executor.hardware.memory_bytes - model_bytes(cfg)
     if free <= 0:
@@ -64,8 +78,9 @@ def simulated_engine(config: ModelConfig | str, hardware: str, *, policy: str = 
 def run(model: str, *, hardware: str | None = None, policy: str = "chunked", workload: str = "sharegpt",
         rate: float = 1.0, num_requests: int = 100, seed: int = 0, slo: SLO = SLO(),
         max_model_len: int | None = None, token_budget: int = 512, max_num_seqs: int = 256,
-        routing: str = "correlated", layout: str | None = None, progress: bool = False,
-        dtype: str | None = None, details: bool = False, warmup: bool = True, **policy_options) -> dict:
+        routing: str = "correlated", routing_params: dict | None = None, layout: str | None = None,
+        progress: bool = False, dtype: str | None = None, details: bool = False, warmup: bool = True,
+        **policy_options) -> dict:
     """Serve `num_requests` of `workload` arriving at `rate` req/s; returns settings + "metrics"
     (+ per-request "requests" and per-iteration "iterations" records when `details`).
 
@@ -91,9 +106,10 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
     else:
         cfg = get_preset(model)
         max_model_len = max_model_len or cfg.max_position
-        engine = simulated_engine(cfg, hardware, policy=name, routing=routing, token_budget=token_budget,
+        engine = simulated_engine(cfg, hardware, policy=name, routing=routing, routing_params=routing_params,
+                                  token_budget=token_budget,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len, seed=seed,
-                                  **policy_options)
+                                  tbt_target_s=slo.tbt_s, **policy_options)
         where = hardware
     requests = make_workload(workload, rate, num_requests, seed=seed, max_model_len=max_model_len)
     prompts = prompt_token_ids(requests, cfg.vocab_size, seed=seed, exclude=cfg.eos_token_ids)
@@ -107,10 +123,17 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
     metrics = engine.metrics(served, slo)
     if hardware is None:
         metrics["num_compilations"] = compiled[0]
+    else:  # energy over wall time, as NVML measures it: the machine idles between iterations too
+        busy = sum(s.elapsed_s for s in engine.steps)
+        idle_j = idle_energy_j(engine.executor.hardware, max(0.0, metrics["duration_s"] - busy))
+        metrics["energy_total_j"] += idle_j
+        served_tokens = sum(r.num_tokens for r in served)
+        metrics["energy_per_token_j"] = metrics["energy_total_j"] / served_tokens
     result = {
         "model": cfg.name, "hardware": where, "simulated": hardware is not None, "policy": policy,
         "workload": workload, "rate": rate, "num_requests": num_requests, "seed": seed,
         "routing": routing if hardware is not None and cfg.num_experts else None,
+        "routing_params": routing_params if hardware is not None and cfg.num_experts else None,
         "token_budget": token_budget, "max_model_len": max_model_len,
         "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}, "policy_options": policy_options,
         "metrics": metrics,

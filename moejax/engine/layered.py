@@ -6,10 +6,10 @@ groups and each iteration the cohort crosses one group, fused with the decode ba
 all layers). After G iterations every prompt has crossed every layer once, so each layer's experts
 are read once per prompt instead of once per chunk. Decodes are scheduled first and never stall.
 
-    fixed G (the paper's table):  G from the cohort's prompt tokens (<=512 -> 1, <=1024 -> 2,
-                                  <=2048 -> 4, <=4096 -> 8, else 16), capped by L
-    adaptive:                     each iteration the cohort crosses as many layers as keep the
-                                  modelled iteration time within a TBT target (at least one)
+    layered           fixed G (the paper's table): G from the cohort's prompt tokens (<=512 -> 1,
+                      <=1024 -> 2, <=2048 -> 4, <=4096 -> 8, else 16), capped by L
+    layered-adaptive  each iteration the cohort crosses as many layers as keep the modelled
+                      iteration time within a TBT target (at least one): `choose_layers=WithinTarget(...)`
 
 `cohorts_in_flight` > 1 lets a new cohort start its first group while another is part-way (the
 authors' prototype keeps one in flight).
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moejax.engine.plan import RowSlice
+from moejax.engine.plan import IterationPlan, RowSlice, layer_groups
 from moejax.engine.request import Request, Status
 from moejax.engine.scheduler import Scheduler
 
@@ -55,6 +55,32 @@ class Cohort:
 
 # (scheduler, decode slices, cohort's requests, first layer) -> layers to cross this iteration
 LayerChooser = Callable[[Scheduler, list[RowSlice], list[Request], int], int]
+
+
+@dataclass
+class WithinTarget:
+    """The adaptive rule: the most layers (at least one) whose modelled iteration time — this
+    iteration's decodes plus the cohort crossing those layers — stays within `target_s`."""
+
+    price: Callable[[IterationPlan], float]  # modelled seconds of a plan (e.g. moejax.sim.pricing)
+    target_s: float
+
+    def __call__(self, s: Scheduler, decodes: list[RowSlice], members: list[Request], start: int) -> int:
+        L = s.num_layers
+
+        def seconds(k: int) -> float:
+            prompt = [RowSlice(r.request_id, r.num_computed_tokens, tuple(r.token_ids[r.num_computed_tokens:]),
+                               start, start + k, False, r.num_tokens) for r in members]
+            slices = decodes + prompt
+            return self.price(IterationPlan(s.step, tuple(slices), layer_groups(slices, L), {}, (), num_layers=L))
+
+        lo, hi = 1, L - start  # largest k with seconds(k) <= target; time grows with k
+        if seconds(hi) <= self.target_s:
+            return hi
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if seconds(mid) <= self.target_s else (lo, mid - 1)
+        return lo
 
 
 @dataclass

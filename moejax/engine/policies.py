@@ -67,11 +67,18 @@ class NoChunk:
         pass
 
 
-POLICIES = {"chunked": ChunkedPrefill, "no_chunk": NoChunk, "layered": LayeredPrefill}
+def _layered_adaptive(choose_layers=None, **kwargs) -> LayeredPrefill:
+    if choose_layers is None:
+        raise ValueError("policy 'layered-adaptive' needs a cost model to keep iterations within a TBT target: "
+                         "simulate (moejax simulate / runs.run(hardware=...)) or pass choose_layers=WithinTarget(...)")
+    return LayeredPrefill(choose_layers=choose_layers, name="layered-adaptive", **kwargs)
+
+
+POLICIES = {"chunked": ChunkedPrefill, "no_chunk": NoChunk, "layered": LayeredPrefill,
+            "layered-adaptive": _layered_adaptive}
 
 
 def make_policy(name: str, **kwargs):
-    try:
-        return POLICIES[name](**kwargs)
-    except KeyError:
-        raise ValueError(f"unknown policy {name!r}; policies: {', '.join(POLICIES)}") from None
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; policies: {', '.join(POLICIES)}")
+    return POLICIES[name](**kwargs)

@@ -24,6 +24,7 @@ from moejax.meshes import placement as placement_ctx
 from moejax.meshes.placement import Placement, constrain
 from moejax.models.attention import AttentionMetadata, LayerKV
 from moejax.models.decoder import CausalLM
+from moejax.models.moe import MoEBlock
 
 
 ROWS = ("batch", None)  # hidden [T, D]: rows split by request under data parallelism
@@ -32,6 +33,17 @@ ROWS = ("batch", None)  # hidden [T, D]: rows split by request under data parall
 def _layer_step(graphdef, state, x, kv, meta):
     x, kv, counts = nnx.merge(graphdef, state)(constrain(x, ROWS), kv, meta)
     return constrain(x, ROWS), kv, counts
+
+
+def _layer_routing(graphdef, state, x, kv, meta):
+    layer = nnx.merge(graphdef, state)
+    h, kv = layer.attend(x, kv, meta)
+    if isinstance(layer.ffn, MoEBlock):
+        _, ids = layer.ffn.route(layer.post_attn_norm(h))
+    else:
+        ids = jnp.full((x.shape[0], 1), -1, jnp.int32)  # no router in a dense layer
+    out, _ = layer.feed_forward(h, meta.valid)
+    return out, kv, ids
 
 
 def _io_call(graphdef, method: str, state, x):
@@ -103,6 +115,14 @@ class Model:
         kind = self.layer_kind[i]
         fn = self._fn(("layer", kind),
                       lambda: jax.jit(partial(_layer_step, self.layer_defs[kind]), donate_argnums=(2,)))
+        return self._call(fn, self.layer_states[i], x, kv, meta)
+
+    def layer_routing(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
+        """Layer i, also returning each row's chosen experts -> (x, new layer KV, expert ids [T, K];
+        -1 in a dense layer). For recording routing traces; the serving path never pays for it."""
+        kind = self.layer_kind[i]
+        fn = self._fn(("layer_routing", kind),
+                      lambda: jax.jit(partial(_layer_routing, self.layer_defs[kind]), donate_argnums=(2,)))
         return self._call(fn, self.layer_states[i], x, kv, meta)
 
     def run_layers(self, x: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata,

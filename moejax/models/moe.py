@@ -38,9 +38,13 @@ class MoEBlock(nnx.Module):
         self.w_shared_gate = (param(init_normal(rngs, (D, 1), D, dtype), "embed", None)
                               if cfg.shared_expert_gate else None)  # [D, 1]
 
+    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x: [T, D] -> (weights [T, K] fp32, expert ids [T, K])."""
+        return route(x @ self.w_router[...], self.top_k, self.norm_topk_prob)
+
     def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x: [T, D], valid: [T] -> (out [T, D], tokens per expert [E]; padding rows reach no expert)."""
-        weights, ids = route(x @ self.w_router[...], self.top_k, self.norm_topk_prob)
+        weights, ids = self.route(x)
         ids = jnp.where(valid[:, None], ids, self.num_experts)
         out, group_sizes = sharded_ops.experts(kernels.moe_ffn, x, ids, weights, self.w_gate_up[...],
                                                self.w_down[...])
