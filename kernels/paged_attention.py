@@ -1,15 +1,24 @@
-"""Paged attention, reference implementation (plain jnp; a Pallas kernel can take its place later).
+"""Paged attention in plain jnp (a Pallas kernel can take its place later), two ways:
 
-Each token row attends to the KV of its own sequence, read through that sequence's block table, up to
-and including its own position (causal), optionally limited to a sliding window. KV blocks are visited
-one at a time with an online softmax, so memory stays O(T * block_size) however long the context;
-the loop bound is a traced scalar, so context growth never recompiles.
+    rows   every token row gathers, block by block, the KV of its own sequence: one vectorised loop
+           over KV blocks for all rows (what accelerators want from XLA). Cost: T x context.
+    tiles  rows go in tiles of TILE consecutive rows. A tile whose rows belong to one sequence (a
+           prefill chunk) reads that sequence's blocks once and stops at the tile's last position;
+           mixed tiles (decode rows) fall back to `rows`. A sequential loop over tiles — the right
+           trade on a CPU, where a long prompt would otherwise re-read its KV for every row.
+
+Both attend causally (up to and including the row's own position), optionally within a sliding
+window, with an online softmax over blocks so memory stays O(rows x block_size). Loop bounds are
+traced scalars: growing contexts never recompile.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+TILE = 32  # rows per tile
+CHUNK = 8  # KV blocks a tile reads per step (rows mode reads one: each row gathers its own)
 
 
 def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
@@ -24,27 +33,18 @@ def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
     return k_cache.reshape(nb, bs, kvh, hd), v_cache.reshape(nb, bs, kvh, hd)
 
 
-def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
-                    seq_ids: jax.Array, block_tables: jax.Array, num_kv_blocks: jax.Array, *,
-                    scale: float, window: int | None = None) -> jax.Array:
-    """q: [T, H, hd]; caches: [num_blocks, block_size, KV, hd]; positions, seq_ids: [T];
-    block_tables: [S, max_blocks]; num_kv_blocks: [] blocks to visit -> [T, H, hd] in q.dtype."""
-    q, k_cache, v_cache, positions, seq_ids, block_tables = map(
-        jnp.asarray, (q, k_cache, v_cache, positions, seq_ids, block_tables))
-    T, H, hd = q.shape
-    _, bs, kvh, _ = k_cache.shape
-    g = H // kvh
-    qg = q.reshape(T, kvh, g, hd).astype(jnp.float32) * scale
-    tables = block_tables[seq_ids]  # [T, max_blocks]
-    offsets = jnp.arange(bs, dtype=jnp.int32)
+def _online_softmax(qg, positions, window, num_steps, step_kv):
+    """Attention of rows qg: [R, KV, g, hd] (pre-scaled, fp32) at `positions` [R] over keys
+    0 .. num_steps*n-1, step j's n keys/values given by step_kv(j) -> ([R or 1, n, KV, hd] x 2)."""
+    R, kvh, g, hd = qg.shape
 
-    def visit_block(j, carry):
-        m, l, acc = carry  # running max [T, kvh, g], denominator [T, kvh, g], numerator [T, kvh, g, hd]
-        blocks = tables[:, j]
-        k = k_cache[blocks].astype(jnp.float32)  # [T, bs, kvh, hd]
-        v = v_cache[blocks].astype(jnp.float32)
-        s = jnp.einsum("tkgd,tbkd->tkgb", qg, k)
-        key_pos = j * bs + offsets  # [bs]
+    def visit(j, carry):
+        m, l, acc = carry  # running max [R, KV, g], denominator [R, KV, g], numerator [R, KV, g, hd]
+        k, v = step_kv(j)
+        bs = k.shape[1]
+        shared = k.shape[0] == 1  # one sequence's keys for all rows: contract without copying them per row
+        s = jnp.einsum("rkgd,bkd->rkgb", qg, k[0]) if shared else jnp.einsum("rkgd,rbkd->rkgb", qg, k)
+        key_pos = j * bs + jnp.arange(bs, dtype=jnp.int32)
         visible = key_pos[None, :] <= positions[:, None]
         if window is not None:
             visible &= key_pos[None, :] > positions[:, None] - window
@@ -53,13 +53,73 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
         p = jnp.where(visible, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
         l = l * correction + p.sum(-1)
-        acc = acc * correction[..., None] + jnp.einsum("tkgb,tbkd->tkgd", p, v)
+        pv = jnp.einsum("rkgb,bkd->rkgd", p, v[0]) if shared else jnp.einsum("rkgb,rbkd->rkgd", p, v)
+        acc = acc * correction[..., None] + pv
         return m_new, l, acc
 
-    # A row's first visible key is in block 0 (or inside its window), so m is finite after the first
-    # visible block; starting from a large finite value keeps exp(m - m_new) well defined before it.
-    init = (jnp.full((T, kvh, g), -1e30, jnp.float32), jnp.zeros((T, kvh, g), jnp.float32),
-            jnp.zeros((T, kvh, g, hd), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, num_kv_blocks, visit_block, init)
-    out = acc / jnp.maximum(l, 1e-30)[..., None]
+    # A row's first visible key lies in the blocks visited, so m becomes finite there; starting from
+    # a large finite value keeps exp(m - m_new) defined before it.
+    init = (jnp.full((R, kvh, g), -1e30, jnp.float32), jnp.zeros((R, kvh, g), jnp.float32),
+            jnp.zeros((R, kvh, g, hd), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, num_steps, visit, init)
+    return acc / jnp.maximum(l, 1e-30)[..., None]
+
+
+def _rows(qg, k_cache, v_cache, positions, tables, num_blocks, window):
+    """tables: [R, max_blocks], each row's own block table."""
+    def block_kv(j):
+        blocks = tables[:, j]
+        return k_cache[blocks].astype(jnp.float32), v_cache[blocks].astype(jnp.float32)
+    return _online_softmax(qg, positions, window, num_blocks, block_kv)
+
+
+def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
+                    seq_ids: jax.Array, block_tables: jax.Array, num_kv_blocks: jax.Array, *,
+                    scale: float, window: int | None = None, method: str | None = None) -> jax.Array:
+    """q: [T, H, hd]; caches: [num_blocks, block_size, KV, hd]; positions, seq_ids: [T];
+    block_tables: [S, max_blocks]; num_kv_blocks: [] blocks the longest row needs -> [T, H, hd].
+    method: "rows" | "tiles" (default: tiles on CPU, rows elsewhere)."""
+    q, k_cache, v_cache, positions, seq_ids, block_tables = map(
+        jnp.asarray, (q, k_cache, v_cache, positions, seq_ids, block_tables))
+    T, H, hd = q.shape
+    kvh = k_cache.shape[2]
+    qg = q.reshape(T, kvh, H // kvh, hd).astype(jnp.float32) * scale
+    method = method or ("tiles" if jax.default_backend() == "cpu" else "rows")
+    if method == "rows":
+        out = _rows(qg, k_cache, v_cache, positions, block_tables[seq_ids], num_kv_blocks, window)
+    elif method == "tiles":
+        out = _tiles(qg, k_cache, v_cache, positions, seq_ids, block_tables, window)
+    else:
+        raise ValueError(f"paged_attention: unknown method {method!r} (rows, tiles)")
     return out.reshape(T, H, hd).astype(q.dtype)
+
+
+def _tiles(qg, k_cache, v_cache, positions, seq_ids, block_tables, window):
+    T = qg.shape[0]
+    bs = k_cache.shape[1]
+    pad = -T % TILE
+    qg, positions, seq_ids = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (qg, positions, seq_ids))
+    tiles = (T + pad) // TILE
+
+    def one_tile(args):
+        q_t, pos_t, seq_t = args
+        blocks_needed = jnp.max(pos_t) // bs + 1
+
+        def shared(_):  # one sequence: its blocks, read once for the whole tile, CHUNK at a time
+            table = block_tables[seq_t[0]]
+            last = table.shape[0] - 1
+
+            def step_kv(j):  # blocks past the table end only hold keys past the tile: masked
+                blocks = table[jnp.minimum(j * CHUNK + jnp.arange(CHUNK), last)]
+                return tuple(c[blocks].reshape(1, CHUNK * bs, *c.shape[2:]).astype(jnp.float32)
+                             for c in (k_cache, v_cache))
+            return _online_softmax(q_t, pos_t, window, -(-blocks_needed // CHUNK), step_kv)
+
+        def mixed(_):
+            return _rows(q_t, k_cache, v_cache, pos_t, block_tables[seq_t], blocks_needed, window)
+
+        return jax.lax.cond(jnp.all(seq_t == seq_t[0]), shared, mixed, None)
+
+    out = jax.lax.map(one_tile, (qg.reshape(tiles, TILE, *qg.shape[1:]), positions.reshape(tiles, TILE),
+                                 seq_ids.reshape(tiles, TILE)))
+    return out.reshape(tiles * TILE, *out.shape[2:])[:T]

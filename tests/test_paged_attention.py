@@ -22,14 +22,16 @@ def dense_reference(q, k_seq, v_seq, positions, window):
     return out
 
 
+@pytest.mark.parametrize("method", ["rows", "tiles"])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("H,KV", [(4, 2), (4, 4), (6, 1)])
-def test_paged_attention_matches_dense(H, KV, window):
+def test_paged_attention_matches_dense(H, KV, window, method):
     rng = np.random.default_rng(H * 10 + KV + (window or 0))
     bs, nb, hd = 4, 24, 8
-    lens = [3, 9, 14]  # three sequences, blocks scattered over the pool
+    tables_width = 10
+    lens = [3, 9, 34]  # three sequences, blocks scattered over the pool
     perm = rng.permutation(nb)
-    tables = np.zeros((len(lens), 6), np.int32)
+    tables = np.zeros((len(lens), tables_width), np.int32)
     k_cache = rng.normal(size=(nb, bs, KV, hd)).astype(np.float32)
     v_cache = rng.normal(size=(nb, bs, KV, hd)).astype(np.float32)
     used = 0
@@ -37,13 +39,15 @@ def test_paged_attention_matches_dense(H, KV, window):
         nblk = -(-n // bs)
         tables[s, :nblk] = perm[used:used + nblk]
         used += nblk
-    # rows: a prefill slice of seq 1 (positions 4..8), the last token of seq 0 and of seq 2
-    rows = [(1, p) for p in range(4, 9)] + [(0, 2), (2, 13)]
+    # rows: a prefill slice of seq 2 long enough to fill whole tiles (positions 0..33, so tiles of
+    # one sequence and a tile shared with the next rows), a slice of seq 1, the last token of seq 0
+    rows = [(2, p) for p in range(0, 34)] + [(1, p) for p in range(4, 9)] + [(0, 2), (2, 13)]
     seq_ids = np.array([s for s, _ in rows], np.int32)
     positions = np.array([p for _, p in rows], np.int32)
     q = rng.normal(size=(len(rows), H, hd)).astype(np.float32)
     out = kernels.paged_attention(q, k_cache, v_cache, positions, seq_ids, tables,
-                                  np.int32(positions.max() // bs + 1), scale=hd ** -0.5, window=window)
+                                  np.int32(positions.max() // bs + 1), scale=hd ** -0.5, window=window,
+                                  method=method)
     for s, n in enumerate(lens):
         mask = seq_ids == s
         flat = np.concatenate([np.arange(b * bs, b * bs + bs) for b in tables[s, :-(-n // bs)]])
