@@ -27,8 +27,8 @@ from moejax.engine.policies import make_policy
 from moejax.engine.sampling import SamplingParams
 from moejax.engine.scheduler import Scheduler, SchedulerConfig
 from moejax.engine.traffic import model_bytes
-from moejax.sim.cost_model import idle_energy_j
-from moejax.sim.workloads import make_workload, prompt_token_ids
+from moejax.sim.cost_model import Calibration, idle_energy_j
+from moejax.sim.workloads import WorkloadRequest, make_workload, prompt_token_ids
 
 
 def parse_policy(spec: str) -> tuple[str, dict]:
@@ -46,9 +46,11 @@ def simulated_engine(config: ModelConfig | str, hardware: str, *, policy: str = 
                      tbt_target_s: float = 0.1,
                      routing: str = "correlated", token_budget: int = 512, max_num_seqs: int = 256,
                      max_model_len: int | None = None, block_size: int = 16, memory_fraction: float = 0.9,
-                     seed: int = 0, routing_params: dict | None = None, **policy_options) -> Engine:
+                     seed: int = 0, routing_params: dict | None = None, calibration: Calibration | None = None,
+                     **policy_options) -> Engine:
     """The engine with a SimExecutor: KV capacity is what the hardware's memory holds after the weights.
-    layered-adaptive prices candidate iterations with the same cost model, aiming at `tbt_target_s`."""
+    layered-adaptive prices candidate iterations with the same cost model, aiming at `tbt_target_s`.
+    calibration: the cost model's fitted constants (default: moejax/sim/calibration.json's entry)."""
     from moejax.sim.executor import SimExecutor
     from moejax.sim.pricing import ExpectedPricer
 
@@ -58,7 +60,8 @@ def simulated_engine(config: ModelConfig | str, hardware: str, *, policy: str = 
     if routing_params and cfg.num_experts:  # e.g. {"affinity": 5.0} for "correlated" (see make_routing)
         from moejax.sim.routing import make_routing
         routing = make_routing(routing, cfg, seed, **routing_params)
-    executor = SimExecutor(cfg, hardware, routing=routing if cfg.num_experts else None, seed=seed)
+    executor = SimExecutor(cfg, hardware, routing=routing if cfg.num_experts else None, seed=seed,
+                           calibration=calibration)
     if policy == "layered-adaptive":
         policy_options["choose_layers"] = WithinTarget(
             ExpectedPricer(cfg, executor.hardware, executor.routing, executor.cost_model.calibration),
@@ -80,6 +83,7 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
         max_model_len: int | None = None, token_budget: int = 512, max_num_seqs: int = 256,
         routing: str = "correlated", routing_params: dict | None = None, layout: str | None = None,
         progress: bool = False, dtype: str | None = None, details: bool = False, warmup: bool = True,
+        calibration: Calibration | None = None,
         **policy_options) -> dict:
     """Serve `num_requests` of `workload` arriving at `rate` req/s; returns settings + "metrics"
     (+ per-request "requests" and per-iteration "iterations" records when `details`).
@@ -109,7 +113,7 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
         engine = simulated_engine(cfg, hardware, policy=name, routing=routing, routing_params=routing_params,
                                   token_budget=token_budget,
                                   max_num_seqs=max_num_seqs, max_model_len=max_model_len, seed=seed,
-                                  tbt_target_s=slo.tbt_s, **policy_options)
+                                  tbt_target_s=slo.tbt_s, calibration=calibration, **policy_options)
         where = hardware
     requests = make_workload(workload, rate, num_requests, seed=seed, max_model_len=max_model_len)
     prompts = prompt_token_ids(requests, cfg.vocab_size, seed=seed, exclude=cfg.eos_token_ids)
@@ -157,3 +161,21 @@ def max_rate_within_slo(model: str, *, target: float = 0.9, rates: list[float], 
     results = {r: run(model, rate=r, **kwargs) for r in rates}
     ok = [r for r, res in results.items() if (res["metrics"]["slo_attainment"] or 0) >= target]
     return {"max_rate": max(ok) if ok else None, "target": target, "runs": results}
+
+
+def prompt_expert_bytes(model: str, prompt_len: int, policy: str, *, hardware: str | None = None,
+                        routing: str = "correlated", seed: int = 0, **policy_options) -> float:
+    """Routed-expert bytes read to prefill one prompt of `prompt_len` tokens alone (no other requests),
+    for real (exact counts from the executor) or simulated on `hardware`."""
+    name, overrides = parse_policy(policy)
+    options = dict(policy=name, max_model_len=prompt_len + 8, seed=seed, **overrides, **policy_options)
+    if hardware is None:
+        from moejax.checkpoint import load_model
+
+        m, _ = load_model(model, seed=seed)
+        engine, vocab = real_engine(m, **options), m.config.vocab_size
+    else:
+        engine, vocab = simulated_engine(model, hardware, routing=routing, **options), get_preset(model).vocab_size
+    prompt = prompt_token_ids([WorkloadRequest(0.0, prompt_len, 1)], vocab, seed=seed)[0]
+    engine.run([Arrival(0.0, prompt, SamplingParams(max_tokens=1, ignore_eos=True))])
+    return float(sum(s.expert_bytes for s in engine.steps))
