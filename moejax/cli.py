@@ -32,7 +32,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from moejax import LLM, SamplingParams
 
-    llm = LLM(args.checkpoint or args.model, dtype=args.dtype, seed=args.seed)
+    llm = LLM(args.checkpoint or args.model, dtype=args.dtype, seed=args.seed, layout=args.layout)
     prompts: list = [*(args.prompt or []), *(args.prompt_token_ids or [])]
     if not prompts:
         if llm.tokenizer is not None:
@@ -153,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text / tokens (default: the embedded tiny model)")
     _add_model_args(g)
+    g.add_argument("--layout", help="a moejax.meshes layout preset or .toml, over all processes' devices "
+                                    "(default: one device)")
     g.add_argument("--prompt", action="append", help="a text prompt (needs a tokenizer); repeatable")
     g.add_argument("--prompt-token-ids", action="append", type=_token_ids, metavar="1,2,3",
                    help="a prompt as token ids; repeatable for a batch")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jax
+import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.engine.executor import Executor
@@ -163,10 +164,16 @@ def _progress(total: int):
 # --- construction -------------------------------------------------------------------------------------
 
 def default_kv_budget() -> int:
-    """Bytes for the KV cache: 85% of what the first device has free, or 512 MiB on CPU."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Bytes for the KV cache: 85% of what this process's first device has free (the least over all
+    processes: they must size the same cache), or 512 MiB on CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
-        return int(0.85 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+        free = int(0.85 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            free = int(multihost_utils.process_allgather(np.int64(free)).min())
+        return free
     return 512 << 20
 
 

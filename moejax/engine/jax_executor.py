@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.engine.metadata import attention_metadata, bucket, pad_tokens
+from moejax.engine.metadata import attention_metadata, bucket, pad_tokens, to_device
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.engine.sampling import sample
 from moejax.engine.traffic import layer_stats
@@ -32,10 +32,12 @@ def _scatter_rows(pool: jax.Array, x: jax.Array, src: jax.Array, dst: jax.Array)
 class HiddenStash:
     """Hidden rows of slices that stopped before the last layer, kept on device between iterations
     (layered prefill keeps a whole prompt here while it crosses the layer groups). One pool [P, D]
-    with rows handed out per request, so gathering from it never changes shapes."""
+    with rows handed out per request, so gathering from it never changes shapes. `sharding` places the
+    pool and the row indices (None: uncommitted)."""
 
-    def __init__(self, hidden_size: int, dtype):
-        self.pool = jnp.zeros((0, hidden_size), dtype)
+    def __init__(self, hidden_size: int, dtype, sharding=None):
+        self.sharding = sharding
+        self.pool = jnp.zeros((0, hidden_size), dtype, device=sharding)
         self._rows: dict[int, np.ndarray] = {}
         self._free: list[int] = []
 
@@ -52,9 +54,9 @@ class HiddenStash:
             self._rows[request_id], self._free = np.array(self._free[:n]), self._free[n:]
         size = bucket(n)
         P = self.pool.shape[0]
-        src = np.pad(src_rows, (0, size - n))
-        dst = np.pad(self._rows[request_id], (0, size - n), constant_values=P)  # P: dropped
-        self.pool = _scatter_rows(self.pool, x, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+        src = np.pad(src_rows, (0, size - n)).astype(np.int32)
+        dst = np.pad(self._rows[request_id], (0, size - n), constant_values=P).astype(np.int32)  # P: dropped
+        self.pool = _scatter_rows(self.pool, x, to_device(src, self.sharding), to_device(dst, self.sharding))
 
     def release(self, request_id: int) -> None:
         self._free.extend(self._rows.pop(request_id, np.array([], int)).tolist())
@@ -62,7 +64,8 @@ class HiddenStash:
     def _grow(self, extra: int) -> None:
         P = self.pool.shape[0]
         new_size = bucket(P + extra, minimum=64)
-        self.pool = jnp.concatenate([self.pool, jnp.zeros((new_size - P, self.pool.shape[1]), self.pool.dtype)])
+        extra_rows = jnp.zeros((new_size - P, self.pool.shape[1]), self.pool.dtype, device=self.sharding)
+        self.pool = jnp.concatenate([self.pool, extra_rows])
         self._free.extend(range(P, new_size))
 
 
@@ -88,8 +91,13 @@ class JaxExecutor:
         self.blocks_per_shard = num_blocks // self.row_shards
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         self.kv = model.init_kv_cache(num_blocks, block_size)
-        self.stash = HiddenStash(model.config.hidden_size, model.dtype)
-        self._sharding = model.placement.sharding if model.placement else None
+        placement = model.placement
+        self._sharding = placement.sharding if placement else None
+        # Inputs with no layout axis (token ids, row indices, sampling columns) are replicated. In one
+        # process they stay uncommitted and jit places them; on a mesh over several processes (one per
+        # host) jit takes global arrays only.
+        self._replicated = placement.sharding(()) if placement and placement.mesh.is_multi_process else None
+        self.stash = HiddenStash(model.config.hidden_size, model.dtype, self._replicated)
 
     def execute(self, plan: IterationPlan) -> StepResult:
         t0 = time.perf_counter()
@@ -176,8 +184,8 @@ class JaxExecutor:
             else:
                 rows[at] = Tp + Te + self.stash.rows(s.request_id)
                 uses_stash = True
-        return self.model.gather_rows(x_prev, pad_tokens(new_tokens, Te) if new_tokens else None,
-                                      self.stash.pool if uses_stash else None, jnp.asarray(rows))
+        return self.model.gather_rows(x_prev, pad_tokens(new_tokens, Te, self._replicated) if new_tokens else None,
+                                      self.stash.pool if uses_stash else None, to_device(rows, self._replicated))
 
     def _sample(self, plan: IterationPlan, x, offsets) -> jax.Array:
         if not plan.sampling:
@@ -185,14 +193,14 @@ class JaxExecutor:
         sampled_slices = [i for i, s in enumerate(plan.slices) if s.sample]
         R = bucket(len(sampled_slices))
         rows = [offsets[i] + plan.slices[i].num_tokens - 1 for i in sampled_slices]
-        logits = self.model.logits(x, pad_tokens(rows, R))
+        logits = self.model.logits(x, pad_tokens(rows, R, self._replicated))
         pad = R - len(rows)
         s = plan.sampling
-        columns = jax.device_put(tuple(  # one transfer; padding rows have temperature 0 (argmax, dropped)
+        columns = to_device(tuple(  # one transfer; padding rows have temperature 0 (argmax, dropped)
             np.pad(np.asarray(values, dtype), (0, pad)) for values, dtype in (
                 ([r.temperature for r in s], np.float32), ([r.top_k for r in s], np.int32),
                 ([r.top_p for r in s], np.float32), ([r.seed for r in s], np.uint32),
-                ([r.output_index for r in s], np.int32))))
+                ([r.output_index for r in s], np.int32))), self._replicated)
         return sample(logits, *columns)
 
     def _result(self, plan: IterationPlan, sampled: dict[int, int], expert_tokens: np.ndarray, t0: float) -> StepResult:

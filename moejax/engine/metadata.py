@@ -49,8 +49,22 @@ def attention_metadata(positions: np.ndarray, seq_ids: np.ndarray, block_tables:
     if sharding is None:
         return jax.device_put(meta)
     rows = sharding(("batch",))
-    return jax.device_put(meta, AttentionMetadata(rows, rows, rows, sharding((None, None)), sharding(()), rows))
+    return to_device(meta, AttentionMetadata(rows, rows, rows, sharding((None, None)), sharding(()), rows))
 
 
-def pad_tokens(token_ids: np.ndarray, size: int) -> jax.Array:
-    return jnp.asarray(np.pad(np.asarray(token_ids, np.int32), (0, size - len(token_ids))))
+def to_device(tree, sharding=None):
+    """Host values -> device arrays placed by `sharding` (one for every leaf, or a matching tree; None:
+    uncommitted on the default device). A sharding over several processes' devices needs the same
+    values in every process, each building only its own shards: jax.device_put would first compare
+    the values across processes, a collective on every call."""
+    if sharding is None:  # one array: jnp.asarray is jax's fastest way there
+        return jnp.asarray(tree) if isinstance(tree, np.ndarray) else jax.device_put(tree)
+    shardings = jax.tree.map(lambda _: sharding, tree) if isinstance(sharding, jax.sharding.Sharding) else sharding
+    if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda index: np.asarray(x)[index]),
+                        tree, shardings)
+
+
+def pad_tokens(token_ids: np.ndarray, size: int, sharding=None) -> jax.Array:
+    return to_device(np.pad(np.asarray(token_ids, np.int32), (0, size - len(token_ids))), sharding)
