@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+import jax
+
 from moejax.config import DEFAULT_MODEL
 
 # Prompts for the embedded default model (it has no tokenizer): four lengths, fixed ids.
@@ -116,7 +118,7 @@ def _report(results: dict, title: str, json_path: str | None, ratio_to: str | No
 
     runs = results["runs"] if "runs" in results else {results["policy"]: results}
     Console().print(metrics_table(runs, title=title, ratio_to=ratio_to))
-    if json_path:
+    if json_path and jax.process_index() == 0:  # in a multi-host run every process has the same results
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
         print(f"wrote {json_path}")

@@ -112,3 +112,17 @@ def test_missing_settings_are_one_clear_line():
     assert proc.returncode == 1 and proc.stderr.startswith("moejax.launch: error: jax.distributed.initialize failed"), \
         proc.stderr
     assert "JAX_COORDINATOR_ADDRESS" in proc.stderr
+
+
+@pytest.mark.slow
+def test_serving_with_arrivals_over_time(tmp_path):
+    """Requests arriving at a finite rate are admitted by process 0's clock: both processes plan the
+    same iterations and finish (a disagreement would hang them in different collectives)."""
+    command = ["moejax", "bench", "serve", "--model", "tiny-qwen3-moe", "--layout", "cpu8-ep", "--rate", "20",
+               "--num-requests", "4", "--max-model-len", "128", "--json", str(tmp_path / "serve.json")]
+    port = free_port()
+    procs = [launch(0, port, command, tmp_path), launch(1, port, command, tmp_path)]
+    codes = finish(procs, PROCESS_TIMEOUT_S)
+    assert codes == [0, 0], (tmp_path / "err0").read_text()[-3000:] + (tmp_path / "err1").read_text()[-3000:]
+    result = json.loads((tmp_path / "serve.json").read_text())
+    assert result["metrics"]["num_requests"] == 4 and result["rate"] == 20

@@ -136,10 +136,10 @@ class Engine:
             i = 0
             while i < len(pending) or self.has_unfinished:
                 now = self.clock.now()
-                while i < len(pending) and t0 + pending[i].arrival_s <= now:
-                    a = pending[i]
+                due = self._agree(sum(1 for a in pending[i:] if t0 + a.arrival_s <= now))
+                for a in pending[i:i + due]:
                     requests.append(self.add_request(a.prompt_token_ids, a.params, arrival_time=t0 + a.arrival_s))
-                    i += 1
+                i += due
                 if not self.has_unfinished:
                     self.clock.wait_until(t0 + pending[i].arrival_s)
                     continue
@@ -149,6 +149,15 @@ class Engine:
                 if on_step:
                     on_step(out)
         return requests
+
+    def _agree(self, due: int) -> int:
+        """How many arrivals to admit now. Processes of a multi-host run read their own clocks; they
+        must plan the same iterations, so process 0's count is everyone's."""
+        if jax.process_count() == 1 or isinstance(self.clock, VirtualClock):
+            return due
+        from jax.experimental import multihost_utils
+
+        return int(multihost_utils.broadcast_one_to_all(np.int32(due)))
 
     def metrics(self, requests: list[Request], slo: SLO = SLO()) -> dict:
         steps = [s for s in self.steps if s.time >= min((r.arrival_time for r in requests), default=0.0)]
