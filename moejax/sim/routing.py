@@ -344,13 +344,19 @@ def activation_curve(model: RoutingModel, layer: int, token_counts: Sequence[int
                      seed: int = 0, batch: bool = False) -> np.ndarray:
     """[len(token_counts)] mean distinct experts activated at `layer` by n tokens, over `trials`
     draws: all n from one request (a prefill chunk), or with batch=True one token from each of n
-    requests (a decode batch). Each trial uses fresh request ids."""
+    requests (a decode batch). Each trial uses fresh request ids, each request a random start
+    position: trace replay then reads a chunk or a decode token from anywhere in a recorded sequence,
+    not only its first tokens (Plackett–Luce models ignore positions)."""
     rng = np.random.default_rng(seed)
+    positions = np.random.default_rng([seed, 1])  # separate, so the routing draws are as without it
     means = []
     for n in token_counts:
         distinct = []
         for t in range(trials):
-            rows = Rows.of([(t * n + i, 1) for i in range(n)]) if batch else Rows.of([(t, n)])
+            if batch:
+                rows = Rows.of([(t * n + i, 1, p) for i, p in enumerate(positions.integers(0, 2**31, n))])
+            else:
+                rows = Rows.of([(t, n, positions.integers(0, 2**31))])
             distinct.append((model.draw(layer, rows, rng) > 0).sum())
         means.append(np.mean(distinct))
     return np.array(means)
