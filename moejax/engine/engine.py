@@ -205,4 +205,5 @@ def real_engine(model, *, policy: str = "chunked", token_budget: int = 512, max_
     scheduler = Scheduler(cfg, kv, make_policy(policy, **policy_kwargs),
                           SchedulerConfig(max_num_seqs=max_num_seqs, token_budget=token_budget,
                                           max_model_len=max_model_len))
-    return Engine(scheduler, JaxExecutor(model, num_blocks, block_size, max_model_len), seed=seed)
+    kept = getattr(scheduler.policy, "max_kept_rows", lambda _: 0)(max_model_len)
+    return Engine(scheduler, JaxExecutor(model, num_blocks, block_size, max_model_len, kept), seed=seed)

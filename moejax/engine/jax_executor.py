@@ -35,11 +35,15 @@ class HiddenStash:
     with rows handed out per request, so gathering from it never changes shapes. `sharding` places the
     pool and the row indices (None: uncommitted)."""
 
-    def __init__(self, hidden_size: int, dtype, sharding=None):
+    def __init__(self, hidden_size: int, dtype, sharding=None, rows: int = 0):
+        """rows: pool size to start with (the most rows the policy keeps at once); a pool that must
+        grow changes the shape of the functions reading it, which then compile again."""
         self.sharding = sharding
         self.pool = jnp.zeros((0, hidden_size), dtype, device=sharding)
         self._rows: dict[int, np.ndarray] = {}
         self._free: list[int] = []
+        if rows:
+            self._grow(rows)
 
     def rows(self, request_id: int) -> np.ndarray:
         return self._rows[request_id]
@@ -82,7 +86,8 @@ class JaxExecutor:
     shard-major (each request shard's rows together, every shard padded to the same bucket), so each
     shard attends over the KV blocks it owns."""
 
-    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int):
+    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int, kept_rows: int = 0):
+        """kept_rows: hidden rows the policy may keep between iterations at once (sizes the stash)."""
         self.model = model
         self.config = model.config
         self.num_blocks = num_blocks
@@ -97,7 +102,7 @@ class JaxExecutor:
         # process they stay uncommitted and jit places them; on a mesh over several processes (one per
         # host) jit takes global arrays only.
         self._replicated = placement.sharding(()) if placement and placement.mesh.is_multi_process else None
-        self.stash = HiddenStash(model.config.hidden_size, model.dtype, self._replicated)
+        self.stash = HiddenStash(model.config.hidden_size, model.dtype, self._replicated, kept_rows)
 
     def execute(self, plan: IterationPlan) -> StepResult:
         t0 = time.perf_counter()

@@ -93,6 +93,10 @@ class LayeredPrefill:
     name: str = "layered"
     _cohorts: list[Cohort] = field(default_factory=list)
 
+    def max_kept_rows(self, max_model_len: int) -> int:
+        """Prompt rows in flight at most: every cohort full (a lone prompt may exceed the budget)."""
+        return self.cohorts_in_flight * max(self.max_prefill_tokens, max_model_len)
+
     def schedule(self, s: Scheduler) -> list[RowSlice]:
         in_cohorts = {r for c in self._cohorts for r in c.request_ids}
         slices, _ = s.schedule_decodes(s.config.max_num_seqs, skip=in_cohorts)
