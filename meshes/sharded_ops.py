@@ -60,7 +60,6 @@ def experts(moe: Callable, x, ids, weights, w_gate_up, w_down):
     shared = tuple(a for a in batch_axes if a in expert_axes)  # axes splitting both rows and experts
     expert_only = tuple(a for a in expert_axes if a not in shared)
     batch_only = tuple(a for a in batch_axes if a not in shared)
-    num_experts = w_gate_up.shape[0]
 
     def per_shard(x, ids, weights, w_gate_up, w_down):
         if shared:  # gather the rows of this expert group

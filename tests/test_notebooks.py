@@ -1,6 +1,5 @@
 """Every notebook executes (small settings) so they cannot rot."""
 
-import os
 from pathlib import Path
 
 import nbformat

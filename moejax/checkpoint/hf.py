@@ -17,7 +17,7 @@ from flax import nnx
 from moejax.checkpoint.hf_mapping import IGNORED_SUFFIXES, Source, param_sources
 from moejax.checkpoint.placement import ShardingFor, dotted, param_sharding
 from moejax.checkpoint.safetensors_file import CheckpointError, SafetensorsFile
-from moejax.config import ModelConfig, load_hf_config
+from moejax.config import load_hf_config
 from moejax.models.decoder import CausalLM
 from moejax.models.model import Model
 
