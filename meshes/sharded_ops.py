@@ -8,8 +8,8 @@ experts     rows split by `batch`, experts by `expert`. Where the two share mesh
             EP over the same devices) a shard gathers the rows of its expert group, computes the
             experts it holds for all of them, and a reduce-scatter returns each row's sum to its owner;
             over expert axes that do not split rows, a psum adds the partial sums. The local grouped
-            GEMM goes through moejax.kernels: rows routed to experts held elsewhere take the padding
-            id, exactly like padding rows. (On platforms with `ragged_all_to_all` an all-to-all
+            GEMM goes through moejax.kernels with the shard's `group_offset`: rows routed to experts
+            held elsewhere reach none of its experts, exactly like padding rows. (On platforms with `ragged_all_to_all` an all-to-all
             dispatch moves fewer bytes; this gather/reduce-scatter form runs everywhere, CPU included.)
 """
 
@@ -51,8 +51,9 @@ def attention(attend: Callable, q, k, v, k_cache, v_cache, positions, slot_mappi
 
 
 def experts(moe: Callable, x, ids, weights, w_gate_up, w_down):
-    """moe(x, ids, weights, w_gate_up, w_down) -> (out [T, D], tokens per expert [E]) with experts
-    split over `expert` and rows over `batch`. ids == E marks rows that reach no expert."""
+    """moe(x, ids, weights, w_gate_up, w_down, group_offset=first local expert) -> (out [T, D], tokens
+    per local expert) run with experts split over `expert` and rows over `batch` -> (out [T, D],
+    tokens per expert [E]). ids == E marks rows that reach no expert."""
     p = active()
     if p is None or p.shards("expert") == 1 and p.shards("batch") == 1:
         return moe(x, ids, weights, w_gate_up, w_down)
@@ -64,10 +65,8 @@ def experts(moe: Callable, x, ids, weights, w_gate_up, w_down):
     def per_shard(x, ids, weights, w_gate_up, w_down):
         if shared:  # gather the rows of this expert group
             x, ids, weights = (jax.lax.all_gather(a, shared, tiled=True) for a in (x, ids, weights))
-        local_e = w_gate_up.shape[0]
-        first = _linear_index(expert_axes) * local_e
-        mine = (ids >= first) & (ids < first + local_e)
-        out, counts = moe(x, jnp.where(mine, ids - first, local_e), weights, w_gate_up, w_down)
+        first = _linear_index(expert_axes) * w_gate_up.shape[0]
+        out, counts = moe(x, ids, weights, w_gate_up, w_down, group_offset=first)
         out = out.astype(jnp.float32)
         if shared:
             out = jax.lax.psum_scatter(out, shared, scatter_dimension=0, tiled=True)

@@ -149,6 +149,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def kernels_benchmark():
+    from moejax.kernels import benchmark
+
+    return benchmark
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moejax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    kern = bench.add_parser("kernels", help="expert GEMM kernels against ragged_dot, peers and the roofline")
+    kernels_benchmark().add_arguments(kern)
+    kern.set_defaults(func=lambda args: kernels_benchmark().main(args))
     serve = bench.add_parser("serve", help="serve a workload with the real model and report serving metrics")
     _add_common_serving(serve)
     _add_placement_args(serve, simulated=False)

@@ -1,0 +1,64 @@
+"""The CPU backend: a loop over the active tiles only, one fused expert FFN per tile.
+
+Each loop step slices one tile of rows and its expert's weights (a dynamic slice of the leading
+axis) and runs gate/up GEMM -> SwiGLU -> down GEMM on it. The trip count is the traced number of
+active tiles, so experts without rows cost nothing and decode reads each active expert's weights
+once. bf16 stays bf16 into the dots (XLA:CPU then uses the CPU's bf16 matrix units where it has
+them; upcasting to fp32 measured 1.7-4.4x slower), accumulating in fp32.
+
+Chosen over `jax.lax.ragged_dot` (which XLA:CPU computes densely over every group), a dense
+all-experts einsum and other tile heights by measurement: benchmarks/kernels.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+from .layout import Tiles
+from .reference import ACTIVATIONS
+from .tiled import Backend, TileKernels, shape_class
+
+# Tile height by shape class, measured on a 2-core Sapphire Rapids (benchmarks/kernels.md): small
+# tiles for decode (padding rows cost real FLOPs on a CPU), big ones for prefill.
+BLOCK_M = {"decode": 8, "mixed": 32, "prefill": 128}
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+
+
+def config(num_rows: int, num_groups: int, D: int, F: int, dtype) -> Config:
+    return Config(BLOCK_M[shape_class(num_rows, num_groups)])
+
+
+def _tile_loop(x: jax.Array, tiles: Tiles, block_m: int, n_out: int, out_dtype, tile_fn) -> jax.Array:
+    """out[tile] = tile_fn(x[tile rows], expert) for each active tile; x: [P, D] -> [P, n_out]."""
+    def step(i, out):
+        rows = jax.lax.dynamic_slice_in_dim(x, i * block_m, block_m)
+        return jax.lax.dynamic_update_slice_in_dim(
+            out, tile_fn(rows, tiles.group[i]).astype(out_dtype), i * block_m, 0)
+    out = jnp.zeros((x.shape[0], n_out), out_dtype)
+    return jax.lax.fori_loop(0, tiles.active, step, out)
+
+
+def gmm(x, w, tiles: Tiles, cfg: Config, out_dtype):
+    return _tile_loop(x, tiles, cfg.block_m, w.shape[2], out_dtype,
+                      lambda rows, e: jnp.dot(rows, w[e], preferred_element_type=jnp.float32))
+
+
+def ffn(x, w_gate_up, w_down, tiles: Tiles, cfg: Config, activation: str, out_dtype):
+    act = ACTIVATIONS[activation]
+
+    def expert(rows, e):
+        gate, up = jnp.split(jnp.dot(rows, w_gate_up[e], preferred_element_type=jnp.float32), 2, axis=-1)
+        h = (act(gate) * up).astype(rows.dtype)
+        return jnp.dot(h, w_down[e], preferred_element_type=jnp.float32)
+
+    return _tile_loop(x, tiles, cfg.block_m, w_down.shape[2], out_dtype, expert)
+
+
+backend = Backend(TileKernels(config=config, gmm=gmm, ffn=ffn))

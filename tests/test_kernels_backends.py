@@ -1,0 +1,192 @@
+"""Every backend that runs on CPU against float64 numpy, on fresh random inputs.
+
+pallas runs with interpret=True and mosaic_gpu in Pallas' GPU interpret mode; both interpreters
+fill kernel outputs with NaN before the kernel runs (checked in test_kernels_layout.py), so
+"finite and equal to numpy everywhere" means every element was written.
+"""
+
+import numpy as np
+import pytest
+
+import jax.numpy as jnp
+from moejax import kernels
+
+TOL = {"float32": 1e-5, "bfloat16": 1e-2}  # relative to the output's largest magnitude
+TILED = ["cpu", "pallas", "mosaic_gpu"]
+ALL = ["reference", *TILED]
+
+
+def runs(backend: str, dtype: str, D: int, F: int) -> bool:
+    """mosaic_gpu (wgmma) takes bf16 with D, F multiples of 128; the rest take anything."""
+    return backend != "mosaic_gpu" or (dtype == "bfloat16" and D % 128 == 0 and F % 128 == 0)
+
+
+ACTIVATIONS = {"silu": lambda v: v / (1 + np.exp(-v)),  # gelu: jax.nn.gelu's tanh approximation
+               "gelu": lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))}
+
+
+def numpy_ffn_rows(x, w_gate_up, w_down, expert_of_row, activation="silu"):
+    """float64 gated expert per row; expert_of_row[i] < 0: the row reaches no expert (zeros)."""
+    F, act = w_down.shape[1], ACTIVATIONS[activation]
+    out = np.zeros((x.shape[0], w_down.shape[2]))
+    for i, e in enumerate(expert_of_row):
+        if e >= 0:
+            gu = x[i] @ w_gate_up[e]
+            out[i] = (act(gu[:F]) * gu[F:]) @ w_down[e]
+    return out
+
+
+def expert_of_sorted_rows(group_sizes, num_rows, group_offset=0, num_local=None):
+    """Local expert of each row of a [num_rows]-row array sorted by (global) expert, -1 for none."""
+    num_local = len(group_sizes) if num_local is None else num_local
+    ids = np.repeat(np.arange(len(group_sizes)), group_sizes) - group_offset
+    ids = np.where((ids >= 0) & (ids < num_local), ids, -1)
+    return np.concatenate([ids, -np.ones(num_rows - len(ids), int)])
+
+
+def random_weights(rng, E, D, F, dtype):
+    w_gate_up = rng.normal(size=(E, D, 2 * F)) / np.sqrt(D)
+    w_down = rng.normal(size=(E, F, D)) / np.sqrt(F)
+    return [np.asarray(jnp.asarray(w, dtype), np.float64) for w in (w_gate_up, w_down)]
+
+
+def as_jax(dtype, *arrays):
+    return [jnp.asarray(a, dtype) for a in arrays]
+
+
+def assert_close(got, want, dtype):
+    got = np.asarray(jnp.asarray(got, jnp.float32), np.float64)
+    assert np.isfinite(got).all(), f"{np.isnan(got).sum()} elements not written (NaN)"
+    scale = max(np.abs(want).max(), 1e-30)
+    np.testing.assert_allclose(got, want, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+# (group sizes, rows): uneven, with empty groups, all rows in one expert, rows past the groups,
+# sizes that are no multiple of any block.
+GROUPS = {
+    "uneven": ([5, 0, 17, 1, 0, 0, 40, 3], 66),
+    "one_expert": ([0, 0, 300, 0], 300),  # also the "prefill" shape class (>= 64 rows per expert)
+    "trailing_rows": ([3, 9, 0, 2], 19),
+    "wide": (None, 301),  # E = 256 experts, random sizes
+}
+
+
+def make_groups(name, rng):
+    sizes, rows = GROUPS[name]
+    if sizes is None:
+        sizes = np.bincount(rng.integers(0, 256, rows - 13), minlength=256)
+    return np.asarray(sizes), rows
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("groups", list(GROUPS))
+@pytest.mark.parametrize("backend", ALL)
+def test_expert_ffn(backend, groups, dtype):
+    rng = np.random.default_rng([ALL.index(backend), list(GROUPS).index(groups), len(dtype)])
+    sizes, rows = make_groups(groups, rng)
+    D, F = (128, 128) if groups == "wide" else (128, 256)
+    if groups == "wide" and backend == "mosaic_gpu":
+        pytest.skip("256 experts in GPU interpret mode take ~15 s; covered at 64 experts by test_moe_ffn")
+    if not runs(backend, dtype, D, F):
+        pytest.skip("mosaic_gpu takes bf16 only")
+    w_gate_up, w_down = random_weights(rng, len(sizes), D, F, dtype)
+    x = np.asarray(jnp.asarray(rng.normal(size=(rows, D)), dtype), np.float64)
+    want = numpy_ffn_rows(x, w_gate_up, w_down, expert_of_sorted_rows(sizes, rows))
+    got = kernels.expert_ffn(*as_jax(dtype, x, w_gate_up, w_down), jnp.asarray(sizes), backend=backend)
+    assert got.dtype == jnp.float32
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_expert_ffn_gelu(backend):
+    rng = np.random.default_rng(ALL.index(backend))
+    sizes, rows, dtype = np.array([9, 0, 40, 3]), 55, "bfloat16"
+    w_gate_up, w_down = random_weights(rng, 4, 128, 128, dtype)
+    x = np.asarray(jnp.asarray(rng.normal(size=(rows, 128)), dtype), np.float64)
+    want = numpy_ffn_rows(x, w_gate_up, w_down, expert_of_sorted_rows(sizes, rows), "gelu")
+    got = kernels.expert_ffn(*as_jax(dtype, x, w_gate_up, w_down), jnp.asarray(sizes), "gelu", backend=backend)
+    assert_close(got, want, dtype)
+
+
+@pytest.mark.parametrize("D,F", [(96, 80), (128, 200)])  # F not a multiple of 128 (nor D)
+@pytest.mark.parametrize("backend", ["reference", "cpu", "pallas"])
+def test_expert_ffn_odd_dims(backend, D, F):
+    rng = np.random.default_rng(D + F)
+    sizes, rows = np.array([7, 0, 30, 12]), 52
+    w_gate_up, w_down = random_weights(rng, 4, D, F, "float32")
+    x = rng.normal(size=(rows, D)).astype(np.float32).astype(np.float64)
+    want = numpy_ffn_rows(x, w_gate_up, w_down, expert_of_sorted_rows(sizes, rows))
+    got = kernels.expert_ffn(*as_jax("float32", x, w_gate_up, w_down), jnp.asarray(sizes), backend=backend)
+    assert_close(got, want, "float32")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("backend", ALL)
+def test_grouped_matmul_with_group_offset(backend, dtype):
+    """A shard holding experts [2, 5) of 7: rows of experts 0-1 and 5-6 and rows past all groups
+    come out as zeros."""
+    rng = np.random.default_rng(ALL.index(backend) + len(dtype))
+    sizes, rows, offset, local = np.array([4, 9, 0, 21, 6, 3, 2]), 50, 2, 3
+    K, N = 128, 256
+    if not runs(backend, dtype, K, N):
+        pytest.skip("mosaic_gpu takes bf16 only")
+    w = np.asarray(jnp.asarray(rng.normal(size=(local, K, N)) / np.sqrt(K), dtype), np.float64)
+    x = np.asarray(jnp.asarray(rng.normal(size=(rows, K)), dtype), np.float64)
+    experts = expert_of_sorted_rows(sizes, rows, offset, local)
+    want = np.stack([x[i] @ w[e] if e >= 0 else np.zeros(N) for i, e in enumerate(experts)])
+    got = kernels.grouped_matmul(*as_jax(dtype, x, w), jnp.asarray(sizes), group_offset=offset,
+                                 backend=backend)
+    assert_close(got, want, dtype)
+
+
+def numpy_moe(x, ids, weights, w_gate_up, w_down, group_offset=0):
+    E = w_gate_up.shape[0]
+    out = np.zeros((x.shape[0], w_down.shape[2]))
+    for k in range(ids.shape[1]):
+        local = ids[:, k] - group_offset
+        experts = np.where((local >= 0) & (local < E), local, -1)
+        out += weights[:, k:k + 1] * numpy_ffn_rows(x, w_gate_up, w_down, experts)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (37, 64, 8), (130, 16, 4)])
+@pytest.mark.parametrize("backend", ALL)
+def test_moe_ffn(backend, T, E, K, dtype):
+    """Top-k routing with padding rows (id E): decode-sized (T = 1), many experts, prefill-ish."""
+    rng = np.random.default_rng([ALL.index(backend), T, E, K, len(dtype)])
+    D, F = 128, 128
+    if not runs(backend, dtype, D, F):
+        pytest.skip("mosaic_gpu takes bf16 only")
+    w_gate_up, w_down = random_weights(rng, E, D, F, dtype)
+    x = np.asarray(jnp.asarray(rng.normal(size=(T, D)), dtype), np.float64)
+    ids = np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)
+    ids[T // 2] = E  # a padding row: routed nowhere
+    weights = rng.random((T, K))
+    want = numpy_moe(x, ids, weights, w_gate_up, w_down)
+    out, group_sizes = kernels.moe_ffn(*as_jax(dtype, x), jnp.asarray(ids), jnp.asarray(weights, jnp.float32),
+                                       *as_jax(dtype, w_gate_up, w_down), backend=backend)
+    assert out.dtype == jnp.dtype(dtype)
+    assert_close(out, want, dtype)
+    np.testing.assert_array_equal(group_sizes, np.bincount(ids[ids < E], minlength=E))
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_moe_ffn_local_experts(backend):
+    """Two shards of 8 experts each sum to the unsharded layer; group_sizes count local experts."""
+    rng = np.random.default_rng(ALL.index(backend))
+    T, E, K, D, F, dtype = 29, 16, 4, 128, 128, "bfloat16"
+    w_gate_up, w_down = random_weights(rng, E, D, F, dtype)
+    x = np.asarray(jnp.asarray(rng.normal(size=(T, D)), dtype), np.float64)
+    ids = np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)
+    weights = rng.random((T, K))
+    total = 0
+    for shard in range(2):
+        experts = slice(8 * shard, 8 * shard + 8)
+        out, group_sizes = kernels.moe_ffn(
+            *as_jax(dtype, x), jnp.asarray(ids), jnp.asarray(weights, jnp.float32),
+            *as_jax(dtype, w_gate_up[experts], w_down[experts]), group_offset=8 * shard, backend=backend)
+        assert_close(out, numpy_moe(x, ids, weights, w_gate_up[experts], w_down[experts], 8 * shard), dtype)
+        np.testing.assert_array_equal(group_sizes, np.bincount(ids.ravel(), minlength=E)[experts])
+        total = total + np.asarray(out, np.float64)
+    assert_close(total, numpy_moe(x, ids, weights, w_gate_up, w_down), dtype)
