@@ -1,7 +1,8 @@
 """Paged attention in plain jnp (a Pallas kernel can take its place later), two ways:
 
-    rows   every token row gathers, block by block, the KV of its own sequence: one vectorised loop
-           over KV blocks for all rows (what accelerators want from XLA). Cost: T x context.
+    rows   every token row gathers, CHUNK blocks at a time, the KV of its own sequence: one
+           vectorised loop over KV blocks for all rows (what accelerators want from XLA). Cost:
+           T x context.
     tiles  rows go in tiles of TILE consecutive rows. A tile whose rows belong to one sequence (a
            prefill chunk) reads that sequence's blocks once and stops at the tile's last position;
            mixed tiles (decode rows) fall back to `rows`. A sequential loop over tiles — the right
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 TILE = 32  # rows per tile
-CHUNK = 8  # KV blocks a tile reads per step (rows mode reads one: each row gathers its own)
+CHUNK = 8  # KV blocks read per loop step
 
 
 def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
@@ -66,11 +67,15 @@ def _online_softmax(qg, positions, window, num_steps, step_kv):
 
 
 def _rows(qg, k_cache, v_cache, positions, tables, num_blocks, window):
-    """tables: [R, max_blocks], each row's own block table."""
-    def block_kv(j):
-        blocks = tables[:, j]
-        return k_cache[blocks].astype(jnp.float32), v_cache[blocks].astype(jnp.float32)
-    return _online_softmax(qg, positions, window, num_blocks, block_kv)
+    """tables: [R, max_blocks], each row's own block table. CHUNK blocks per step: fewer, larger loop
+    steps (a loop step costs far more than its few small ops on short decode contexts)."""
+    R, bs = tables.shape[0], k_cache.shape[1]
+    last = tables.shape[1] - 1
+
+    def step_kv(j):  # blocks past a table's end only hold keys past every row here: masked
+        blocks = tables[:, jnp.minimum(j * CHUNK + jnp.arange(CHUNK), last)]  # [R, CHUNK]
+        return tuple(c[blocks].reshape(R, CHUNK * bs, *c.shape[2:]).astype(jnp.float32) for c in (k_cache, v_cache))
+    return _online_softmax(qg, positions, window, -(-num_blocks // CHUNK), step_kv)
 
 
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
@@ -78,20 +83,38 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
                     scale: float, window: int | None = None, method: str | None = None) -> jax.Array:
     """q: [T, H, hd]; caches: [num_blocks, block_size, KV, hd]; positions, seq_ids: [T];
     block_tables: [S, max_blocks]; num_kv_blocks: [] blocks the longest row needs -> [T, H, hd].
-    method: "rows" | "tiles" (default: tiles on CPU, rows elsewhere)."""
+    method: "rows" | "tiles" | "auto" (tiles when a tile holds a prompt chunk, else rows); default
+    auto on CPU, rows elsewhere."""
     q, k_cache, v_cache, positions, seq_ids, block_tables = map(
         jnp.asarray, (q, k_cache, v_cache, positions, seq_ids, block_tables))
     T, H, hd = q.shape
     kvh = k_cache.shape[2]
     qg = q.reshape(T, kvh, H // kvh, hd).astype(jnp.float32) * scale
-    method = method or ("tiles" if jax.default_backend() == "cpu" else "rows")
+    method = method or ("auto" if jax.default_backend() == "cpu" else "rows")
+
+    def rows(_):
+        return _rows(qg, k_cache, v_cache, positions, block_tables[seq_ids], num_kv_blocks, window)
+
+    def tiles(_):
+        return _tiles(qg, k_cache, v_cache, positions, seq_ids, block_tables, window)
+
     if method == "rows":
-        out = _rows(qg, k_cache, v_cache, positions, block_tables[seq_ids], num_kv_blocks, window)
+        out = rows(None)
     elif method == "tiles":
-        out = _tiles(qg, k_cache, v_cache, positions, seq_ids, block_tables, window)
+        out = tiles(None)
+    elif method == "auto":  # tiles pay off only if some tile holds a prompt's consecutive rows
+        out = jax.lax.cond(_has_prompt_tile(positions, seq_ids), tiles, rows, None)
     else:
-        raise ValueError(f"paged_attention: unknown method {method!r} (rows, tiles)")
+        raise ValueError(f"paged_attention: unknown method {method!r} (rows, tiles, auto)")
     return out.reshape(T, H, hd).astype(q.dtype)
+
+
+def _has_prompt_tile(positions: jax.Array, seq_ids: jax.Array) -> jax.Array:
+    """Whether some TILE-row tile belongs to one sequence at more than one position (a prefill
+    chunk; padding rows all sit at position 0 of sequence 0, decode rows each in their own sequence)."""
+    pad = -positions.shape[0] % TILE
+    pos, seq = (jnp.pad(a, (0, pad)).reshape(-1, TILE) for a in (positions, seq_ids))
+    return jnp.any(jnp.all(seq == seq[:, :1], axis=1) & (pos.max(axis=1) > pos.min(axis=1)))
 
 
 def _tiles(qg, k_cache, v_cache, positions, seq_ids, block_tables, window):

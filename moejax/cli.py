@@ -69,7 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _add_common_serving(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"a preset (default: {DEFAULT_MODEL} for real runs, qwen3-30b-a3b simulated) "
                                    "or, for real runs, a checkpoint directory")
-    p.add_argument("--workload", default="sharegpt", help="sharegpt, arxiv or longctx")
+    p.add_argument("--workload", default="sharegpt", help="sharegpt, sharegpt4, arxiv or longctx")
     p.add_argument("--rate", type=float, default=1.0, help="request arrival rate (req/s; inf: all at once)")
     p.add_argument("--num-requests", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)

@@ -179,3 +179,23 @@ def test_streaming(model, prompts, expected):
             out.extend(delta.token_ids)
         return out
     assert asyncio.run(consume()) == expected[4]
+
+
+def test_fused_iterations_equal_layer_by_layer(model, prompts):
+    """Iterations whose slices all cross every layer run as one program; the layer-by-layer path is
+    its twin: identical tokens and identical per-layer expert counts, iteration by iteration."""
+    runs = []
+    for fuse in (True, False):
+        engine = real_engine(model, max_model_len=128, block_size=4, token_budget=16)
+        engine.executor.fuse = fuse
+        reqs = [engine.add_request(p, SamplingParams(max_tokens=6, temperature=0.8, seed=9, ignore_eos=True))
+                for p in prompts]
+        counts = []
+        while engine.has_unfinished:
+            counts.append(engine.step().result.layer_stats.expert_tokens)
+        runs.append(([r.output_token_ids for r in reqs], counts))
+    (tokens_fused, counts_fused), (tokens_layers, counts_layers) = runs
+    assert tokens_fused == tokens_layers
+    assert len(counts_fused) == len(counts_layers)
+    for a, b in zip(counts_fused, counts_layers):
+        np.testing.assert_array_equal(a, b)

@@ -22,7 +22,7 @@ def dense_reference(q, k_seq, v_seq, positions, window):
     return out
 
 
-@pytest.mark.parametrize("method", ["rows", "tiles"])
+@pytest.mark.parametrize("method", ["rows", "tiles", "auto"])
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("H,KV", [(4, 2), (4, 4), (6, 1)])
 def test_paged_attention_matches_dense(H, KV, window, method):

@@ -58,7 +58,7 @@ def test_arrivals_poisson_and_bursty():
 
 
 def test_unknown_workload_lists_presets():
-    with pytest.raises(ValueError, match="unknown workload 'chat'.*sharegpt, arxiv, longctx"):
+    with pytest.raises(ValueError, match="unknown workload 'chat'.*sharegpt, sharegpt4, arxiv, longctx"):
         make_workload("chat", rate=1.0, num_requests=1)
 
 

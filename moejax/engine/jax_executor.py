@@ -86,8 +86,12 @@ class JaxExecutor:
     shard-major (each request shard's rows together, every shard padded to the same bucket), so each
     shard attends over the KV blocks it owns."""
 
-    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int, kept_rows: int = 0):
-        """kept_rows: hidden rows the policy may keep between iterations at once (sizes the stash)."""
+    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int, kept_rows: int = 0,
+                 fuse: bool = True):
+        """kept_rows: hidden rows the policy may keep between iterations at once (sizes the stash).
+        fuse: run iterations whose slices all cross every layer as one compiled program (else layer by
+        layer, as every other iteration runs)."""
+        self.fuse = fuse
         self.model = model
         self.config = model.config
         self.num_blocks = num_blocks
@@ -109,7 +113,6 @@ class JaxExecutor:
         for rid in plan.released:
             self.stash.release(rid)
         L, E = self.config.num_layers, max(self.config.num_experts, 1)
-        counts: list[jax.Array | None] = [None] * L
         if not plan.slices:
             return self._result(plan, {}, np.zeros((L, E), np.int64), t0)
 
@@ -119,6 +122,34 @@ class JaxExecutor:
             blocks = plan.block_tables[rid]
             tables[i, :len(blocks)] = blocks
 
+        whole = plan.groups[0]
+        if self.fuse and len(plan.groups) == 1 and (whole.layer_start, whole.layer_end) == (0, L):
+            tokens, counts = self._run_whole_model(plan, seq_of, tables)
+        else:
+            tokens, counts = self._run_groups(plan, seq_of, tables)
+        host_tokens, host_counts = jax.device_get((tokens, counts))
+        expert_tokens = np.zeros((L, E), np.int64)
+        for layer, c in enumerate(host_counts):
+            if c is not None:
+                expert_tokens[layer, :len(c)] = c
+        sampled = {row.request_id: int(t) for row, t in zip(plan.sampling, host_tokens)}
+        return self._result(plan, sampled, expert_tokens, t0)
+
+    def _run_whole_model(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray):
+        """Every slice crosses every layer: one compiled program from tokens to sampled tokens."""
+        layout = self._layout(plan, plan.groups[0].slices, seq_of)
+        token_ids = np.zeros(len(layout.valid), np.int32)
+        for i, s in enumerate(plan.slices):
+            token_ids[layout.offsets[i]:layout.offsets[i] + s.num_tokens] = s.token_ids
+        meta = attention_metadata(layout.positions, layout.seq_ids, tables, self.block_size, self.num_blocks,
+                                  valid=layout.valid, sharding=self._sharding)
+        rows, columns = self._sampling_inputs(plan, layout.offsets)
+        return self.model.forward_all(to_device(token_ids, self._replicated), self.kv, meta, rows, sample, *columns)
+
+    def _run_groups(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray):
+        """Group by group through the layers, hidden rows carried, embedded or kept between iterations."""
+        L = self.config.num_layers
+        counts: list[jax.Array | None] = [None] * L
         x, offsets = None, {}  # hidden rows of the previous group and where each slice sits in them
         for group in plan.groups:
             layout = self._layout(plan, group.slices, seq_of)
@@ -132,20 +163,11 @@ class JaxExecutor:
                 s = plan.slices[i]
                 if s.layer_end == group.layer_end < L:
                     self.stash.put(s.request_id, x, np.arange(offsets[i], offsets[i] + s.num_tokens))
-
         for s in plan.slices:  # a slice that reached the last layer needs no kept rows any more
             if s.layer_end == L:
                 self.stash.release(s.request_id)
-        tokens = self._sample(plan, x, offsets)
-        ran = [c for c in counts if c is not None]
-        host_tokens, host_counts = jax.device_get((tokens, ran))
-        expert_tokens = np.zeros((L, E), np.int64)
-        rows = iter(host_counts)
-        for layer, c in enumerate(counts):
-            if c is not None:
-                expert_tokens[layer, :c.shape[0]] = next(rows)
-        sampled = {row.request_id: int(t) for row, t in zip(plan.sampling, host_tokens)}
-        return self._result(plan, sampled, expert_tokens, t0)
+        rows, columns = self._sampling_inputs(plan, offsets)
+        return sample(self.model.logits(x, rows), *columns), counts
 
     def _layout(self, plan: IterationPlan, members: tuple[int, ...], seq_of: dict[int, int]) -> "RowLayout":
         """Where each member slice's rows go: grouped by request shard, each shard padded to one bucket."""
@@ -192,13 +214,11 @@ class JaxExecutor:
         return self.model.gather_rows(x_prev, pad_tokens(new_tokens, Te, self._replicated) if new_tokens else None,
                                       self.stash.pool if uses_stash else None, to_device(rows, self._replicated))
 
-    def _sample(self, plan: IterationPlan, x, offsets) -> jax.Array:
-        if not plan.sampling:
-            return jnp.zeros((0,), jnp.int32)
+    def _sampling_inputs(self, plan: IterationPlan, offsets: dict[int, int]):
+        """(rows of the last layer's output to sample from [R], the sampler's per-row columns)."""
         sampled_slices = [i for i, s in enumerate(plan.slices) if s.sample]
         R = bucket(len(sampled_slices))
         rows = [offsets[i] + plan.slices[i].num_tokens - 1 for i in sampled_slices]
-        logits = self.model.logits(x, pad_tokens(rows, R, self._replicated))
         pad = R - len(rows)
         s = plan.sampling
         columns = to_device(tuple(  # one transfer; padding rows have temperature 0 (argmax, dropped)
@@ -206,7 +226,7 @@ class JaxExecutor:
                 ([r.temperature for r in s], np.float32), ([r.top_k for r in s], np.int32),
                 ([r.top_p for r in s], np.float32), ([r.seed for r in s], np.uint32),
                 ([r.output_index for r in s], np.int32))), self._replicated)
-        return sample(logits, *columns)
+        return pad_tokens(rows, R, self._replicated), columns
 
     def _result(self, plan: IterationPlan, sampled: dict[int, int], expert_tokens: np.ndarray, t0: float) -> StepResult:
         stats = layer_stats(self.config, plan, expert_tokens=expert_tokens)

@@ -78,9 +78,11 @@ class KVCacheManager:
         return self.blocks_needed(req, num_new_tokens) <= self._allocator(req).num_free
 
     def allocate(self, req: Request, num_new_tokens: int) -> None:
-        req.block_ids.extend(self._allocator(req).allocate(self.blocks_needed(req, num_new_tokens)))
+        new = self.blocks_needed(req, num_new_tokens)
+        if new:
+            req.block_ids += tuple(self._allocator(req).allocate(new))
 
     def free(self, req: Request) -> None:
         if req.block_ids:
-            self.shards[self.shard_of(req)].free(req.block_ids)
-        req.block_ids = []
+            self.shards[self.shard_of(req)].free(list(req.block_ids))
+        req.block_ids = ()

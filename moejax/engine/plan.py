@@ -88,6 +88,8 @@ class IterationPlan:
 def layer_groups(slices: list[RowSlice] | tuple[RowSlice, ...], num_layers: int) -> tuple[LayerGroup, ...]:
     """Cut [0, L) at every slice boundary; each piece lists the slices that cover it. Pieces no
     slice covers are dropped (an iteration may run only some layers)."""
+    if all(s.layer_start == 0 and s.layer_end == num_layers for s in slices):  # the common case
+        return (LayerGroup(0, num_layers, tuple(range(len(slices)))),) if slices else ()
     cuts = sorted({0, num_layers, *(s.layer_start for s in slices), *(s.layer_end for s in slices)})
     groups = []
     for a, b in zip(cuts, cuts[1:]):

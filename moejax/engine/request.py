@@ -24,7 +24,7 @@ class Request:
     token_ids: list[int] = field(default_factory=list)  # prompt + output so far
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose KV is written in every layer
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: tuple[int, ...] = ()  # immutable: plans share it instead of copying it every iteration
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # when each output token was produced

@@ -160,7 +160,7 @@ class Scheduler:
                          for s, r in zip(slices, requests) if s.sample)
         plan = IterationPlan(
             step=self.step, slices=tuple(slices), groups=layer_groups(slices, self.num_layers),
-            block_tables={r.request_id: tuple(r.block_ids) for r in requests},
+            block_tables={r.request_id: r.block_ids for r in requests},
             sampling=sampling, released=tuple(self._released), num_layers=self.num_layers)
         self._released = []
         return plan

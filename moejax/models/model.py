@@ -56,6 +56,18 @@ def _gather_rows(graphdef, state, x_prev, token_ids, extra, rows):
     return constrain(jnp.take(jnp.concatenate(parts), rows, axis=0), ROWS)
 
 
+def _whole_model(io_def, layer_defs, head, io_state, layer_states, kv, token_ids, meta, rows, head_args):
+    """Every layer in one program: embed -> layers -> logits of `rows` -> head(logits, *head_args)."""
+    io = nnx.merge(io_def, io_state)
+    x = constrain(io.embed_tokens(token_ids), ROWS)
+    new_kv, counts = [], []
+    for graphdef, state, layer_kv in zip(layer_defs, layer_states, kv):
+        x, layer_kv, c = _layer_step(graphdef, state, x, layer_kv, meta)
+        new_kv.append(layer_kv)
+        counts.append(c)
+    return head(io.logits(jnp.take(x, rows, axis=0)), *head_args), new_kv, jnp.stack(counts)
+
+
 def _logits_at(graphdef, state, hidden, rows):
     return nnx.merge(graphdef, state).logits(jnp.take(hidden, rows, axis=0))
 
@@ -116,6 +128,18 @@ class Model:
         fn = self._fn(("layer", kind),
                       lambda: jax.jit(partial(_layer_step, self.layer_defs[kind]), donate_argnums=(2,)))
         return self._call(fn, self.layer_states[i], x, kv, meta)
+
+    def forward_all(self, token_ids: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata, rows: jax.Array,
+                    head: Callable, *head_args) -> tuple[jax.Array, jax.Array]:
+        """embed -> all layers -> logits of `rows` -> head(logits, *head_args), as one compiled program
+        (one dispatch per iteration: what a decode step needs). Same result as embed / run_layers /
+        logits; the KV buffers are donated and replaced in kv_caches.
+        -> (head's output, tokens per expert [L, E])."""
+        fn = self._fn(("whole", head), lambda: jax.jit(
+            partial(_whole_model, self.io_def, tuple(self.layer_defs), head), donate_argnums=(2,)))
+        out, kv_caches[:], counts = self._call(fn, self.io_state, self.layer_states, kv_caches, token_ids, meta,
+                                               rows, head_args)
+        return out, counts
 
     def layer_routing(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
         """Layer i, also returning each row's chosen experts -> (x, new layer KV, expert ids [T, K];

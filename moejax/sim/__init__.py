@@ -3,7 +3,7 @@
     hardware    accelerator, link and machine specs (`get_hardware("h100x2")`)
     cost_model  roofline + power-capped cost and energy of a plan; calibration (calibration.json)
     routing     routing models drawing activated experts when no router runs
-    workloads   seeded request streams (sharegpt, arxiv, longctx)
+    workloads   seeded request streams (sharegpt, sharegpt4, arxiv, longctx)
     executor    SimExecutor: the Executor protocol over the cost model
 """
 
