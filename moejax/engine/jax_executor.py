@@ -142,7 +142,7 @@ class JaxExecutor:
         for i, s in enumerate(plan.slices):
             token_ids[layout.offsets[i]:layout.offsets[i] + s.num_tokens] = s.token_ids
         meta = attention_metadata(layout.positions, layout.seq_ids, tables, self.block_size, self.num_blocks,
-                                  valid=layout.valid, sharding=self._sharding)
+                                  valid=layout.valid, sharding=self._sharding, once=True)
         rows, columns = self._sampling_inputs(plan, layout.offsets)
         return self.model.forward_all(to_device(token_ids, self._replicated), self.kv, meta, rows, sample, *columns)
 

@@ -4,7 +4,6 @@ layer functions see only a few shapes (no recompilation in steady state)."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moejax.models.attention import AttentionMetadata
@@ -18,12 +17,13 @@ def bucket(n: int, minimum: int = 8) -> int:
 def attention_metadata(positions: np.ndarray, seq_ids: np.ndarray, block_tables: np.ndarray,
                        block_size: int, num_blocks: int, row_bucket: int | None = None,
                        seq_bucket: int | None = None, valid: np.ndarray | None = None,
-                       sharding=None) -> AttentionMetadata:
+                       sharding=None, once: bool = False) -> AttentionMetadata:
     """Device metadata for a row set. Either n real rows (positions, seq_ids: [n]) padded at the end
     to `row_bucket`, or rows already laid out with padding in between (`valid`: [T] marks real rows).
 
     Padding rows sit at position 0 of sequence 0, write to a slot past the cache (dropped) and are
     marked invalid so no expert sees them. `sharding(logical_axes)` places the arrays (None: default).
+    once: the metadata feeds a single jitted call; unsharded, it then stays on the host (see to_device).
     """
     positions = np.asarray(positions, np.int32)
     seq_ids = np.asarray(seq_ids, np.int32)
@@ -47,18 +47,19 @@ def attention_metadata(positions: np.ndarray, seq_ids: np.ndarray, block_tables:
         valid=valid,
     )
     if sharding is None:
-        return jax.device_put(meta)
+        return meta if once else jax.device_put(meta)  # reused by every layer: transfer it once
     rows = sharding(("batch",))
     return to_device(meta, AttentionMetadata(rows, rows, rows, sharding((None, None)), sharding(()), rows))
 
 
 def to_device(tree, sharding=None):
-    """Host values -> device arrays placed by `sharding` (one for every leaf, or a matching tree; None:
-    uncommitted on the default device). A sharding over several processes' devices needs the same
-    values in every process, each building only its own shards: jax.device_put would first compare
-    the values across processes, a collective on every call."""
-    if sharding is None:  # one array: jnp.asarray is jax's fastest way there
-        return jnp.asarray(tree) if isinstance(tree, np.ndarray) else jax.device_put(tree)
+    """Host values for one jitted call -> arrays placed by `sharding` (one for every leaf, or a
+    matching tree). None: left on the host, for the call to transfer (uncommitted, default device):
+    jit moves small numpy inputs several times faster than a device_put before it. A sharding over
+    several processes' devices needs the same values in every process, each building only its own
+    shards: jax.device_put would first compare the values across processes, a collective on every call."""
+    if sharding is None:
+        return tree
     shardings = jax.tree.map(lambda _: sharding, tree) if isinstance(sharding, jax.sharding.Sharding) else sharding
     if all(s.is_fully_addressable for s in jax.tree.leaves(shardings)):
         return jax.device_put(tree, shardings)

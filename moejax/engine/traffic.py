@@ -101,10 +101,8 @@ def layer_work(cfg: ModelConfig, plan: IterationPlan) -> LayerWork:
     end = np.fromiter((s.layer_end for s in plan.slices), np.int64, S)
 
     def over_layers(per_slice: np.ndarray) -> np.ndarray:  # [S] -> [L]
-        diff = np.zeros(L + 1, np.int64)
-        np.add.at(diff, first, per_slice)
-        np.add.at(diff, end, -per_slice)
-        return np.cumsum(diff[:L])
+        diff = np.bincount(first, per_slice, L + 1) - np.bincount(end, per_slice, L + 1)  # exact below 2**53
+        return np.cumsum(diff[:L]).astype(np.int64)
 
     windows = cfg.sliding_windows
     attended, read = np.zeros(L, np.int64), np.zeros(L, np.int64)
