@@ -9,8 +9,9 @@ experts     rows split by `batch`, experts by `expert`. Where the two share mesh
             experts it holds for all of them, and a reduce-scatter returns each row's sum to its owner;
             over expert axes that do not split rows, a psum adds the partial sums. The local grouped
             GEMM goes through moejax.kernels with the shard's `group_offset`: rows routed to experts
-            held elsewhere reach none of its experts, exactly like padding rows. (On platforms with `ragged_all_to_all` an all-to-all
-            dispatch moves fewer bytes; this gather/reduce-scatter form runs everywhere, CPU included.)
+            held elsewhere reach none of its experts, exactly like padding rows. (On platforms with
+            `ragged_all_to_all` an all-to-all dispatch would move fewer bytes; this gather/reduce-scatter
+            form runs everywhere, CPU included.)
 """
 
 from __future__ import annotations
