@@ -458,7 +458,7 @@ def main():
     sim_seconds = round(time.time() - t0, 1)
     main_runs = [r for r in results if not r.get("load_check")]
     summary = summarize_sensitivity(main_runs, configs, ref)
-    for wl, rows in summary.items():  # each model's decode-batch fraction at the concurrency measured
+    for rows in summary.values():  # each model's decode-batch fraction at the concurrency measured
         for name, row in rows.items():
             D = row["chunked_decode_tokens_per_prefill_iteration"]
             row["decode_at_D"] = float(analytic_curves(sim_models[name], [D], range(L))[1][0])

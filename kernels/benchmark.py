@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import BACKENDS, moe_ffn, mosaic_gpu, platform_backend, tiled
+from . import moe_ffn, mosaic_gpu, platform_backend, tiled
 from .permute import permute, sort_by_expert, unpermute_combine
 
 MODELS = {"mixtral-8x7b": (4096, 14336, 8, 2), "qwen3-30b-a3b": (2048, 768, 128, 8),

@@ -69,7 +69,7 @@ def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at) -> int:
     engine = Engine(sched, executor, virtual_time=True)
     rng = np.random.default_rng(len(requests))
     reqs = []
-    for i, (plen, max_tokens, _) in enumerate(requests):
+    for plen, max_tokens, _ in requests:
         prompt = rng.integers(1, 500, plen).tolist()
         reqs.append(engine.add_request(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True)))
     aborts = {step: rid for step, rid in abort_at if rid < len(reqs)}
