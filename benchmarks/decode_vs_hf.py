@@ -93,7 +93,7 @@ def main() -> None:
     for _ in range(4):  # warm-up until a run compiles nothing
         with count_compilations() as compiled:
             outs = llm.generate(prompts(512), params)
-        if not compiled[0]:
+        if not compiled.count:
             break
     times = []
     for _ in range(REPEATS):

@@ -82,14 +82,14 @@ def main() -> None:
             "iteration_ms_mean": 1e3 * float(times.mean()),
             "decode_iteration_ms_median": 1e3 * float(np.median(times[kinds == "decode"])),
             "mixed_iteration_ms_median": 1e3 * float(np.median(times[kinds == "mixed"])),
-            "iterations": len(times), "compilations_in_steady_state": compiled[0],
+            "iterations": len(times), "compilations_in_steady_state": compiled.count,
             "greedy_identical_to_single_device": outputs == reference,
             "moe_layer_collectives": layer_collectives(model) if name else {c: 0 for c in COLLECTIVES},
             "axes": LAYOUTS[name].axes if name else {}, "rules": LAYOUTS[name].rules if name else {},
         }
         results["layouts"][name or "single-device"] = entry
         print(f"{name or 'single-device':14s} decode {entry['decode_iteration_ms_median']:7.1f} ms  "
-              f"mixed {entry['mixed_iteration_ms_median']:7.1f} ms  recompiles {compiled[0]}  "
+              f"mixed {entry['mixed_iteration_ms_median']:7.1f} ms  recompiles {compiled.count}  "
               f"identical {entry['greedy_identical_to_single_device']}  {entry['moe_layer_collectives']}")
     Path(__file__).with_suffix(".json").write_text(json.dumps(results, indent=1, default=list))
 

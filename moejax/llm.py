@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moejax.checkpoint import load_model
+from moejax.engine.compiles import count_compilations
 from moejax.engine.engine import real_engine
 from moejax.engine.request import Request
 from moejax.engine.sampling import RequestError, SamplingParams
@@ -80,12 +81,14 @@ class LLM:
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         requests = self.add(prompts, params)
         start, steps = self.engine.clock.now(), len(self.engine.steps)
-        while not all(r.is_finished for r in requests):
-            self.engine.step()
+        with count_compilations() as compiled:
+            while not all(r.is_finished for r in requests):
+                self.engine.step()
         elapsed = self.engine.clock.now() - start
         n = sum(r.num_output_tokens for r in requests)
         self.last_stats = {"output_tokens": n, "seconds": elapsed, "tokens_per_s": n / max(elapsed, 1e-9),
-                           "iterations": len(self.engine.steps) - steps}
+                           "iterations": len(self.engine.steps) - steps, "compilations": compiled.count,
+                           "compile_seconds": compiled.seconds}
         return [self._output(r) for r in requests]
 
     def stream(self, prompts: Prompt | Sequence[Prompt],

@@ -126,7 +126,7 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
         served = engine.run(arrivals, progress=progress)
     metrics = engine.metrics(served, slo)
     if hardware is None:
-        metrics["num_compilations"] = compiled[0]
+        metrics["num_compilations"] = compiled.count
     else:  # energy over wall time, as NVML measures it: the machine idles between iterations too
         busy = sum(s.elapsed_s for s in engine.steps)
         idle_j = idle_energy_j(engine.executor.hardware, max(0.0, metrics["duration_s"] - busy))

@@ -1,31 +1,44 @@
-"""Counting XLA compilations, to show (in tests and benchmarks) that steady state compiles nothing."""
+"""Counting XLA compilations and the time they take: to show (in tests and benchmarks) that steady
+state compiles nothing, and to tell a run's compile time from its serving time."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import jax
 
-_EVENT = "/jax/core/compile/backend_compile_duration"
-_counters: list[list[int]] = []
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_STAGES = {"/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+           _BACKEND_COMPILE}
+
+
+@dataclass
+class Compilations:
+    count: int = 0  # backend (XLA) compilations
+    seconds: float = 0.0  # tracing + lowering + compiling, on the calling thread
+
+
+_active: list[Compilations] = []
 
 
 def _listener(event: str, duration: float, **kwargs) -> None:
-    if event == _EVENT:
-        for c in _counters:
-            c[0] += 1
+    if event in _STAGES:
+        for c in _active:
+            c.seconds += duration
+            c.count += event == _BACKEND_COMPILE
 
 
 jax.monitoring.register_event_duration_secs_listener(_listener)
 
 
 @contextlib.contextmanager
-def count_compilations() -> Iterator[list[int]]:
-    """with count_compilations() as n: ...; n[0] is the number of backend compilations inside."""
-    counter = [0]
-    _counters.append(counter)
+def count_compilations() -> Iterator[Compilations]:
+    """with count_compilations() as c: ...; then c.count compilations took c.seconds inside."""
+    counter = Compilations()
+    _active.append(counter)
     try:
         yield counter
     finally:
-        _counters.remove(counter)
+        _active.remove(counter)
