@@ -90,6 +90,22 @@ def _params(grid_rank: int, *blocks: tuple[tuple[int, ...], jnp.dtype]) -> pltpu
                                 vmem_limit_bytes=min(int(need * 1.25) + (8 << 20), 110 << 20))
 
 
+def _accumulate(part, acc_ref, o_ref, step, num_steps):
+    """Sum `part` over the reduction grid axis (at `step` of `num_steps`) in fp32 scratch; the last
+    step writes the output block."""
+    @pl.when(step == 0)
+    def _():
+        acc_ref[...] = part
+
+    @pl.when(step > 0)
+    def _():
+        acc_ref[...] += part
+
+    @pl.when(step == num_steps - 1)
+    def _():
+        o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+
+
 def _ffn_kernel(group_ref, active_ref, x_ref, w_gate_ref, w_up_ref, w_down_ref, o_ref, acc_ref, *, act):
     f = pl.program_id(1)
 
@@ -100,18 +116,7 @@ def _ffn_kernel(group_ref, active_ref, x_ref, w_gate_ref, w_up_ref, w_down_ref, 
         up = jnp.dot(x, w_up_ref[...], preferred_element_type=jnp.float32)
         h = (act(gate) * up).astype(x.dtype)
         part = jnp.dot(h, w_down_ref[...], preferred_element_type=jnp.float32)  # [bm, D]
-
-        @pl.when(f == 0)
-        def _():
-            acc_ref[...] = part
-
-        @pl.when(f > 0)
-        def _():
-            acc_ref[...] += part
-
-        @pl.when(f == pl.num_programs(1) - 1)
-        def _():
-            o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+        _accumulate(part, acc_ref, o_ref, f, pl.num_programs(1))
 
 
 def ffn(x, w_gate_up, w_down, tiles: Tiles, cfg: Config, activation: str, out_dtype):
@@ -157,18 +162,7 @@ def _gmm_kernel(group_ref, active_ref, x_ref, w_ref, o_ref, acc_ref):
     @pl.when(pl.program_id(0) < active_ref[0])
     def _():
         part = jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.float32)
-
-        @pl.when(k == 0)
-        def _():
-            acc_ref[...] = part
-
-        @pl.when(k > 0)
-        def _():
-            acc_ref[...] += part
-
-        @pl.when(k == pl.num_programs(2) - 1)
-        def _():
-            o_ref[...] = acc_ref[...].astype(o_ref.dtype)
+        _accumulate(part, acc_ref, o_ref, k, pl.num_programs(2))
 
 
 def gmm(x, w, tiles: Tiles, cfg: Config, out_dtype):
