@@ -19,7 +19,7 @@ import numpy as np
 
 from moejax.config import get_preset
 from moejax.engine.kv_cache import KVCacheManager
-from moejax.engine.plan import LayerStats, StepResult
+from moejax.engine.plan import StepResult
 from moejax.engine.policies import make_policy
 from moejax.engine.request import Request
 from moejax.engine.sampling import SamplingParams
@@ -36,11 +36,9 @@ def decode_ready_scheduler(policy: str) -> Scheduler:
     for i in range(RUNNING):
         prompt = rng.integers(3, 1000, int(rng.integers(100, 1500))).tolist()
         sched.add(Request(i, prompt, SamplingParams(max_tokens=10_000, ignore_eos=True), seed=i))
-    zero = np.zeros(cfg.num_layers)
-    empty = LayerStats(zero, zero, zero, zero, zero, zero.astype(int))
     while any(r.num_uncomputed > 1 for r in sched.requests.values()):  # prefill everyone
         plan = sched.schedule()
-        sched.update(plan, StepResult({s.request_id: 5 for s in plan.slices if s.sample}, 0.0, empty), 0.0)
+        sched.update(plan, StepResult({s.request_id: 5 for s in plan.slices if s.sample}, 0.0, 0.0), 0.0)
     return sched
 
 
@@ -49,14 +47,12 @@ def main() -> None:
                "iterations": ITERS}
     for policy in ("chunked", "layered"):
         sched = decode_ready_scheduler(policy)
-        zero = np.zeros(sched.num_layers)
-        empty = LayerStats(zero, zero, zero, zero, zero, zero.astype(int))
         t_sched, t_update = [], []
         for _ in range(ITERS):
             t0 = time.perf_counter()
             plan = sched.schedule()
             t1 = time.perf_counter()
-            result = StepResult({s.request_id: 5 for s in plan.slices if s.sample}, 0.0, empty)
+            result = StepResult({s.request_id: 5 for s in plan.slices if s.sample}, 0.0, 0.0)
             t2 = time.perf_counter()
             sched.update(plan, result, 0.0)
             t3 = time.perf_counter()

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 from moejax.checkpoint import load_model  # noqa: E402
 from moejax.engine.compiles import count_compilations  # noqa: E402
-from moejax.engine.engine import real_engine  # noqa: E402
+from moejax.engine import build  # noqa: E402
 from moejax.engine.sampling import SamplingParams  # noqa: E402
 from moejax.meshes import LAYOUTS  # noqa: E402
 
@@ -33,7 +33,7 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "coll
 
 
 def serve(model, prompts, params):
-    engine = real_engine(model, max_model_len=256, block_size=16, token_budget=128, num_blocks=8 * 64)
+    engine = build(model, max_model_len=256, block_size=16, token_budget=128, num_blocks=8 * 64)
     reqs = [engine.add_request(p, params) for p in prompts]
     times, kinds = [], []
     while engine.has_unfinished:
@@ -58,9 +58,7 @@ def layer_collectives(model) -> dict[str, int]:
     model.layer = original
     i, x, kv, meta = captured["args"]
     fn = next(f for k, f in model._fns.items() if k[0] == "layer" and k[1] == model.layer_kind[i])
-    from moejax.meshes import placement as ctx
-    with ctx.use(model.placement):
-        hlo = fn.lower(model.layer_states[i], x, kv, meta).compile().as_text()
+    hlo = fn.lower(model.layer_states[i], model.expert_states[i], x, kv, meta).compile().as_text()
     return {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in COLLECTIVES}
 
 

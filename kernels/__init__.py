@@ -14,8 +14,11 @@ Backends: "reference" (`jax.lax.ragged_dot`, the ground truth), "cpu" (a loop ov
 tiles), "pallas" (BlockSpec kernels: compiled on TPU, interpreted elsewhere), "mosaic_gpu" (Hopper
 warp-specialised TMA + wgmma kernels; GPU-interpreted elsewhere). See benchmarks/kernels.md.
 
-Expert parallelism: `group_offset` says which experts a shard's weights hold -- w[:, ...] are
-experts [group_offset, group_offset + E_local) -- and rows of other experts reach none of them.
+Expert buffers: `moe_ffn` computes with the experts of a buffer of S slots (w_gate_up: [S, D, 2F])
+and a slot map `slot_of: [E]` naming each expert's slot, or -1 where the buffer does not hold it.
+All experts in order (colocated), a shard's range (expert parallelism), an expert cache holding any
+subset in any order (offload): one kernel call. Rows routed to an expert the buffer does not hold reach
+none of its slots, like padding rows; the backends only ever see slot ids.
 """
 
 from __future__ import annotations
@@ -109,63 +112,62 @@ def _resolve(backend: str | None, K: int, N: int, dtype):
     return reference
 
 
-def _local_groups(group_sizes: jax.Array, group_offset, num_local: int):
-    """group_sizes: [E] over all experts -> (sizes of the local experts [num_local], first row of
-    the local experts' rows)."""
-    group_sizes = jnp.asarray(group_sizes).astype(jnp.int32)
-    if group_sizes.shape[0] < num_local:
-        raise ValueError(f"group_sizes has {group_sizes.shape[0]} groups but the weights hold "
-                         f"{num_local} experts")
-    if isinstance(group_offset, int) and group_offset == 0 and group_sizes.shape[0] == num_local:
-        return group_sizes, 0
-    row_start = jnp.sum(jnp.where(jnp.arange(group_sizes.shape[0]) < group_offset, group_sizes, 0))
-    return jax.lax.dynamic_slice_in_dim(group_sizes, group_offset, num_local), row_start
-
-
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, group_offset=0,
-                   backend: str | None = None) -> jax.Array:
-    """x: [T, K] rows sorted by expert, w: [E_local, K, N], group_sizes: [E] (E >= E_local) -> [T, N] fp32.
-
-    w holds experts [group_offset, group_offset + E_local); rows of other experts, and rows past
-    sum(group_sizes), come out as zeros.
-    """
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, backend: str | None = None) -> jax.Array:
+    """x: [T, K] rows sorted by group, w: [G, K, N], group_sizes: [G] -> [T, N] fp32; rows past
+    sum(group_sizes) come out as zeros."""
     x, w = jnp.asarray(x), jnp.asarray(w)
-    sizes, row_start = _local_groups(group_sizes, group_offset, w.shape[0])
-    return _resolve(backend, w.shape[1], w.shape[2], x.dtype).grouped_matmul(x, w, sizes, row_start)
+    _check_groups(group_sizes, w.shape[0])
+    return _resolve(backend, w.shape[1], w.shape[2], x.dtype).grouped_matmul(x, w, jnp.asarray(group_sizes, jnp.int32))
 
 
-def expert_ffn(x_sorted, w_gate_up, w_down, group_sizes, activation: str = "silu", *,
-               group_offset=0, backend: str | None = None):
-    """SwiGLU experts on rows sorted by expert. x_sorted: [T, D], w_gate_up: [E_local, D, 2F]
-    (gate | up), w_down: [E_local, F, D], group_sizes: [E] -> [T, D] fp32 (other rows: zeros)."""
+def expert_ffn(x_sorted, w_gate_up, w_down, group_sizes, activation: str = "silu", *, backend: str | None = None):
+    """SwiGLU experts on rows sorted by expert. x_sorted: [T, D], w_gate_up: [G, D, 2F]
+    (gate | up), w_down: [G, F, D], group_sizes: [G] -> [T, D] fp32 (rows past the groups: zeros)."""
     x_sorted, w_gate_up, w_down = map(jnp.asarray, (x_sorted, w_gate_up, w_down))
     _check_ffn_weights(x_sorted, w_gate_up, w_down, activation)
-    sizes, row_start = _local_groups(group_sizes, group_offset, w_gate_up.shape[0])
+    _check_groups(group_sizes, w_gate_up.shape[0])
     impl = _resolve(backend, x_sorted.shape[1], w_down.shape[1], x_sorted.dtype)
-    return impl.expert_ffn(x_sorted, w_gate_up, w_down, sizes, activation, row_start)
+    return impl.expert_ffn(x_sorted, w_gate_up, w_down, jnp.asarray(group_sizes, jnp.int32), activation)
+
+
+def slot_ids(topk_ids: jax.Array, slot_of: jax.Array | None, num_slots: int) -> jax.Array:
+    """Expert ids [T, K] -> slot ids [T, K] in a buffer of num_slots slots; num_slots where the row
+    reaches no slot (an id outside [0, E), i.e. padding, or an expert the buffer does not hold)."""
+    ids = topk_ids.astype(jnp.int32)
+    if slot_of is None:  # the buffer holds every expert, in order
+        return jnp.where((ids >= 0) & (ids < num_slots), ids, num_slots)
+    E = slot_of.shape[0]
+    slots = jnp.where((ids >= 0) & (ids < E), jnp.asarray(slot_of, jnp.int32)[jnp.clip(ids, 0, E - 1)], -1)
+    return jnp.where((slots >= 0) & (slots < num_slots), slots, num_slots)
 
 
 def moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, w_gate_up: jax.Array,
-            w_down: jax.Array, *, activation: str = "silu", backend: str | None = None,
-            group_offset=0) -> tuple[jax.Array, jax.Array]:
+            w_down: jax.Array, slot_of: jax.Array | None = None, *, activation: str = "silu",
+            backend: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Routed experts for tokens x: [T, D] with topk_ids/topk_weights: [T, K].
 
-    w_gate_up: [E_local, D, 2F] and w_down: [E_local, F, D] hold experts [group_offset,
-    group_offset + E_local); ids outside that range (e.g. the padding id E) reach no expert here.
-    Returns ([T, D] in x.dtype: the weighted sum over this shard's experts, group_sizes
-    [E_local]: rows each local expert received -- what executors report as activated experts).
+    w_gate_up: [S, D, 2F] and w_down: [S, F, D] are a buffer of S expert slots; slot_of: [E] int
+    maps each expert to its slot or -1 (None: slot e holds expert e). Rows routed to ids outside
+    [0, E) (the padding id E) or to experts the buffer does not hold reach no slot.
+    Returns ([T, D] in x.dtype: the weighted sum over the buffer's experts, rows per slot [S]).
     """
     x, topk_ids, topk_weights, w_gate_up, w_down = map(jnp.asarray, (x, topk_ids, topk_weights, w_gate_up, w_down))
     _check_ffn_weights(x, w_gate_up, w_down, activation)
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids {topk_ids.shape} and topk_weights {topk_weights.shape} must both "
                          f"be [T, K] with T = {x.shape[0]} (rows of x)")
-    num_local = w_gate_up.shape[0]
-    local_ids = topk_ids.astype(jnp.int32) - group_offset
-    local_ids = jnp.where((local_ids >= 0) & (local_ids < num_local), local_ids, num_local)
+    if slot_of is not None and jnp.ndim(slot_of) != 1:
+        raise ValueError(f"slot_of must be [E] (a slot per expert), got shape {jnp.shape(slot_of)}")
+    num_slots = w_gate_up.shape[0]
     impl = _resolve(backend, x.shape[1], w_down.shape[1], x.dtype)
-    out, group_sizes = impl.moe_ffn(x, local_ids, topk_weights, w_gate_up, w_down, activation)
-    return out.astype(x.dtype), group_sizes
+    out, slot_sizes = impl.moe_ffn(x, slot_ids(topk_ids, slot_of, num_slots), topk_weights, w_gate_up, w_down,
+                                   activation)
+    return out.astype(x.dtype), slot_sizes
+
+
+def _check_groups(group_sizes, num_groups: int) -> None:
+    if jnp.shape(group_sizes) != (num_groups,):
+        raise ValueError(f"group_sizes has shape {jnp.shape(group_sizes)}; the weights hold {num_groups} groups")
 
 
 def _check_ffn_weights(x, w_gate_up, w_down, activation):
@@ -178,5 +180,5 @@ def _check_ffn_weights(x, w_gate_up, w_down, activation):
 
 
 __all__ = ["BACKENDS", "backend_for", "platform_backend", "use_backend", "grouped_matmul",
-           "expert_ffn", "moe_ffn", "sort_by_expert", "permute", "unpermute_combine",
+           "expert_ffn", "moe_ffn", "slot_ids", "sort_by_expert", "permute", "unpermute_combine",
            "paged_attention", "write_kv"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from .layout import Tiles
+from .tile_map import Tiles
 from .reference import ACTIVATIONS
 from .tiled import Backend, TileKernels, shape_class
 

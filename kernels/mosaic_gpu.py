@@ -1,5 +1,5 @@
 """The Hopper backend: Pallas Mosaic GPU kernels (TMA pipelining, wgmma, warp specialisation) over
-the tiled layout. On any other platform they run in Pallas' GPU interpret mode (for tests).
+tiles (tile_map.py). On any other platform they run in Pallas' GPU interpret mode (for tests).
 
 One persistent kernel shape serves both GEMMs of the expert FFN:
 
@@ -18,7 +18,7 @@ whole (padding rows are real zero rows), so every TMA transfer has a static full
 Work items are ordered with `planar_snake` so that the CTAs running at once share weight blocks
 (consecutive tiles of one expert) and x tiles in L2.
 
-Differences from JAX's ragged_dot_mgpu (read, not copied): the tiled layout instead of masking
+Differences from JAX's ragged_dot_mgpu (read, not copied): whole tiles of one expert instead of masking
 group boundaries (no tile computed twice, no row-by-row store ladder), a dynamic work count instead
 of a grid over all groups (decode with 8 of 256 experts active runs 8 tiles, not 256), warp
 specialisation, and the SwiGLU fused into the gate/up GEMM.
@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .layout import Tiles
+from .tile_map import Tiles
 from .reference import ACTIVATIONS
 from .tiled import Backend, TileKernels, shape_class
 

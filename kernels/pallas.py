@@ -1,4 +1,4 @@
-"""The portable Pallas backend: BlockSpec kernels over the tiled layout.
+"""The portable Pallas backend: BlockSpec kernels over tiles (tile_map.py).
 
 Compiles with Mosaic on TPU; on every other platform it runs with `interpret=True` (how CI tests it,
 slowly). Two kernels, both with the tile index as the outer grid axis and the per-tile expert id
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .layout import Tiles
+from .tile_map import Tiles
 from .reference import ACTIVATIONS
 from .tiled import Backend, TileKernels, shape_class
 

@@ -14,35 +14,26 @@ def unsupported(D: int, F: int, dtype) -> None:
     return None
 
 
-def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array,
-                   row_start: jax.Array | int = 0) -> jax.Array:
-    """x: [T, D] sorted by group, w: [E, D, F], group_sizes: [E] -> [T, F] in fp32.
-
-    The groups' rows start at row `row_start`; rows outside them belong to no group and come out as
-    zeros.
-    """
-    if isinstance(row_start, int) and row_start == 0:
-        return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
-    # Rotate the groups to row 0: rows after them (including the wrapped-around rows that were
-    # before them) are past sum(group_sizes), which ragged_dot leaves zero.
-    y = grouped_matmul(jnp.roll(x, -row_start, axis=0), w, group_sizes)
-    return jnp.roll(y, row_start, axis=0)
+def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """x: [T, D] sorted by group, w: [E, D, F], group_sizes: [E] -> [T, F] in fp32 (rows past
+    sum(group_sizes) belong to no group: zeros)."""
+    return jax.lax.ragged_dot(x, w, group_sizes.astype(jnp.int32), preferred_element_type=jnp.float32)
 
 
 def expert_ffn(x_sorted: jax.Array, w_gate_up: jax.Array, w_down: jax.Array, group_sizes: jax.Array,
-               activation: str = "silu", row_start: jax.Array | int = 0) -> jax.Array:
+               activation: str = "silu") -> jax.Array:
     """SwiGLU experts. x_sorted: [T, D], w_gate_up: [E, D, 2F] (gate | up), w_down: [E, F, D] -> [T, D] fp32."""
-    gate_up = grouped_matmul(x_sorted, w_gate_up, group_sizes, row_start)  # [T, 2F]
+    gate_up = grouped_matmul(x_sorted, w_gate_up, group_sizes)  # [T, 2F]
     gate, up = jnp.split(gate_up, 2, axis=-1)
     h = (ACTIVATIONS[activation](gate) * up).astype(x_sorted.dtype)
-    return grouped_matmul(h, w_down, group_sizes, row_start)
+    return grouped_matmul(h, w_down, group_sizes)
 
 
-def moe_ffn(x: jax.Array, local_ids: jax.Array, topk_weights: jax.Array, w_gate_up: jax.Array,
+def moe_ffn(x: jax.Array, slot_ids: jax.Array, topk_weights: jax.Array, w_gate_up: jax.Array,
             w_down: jax.Array, activation: str = "silu") -> tuple[jax.Array, jax.Array]:
-    """x: [T, D], local_ids: [T, K] (E = no expert) -> ([T, D] fp32, group_sizes [E])."""
-    order, group_sizes = sort_by_expert(local_ids, w_gate_up.shape[0])
-    y_sorted = expert_ffn(permute(x, order, local_ids.shape[1]), w_gate_up, w_down, group_sizes,
+    """x: [T, D], slot_ids: [T, K] (S = no slot) -> ([T, D] fp32, rows per slot [S])."""
+    order, group_sizes = sort_by_expert(slot_ids, w_gate_up.shape[0])
+    y_sorted = expert_ffn(permute(x, order, slot_ids.shape[1]), w_gate_up, w_down, group_sizes,
                           activation)
     return unpermute_combine(y_sorted, order, topk_weights), group_sizes
 

@@ -1,4 +1,4 @@
-"""The public entry points for backends that compute on the tiled row layout (`layout.py`).
+"""The public entry points for backends that compute on tiles (`tile_map.py`).
 
 A tiled backend supplies three things (a `TileKernels`): its block sizes for a problem (tile height
 included), a grouped matmul over tiles and a fused SwiGLU expert FFN over tiles. This module does the rest the
@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import layout
+from . import tile_map
 from .permute import sort_by_expert
 
 # Shape classes key every tuned block-size table; they depend on rows per expert, which decides
@@ -55,40 +55,39 @@ class Backend:
         self.kernels = kernels
         self.unsupported = kernels.unsupported
 
-    def _tiles(self, group_sizes, num_rows, row_start, D, F, dtype):
+    def _tiles(self, group_sizes, num_rows, D, F, dtype):
         cfg = self.kernels.config(num_rows, group_sizes.shape[0], D, F, jnp.dtype(dtype))
-        return (cfg, *layout.slots(group_sizes, num_rows, cfg.block_m, row_start))
+        return (cfg, *tile_map.tile_rows(group_sizes, num_rows, cfg.block_m))
 
-    def _on_tiles(self, x, group_sizes, row_start, F, run):
+    def _on_tiles(self, x, group_sizes, F, run):
         """Rows x: [R, K] sorted by group -> tiles -> run(x_tiled, tiles, cfg) -> back to [R, N]."""
-        cfg, tiles, slot, num_slots = self._tiles(group_sizes, x.shape[0], row_start, x.shape[1], F, x.dtype)
-        y_tiled = run(layout.gather_rows(x, layout.source_rows(slot, num_slots)), tiles, cfg)
-        return layout.gather_rows(y_tiled, slot)
+        cfg, tiles, buffer_row, num_buffer_rows = self._tiles(group_sizes, x.shape[0], x.shape[1], F, x.dtype)
+        y_tiled = run(tile_map.gather_rows(x, tile_map.source_rows(buffer_row, num_buffer_rows)), tiles, cfg)
+        return tile_map.gather_rows(y_tiled, buffer_row)
 
-    def grouped_matmul(self, x, w, group_sizes, row_start=0):
+    def grouped_matmul(self, x, w, group_sizes):
         """x: [R, K] sorted by group, w: [G, K, N] -> [R, N] fp32 (rows of no group: zeros)."""
-        return self._on_tiles(x, group_sizes, row_start, w.shape[2],
+        return self._on_tiles(x, group_sizes, w.shape[2],
                               lambda xt, tiles, cfg: self.kernels.gmm(xt, w, tiles, cfg, jnp.float32))
 
-    def expert_ffn(self, x_sorted, w_gate_up, w_down, group_sizes, activation, row_start=0):
+    def expert_ffn(self, x_sorted, w_gate_up, w_down, group_sizes, activation):
         """x_sorted: [R, D] -> [R, D] fp32 (rows of no group: zeros)."""
-        return self._on_tiles(x_sorted, group_sizes, row_start, w_down.shape[1],
+        return self._on_tiles(x_sorted, group_sizes, w_down.shape[1],
                               lambda xt, tiles, cfg: self.kernels.ffn(xt, w_gate_up, w_down, tiles, cfg,
                                                                       activation, jnp.float32))
 
-    def moe_ffn(self, x, local_ids, topk_weights, w_gate_up, w_down, activation):
-        """x: [T, D], local_ids: [T, K] (G = no local expert) -> ([T, D] fp32, group_sizes [G]).
+    def moe_ffn(self, x, slot_ids, topk_weights, w_gate_up, w_down, activation):
+        """x: [T, D], slot_ids: [T, K] (G = no slot) -> ([T, D] fp32, rows per slot [G]).
 
         Tokens are gathered straight into the tiled buffer and expert outputs gathered straight
         back per (token, slot): no [T*K, D] sorted copy and no dense [T, E] tensor.
         """
-        (T, K), D = local_ids.shape, x.shape[1]
-        order, group_sizes = sort_by_expert(local_ids, w_gate_up.shape[0])
-        cfg, tiles, slot_sorted, num_slots = self._tiles(group_sizes, T * K, 0, D, w_down.shape[1],
-                                                        x.dtype)
-        slot = jnp.zeros((T * K,), jnp.int32).at[order].set(slot_sorted)  # [T*K] in (token, k) order
-        x_tiled = layout.gather_rows(x, layout.source_rows(slot_sorted, num_slots, order // K))
+        (T, K), D = slot_ids.shape, x.shape[1]
+        order, group_sizes = sort_by_expert(slot_ids, w_gate_up.shape[0])
+        cfg, tiles, row_sorted, num_buffer_rows = self._tiles(group_sizes, T * K, D, w_down.shape[1], x.dtype)
+        buffer_row = jnp.zeros((T * K,), jnp.int32).at[order].set(row_sorted)  # [T*K] in (token, k) order
+        x_tiled = tile_map.gather_rows(x, tile_map.source_rows(row_sorted, num_buffer_rows, order // K))
         # Expert outputs in the input dtype: half the bytes for bf16; the k-sum below is fp32.
         y_tiled = self.kernels.ffn(x_tiled, w_gate_up, w_down, tiles, cfg, activation, x.dtype)
-        y = layout.gather_rows(y_tiled, slot).reshape(T, K, D).astype(jnp.float32)
+        y = tile_map.gather_rows(y_tiled, buffer_row).reshape(T, K, D).astype(jnp.float32)
         return jnp.einsum("tkd,tk->td", y, topk_weights.astype(jnp.float32)), group_sizes

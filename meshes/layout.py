@@ -25,7 +25,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 LOGICAL_AXES = ("batch", "embed", "vocab", "q_heads", "kv_heads", "mlp", "expert", "expert_mlp")
 
@@ -98,12 +98,6 @@ class Layout:
         if not self.axes:
             return Mesh(np.array(devices).reshape(()), ())
         return Mesh(np.array(devices).reshape(tuple(self.axes.values())), tuple(self.axes))
-
-    def sharding_for(self, mesh: Mesh):
-        """The loaders' placement hook: (param path, logical axes, shape) -> NamedSharding."""
-        def place(path: str, axes: tuple[str | None, ...], shape: tuple[int, ...]) -> NamedSharding:
-            return NamedSharding(mesh, self.spec(axes))
-        return place
 
     # --- validation against a model ---------------------------------------------------------------------
     def validate(self, cfg, num_devices: int | None = None) -> None:

@@ -4,14 +4,14 @@ attention   rows and KV blocks are split by request (`batch`), heads by `q_heads
             shard writes and reads only its own blocks: block tables hold global block ids, a shard
             subtracts the first id of its range. No communication.
 
-experts     rows split by `batch`, experts by `expert`. Where the two share mesh axes (DP-attention +
-            EP over the same devices) a shard gathers the rows of its expert group, computes the
-            experts it holds for all of them, and a reduce-scatter returns each row's sum to its owner;
-            over expert axes that do not split rows, a psum adds the partial sums. The local grouped
-            GEMM goes through moejax.kernels with the shard's `group_offset`: rows routed to experts
-            held elsewhere reach none of its experts, exactly like padding rows. (On platforms with
-            `ragged_all_to_all` an all-to-all dispatch would move fewer bytes; this gather/reduce-scatter
-            form runs everywhere, CPU included.)
+experts     rows split by `batch`, expert slots by `expert`. Where the two share mesh axes (DP-attention
+            + EP over the same devices) a shard gathers the rows of its expert group, computes the
+            slots it holds for all of them, and a reduce-scatter returns each row's sum to its owner;
+            over expert axes that do not split rows, a psum adds the partial sums. A shard holding slots
+            [first, first + S_local) of the buffer sees the slot map shifted to its range: rows routed
+            to experts held elsewhere reach none of its slots, exactly like padding rows. (On platforms
+            with `ragged_all_to_all` an all-to-all dispatch would move fewer bytes; this gather /
+            reduce-scatter form runs everywhere, CPU included.)
 """
 
 from __future__ import annotations
@@ -21,21 +21,20 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from .placement import active, local
+from .placement import Placement, local
 
 
 def _linear_index(axes: tuple[str, ...]) -> jax.Array:
     return jax.lax.axis_index(axes) if axes else jnp.int32(0)
 
 
-def attention(attend: Callable, q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables,
-              num_kv_blocks):
+def attention(placement: Placement | None, attend: Callable, q, k, v, k_cache, v_cache, positions, slot_mapping,
+              seq_ids, block_tables, num_kv_blocks):
     """attend(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks)
     -> (out, k_cache, v_cache), run per (request shard, head shard)."""
-    p = active()
-    if p is None or p.mesh.size == 1:
+    if placement is None or placement.mesh.size == 1:
         return attend(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks)
-    batch_axes = p.axes("batch")
+    batch_axes = placement.axes("batch")
 
     def per_shard(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks):
         nb, bs = k_cache.shape[:2]
@@ -47,38 +46,35 @@ def attention(attend: Callable, q, k, v, k_cache, v_cache, positions, slot_mappi
     rows, heads, kv = ("batch", "q_heads", None), ("batch", "kv_heads", None), ("batch", None, "kv_heads", None)
     return local(per_shard,
                  in_axes=(rows, heads, heads, kv, kv, ("batch",), ("batch",), ("batch",), (None, None), None),
-                 out_axes=(rows, kv, kv))(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids,
-                                          block_tables, num_kv_blocks)
+                 out_axes=(rows, kv, kv), placement=placement)(
+        q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks)
 
 
-def experts(moe: Callable, x, ids, weights, w_gate_up, w_down):
-    """moe(x, ids, weights, w_gate_up, w_down, group_offset=first local expert) -> (out [T, D], tokens
-    per local expert) run with experts split over `expert` and rows over `batch` -> (out [T, D],
-    tokens per expert [E]). ids == E marks rows that reach no expert."""
-    p = active()
-    if p is None or p.shards("expert") == 1 and p.shards("batch") == 1:
-        return moe(x, ids, weights, w_gate_up, w_down)
-    batch_axes, expert_axes = p.axes("batch"), p.axes("expert")
+def experts(placement: Placement | None, moe: Callable, x, ids, weights, w_gate_up, w_down, slot_of):
+    """moe(x, ids, weights, w_gate_up, w_down, slot_of) -> out [T, D], run with the buffer's slots split
+    over `expert` and rows over `batch` -> out [T, D]. slot_of: [E] slot of each expert (-1: not in
+    the buffer; None: slot e holds expert e); ids outside [0, E) reach no slot."""
+    if placement is None or placement.shards("expert") == 1 and placement.shards("batch") == 1:
+        return moe(x, ids, weights, w_gate_up, w_down, slot_of)
+    if slot_of is None:  # the buffer holds every expert in order; each shard shifts the map to its slots
+        slot_of = jnp.arange(w_gate_up.shape[0], dtype=jnp.int32)
+    batch_axes, expert_axes = placement.axes("batch"), placement.axes("expert")
     shared = tuple(a for a in batch_axes if a in expert_axes)  # axes splitting both rows and experts
     expert_only = tuple(a for a in expert_axes if a not in shared)
-    batch_only = tuple(a for a in batch_axes if a not in shared)
 
-    def per_shard(x, ids, weights, w_gate_up, w_down):
+    def per_shard(x, ids, weights, w_gate_up, w_down, slot_of):
         if shared:  # gather the rows of this expert group
             x, ids, weights = (jax.lax.all_gather(a, shared, tiled=True) for a in (x, ids, weights))
-        first = _linear_index(expert_axes) * w_gate_up.shape[0]
-        out, counts = moe(x, ids, weights, w_gate_up, w_down, group_offset=first)
-        out = out.astype(jnp.float32)
+        first = _linear_index(expert_axes) * w_gate_up.shape[0]  # this shard's first slot
+        local_slot = jnp.where((slot_of >= first) & (slot_of < first + w_gate_up.shape[0]), slot_of - first, -1)
+        out = moe(x, ids, weights, w_gate_up, w_down, local_slot).astype(jnp.float32)
         if shared:
             out = jax.lax.psum_scatter(out, shared, scatter_dimension=0, tiled=True)
         if expert_only:
             out = jax.lax.psum(out, expert_only)
-        counts = jax.lax.all_gather(counts, expert_axes, tiled=True) if expert_axes else counts
-        if batch_only:  # rows of other request shards reached the same experts
-            counts = jax.lax.psum(counts, batch_only)
-        return out.astype(x.dtype), counts
+        return out.astype(x.dtype)
 
     return local(per_shard,
                  in_axes=(("batch", None), ("batch", None), ("batch", None), ("expert", None, None),
-                          ("expert", None, None)),
-                 out_axes=(("batch", None), (None,)))(x, ids, weights, w_gate_up, w_down)
+                          ("expert", None, None), (None,)),
+                 out_axes=("batch", None), placement=placement)(x, ids, weights, w_gate_up, w_down, slot_of)

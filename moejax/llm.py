@@ -10,7 +10,7 @@ import numpy as np
 
 from moejax.checkpoint import load_model
 from moejax.engine.compiles import count_compilations
-from moejax.engine.engine import real_engine
+from moejax.engine.factory import build
 from moejax.engine.request import Request
 from moejax.engine.sampling import RequestError, SamplingParams
 
@@ -41,14 +41,14 @@ class TokenDelta:
 class LLM:
     """Generate with a MoE model: a preset name (seeded random weights), a HF checkpoint directory,
     or a saved moejax checkpoint, placed by `layout` (a moejax.meshes preset name, a .toml file or a
-    Layout; default one device). Engine options (policy, token_budget, max_num_seqs, max_model_len,
-    block_size, num_blocks, kv_budget_bytes, ...) go to `moejax.engine.engine.real_engine`."""
+    Layout; default one device). Engine options (policy and its options, token_budget, max_num_seqs,
+    max_model_len, block_size, num_blocks, kv_budget_bytes, ...) go to `moejax.engine.build`."""
 
     def __init__(self, model: str = "tiny-qwen3-moe", *, dtype: str | None = None, seed: int = 0,
-                 layout=None, **engine_options):
+                 layout=None, executor: str = "jax", **engine_options):
         self.model, self.tokenizer = load_model(model, dtype=dtype, seed=seed, layout=layout)
         self.config = self.model.config
-        self.engine = real_engine(self.model, seed=seed, **engine_options)
+        self.engine = build(self.model, executor, seed=seed, **engine_options)
         self.last_stats: dict[str, float] = {}
 
     # --- requests ------------------------------------------------------------------------------------

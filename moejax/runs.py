@@ -4,8 +4,9 @@
     run("qwen3-30b-a3b", hardware="h100x2", policy="layered", workload="arxiv", rate=1.3)  # simulated
     compare(["chunked", "layered"], "qwen3-30b-a3b", hardware="h100x2", workload="arxiv")
 
-Both build the same engine (scheduler + policy) and differ only in the executor: JaxExecutor on a
-wall clock, or SimExecutor on a virtual one. The result is the stable JSON of moejax.engine.metrics.
+Both build the same engine (moejax.engine.build: scheduler + policy) and differ only in the executor:
+"jax" on a wall clock, or "sim" on a virtual one. The result is the stable JSON of
+moejax.engine.metrics.
 
 Policies are named `name[@token_budget]`: "chunked@256" is chunked prefill with 256-token chunks.
 """
@@ -17,65 +18,15 @@ import dataclasses
 import jax
 import numpy as np
 
-from moejax.config import ModelConfig, get_preset
+from moejax.config import get_preset
 from moejax.engine.compiles import count_compilations
-from moejax.engine.engine import Arrival, Engine, real_engine
-from moejax.engine.kv_cache import KVCacheManager, kv_block_bytes
-from moejax.engine.layered import WithinTarget
+from moejax.engine.engine import Arrival
+from moejax.engine.factory import build
 from moejax.engine.metrics import SLO
-from moejax.engine.policies import make_policy
+from moejax.engine.policies import parse_policy
 from moejax.engine.sampling import SamplingParams
-from moejax.engine.scheduler import Scheduler, SchedulerConfig
-from moejax.engine.traffic import model_bytes
 from moejax.sim.cost_model import Calibration, idle_energy_j
 from moejax.sim.workloads import WorkloadRequest, make_workload, prompt_token_ids
-
-
-def parse_policy(spec: str) -> tuple[str, dict]:
-    """'chunked@256' -> ('chunked', {'token_budget': 256})."""
-    name, _, budget = spec.partition("@")
-    if not budget:
-        return name, {}
-    try:
-        return name, {"token_budget": int(budget)}
-    except ValueError:
-        raise ValueError(f"policy {spec!r}: expected name@<token budget>, e.g. chunked@256") from None
-
-
-def simulated_engine(config: ModelConfig | str, hardware: str, *, policy: str = "chunked",
-                     tbt_target_s: float = 0.1,
-                     routing: str = "correlated", token_budget: int = 512, max_num_seqs: int = 256,
-                     max_model_len: int | None = None, block_size: int = 16, memory_fraction: float = 0.9,
-                     seed: int = 0, routing_params: dict | None = None, calibration: Calibration | None = None,
-                     **policy_options) -> Engine:
-    """The engine with a SimExecutor: KV capacity is what the hardware's memory holds after the weights.
-    layered-adaptive prices candidate iterations with the same cost model, aiming at `tbt_target_s`.
-    calibration: the cost model's fitted constants (default: moejax/sim/calibration.json's entry)."""
-    from moejax.sim.executor import SimExecutor
-    from moejax.sim.pricing import ExpectedPricer
-
-    policy_options = dict(policy_options, tbt_target_s=tbt_target_s) if policy == "layered-adaptive" \
-        else policy_options
-    cfg = get_preset(config) if isinstance(config, str) else config
-    if routing_params and cfg.num_experts:  # e.g. {"affinity": 5.0} for "correlated" (see make_routing)
-        from moejax.sim.routing import make_routing
-        routing = make_routing(routing, cfg, seed, **routing_params)
-    executor = SimExecutor(cfg, hardware, routing=routing if cfg.num_experts else None, seed=seed,
-                           calibration=calibration)
-    if policy == "layered-adaptive":
-        policy_options["choose_layers"] = WithinTarget(
-            ExpectedPricer(cfg, executor.hardware, executor.routing, executor.cost_model.calibration),
-            target_s=policy_options.pop("tbt_target_s"))
-    max_model_len = max_model_len or cfg.max_position
-    free = memory_fraction * executor.hardware.memory_bytes - model_bytes(cfg)
-    if free <= 0:
-        raise ValueError(f"{cfg.name} ({model_bytes(cfg) / 1e9:.1f} GB of weights) does not fit "
-                         f"{hardware} ({executor.hardware.memory_bytes / 1e9:.0f} GB)")
-    num_blocks = int(free // kv_block_bytes(cfg, block_size))
-    scheduler = Scheduler(cfg, KVCacheManager(num_blocks, block_size), make_policy(policy, **policy_options),
-                          SchedulerConfig(max_num_seqs=max_num_seqs, token_budget=token_budget,
-                                          max_model_len=max_model_len))
-    return Engine(scheduler, executor, virtual_time=True, seed=seed)
 
 
 def run(model: str, *, hardware: str | None = None, policy: str = "chunked", workload: str = "sharegpt",
@@ -93,28 +44,27 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
     state: with `warmup`, the workload is first served once, untimed (compiling the shapes it needs),
     and a fresh engine on the same model serves it again, timed; compilations left in the timed run
     are reported as metrics["num_compilations"]."""
-    name, overrides = parse_policy(policy)
-    token_budget = overrides.get("token_budget", token_budget)
+    token_budget = parse_policy(policy)[1].get("token_budget", token_budget)
+    options = dict(policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                   seed=seed, **policy_options)
     if hardware is None:
         from moejax.checkpoint import load_model
 
         m, _ = load_model(model, seed=seed, layout=layout, dtype=dtype)
         cfg = m.config
-        max_model_len = max_model_len or min(cfg.max_position, 4096)
 
         def make_engine():
-            return real_engine(m, policy=name, token_budget=token_budget, max_num_seqs=max_num_seqs,
-                               max_model_len=max_model_len, seed=seed, **policy_options)
+            return build(m, "jax", **options)
         engine = make_engine()
         where = f"{jax.devices()[0].platform}x{jax.device_count()}" + (f" ({layout})" if layout else "")
     else:
         cfg = get_preset(model)
-        max_model_len = max_model_len or cfg.max_position
-        engine = simulated_engine(cfg, hardware, policy=name, routing=routing, routing_params=routing_params,
-                                  token_budget=token_budget,
-                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len, seed=seed,
-                                  tbt_target_s=slo.tbt_s, calibration=calibration, **policy_options)
+        if policy.startswith("layered-adaptive"):
+            options.setdefault("tbt_target_s", slo.tbt_s)
+        engine = build(cfg, "sim", hardware=hardware, routing=routing, routing_params=routing_params,
+                       calibration=calibration, **options)
         where = hardware
+    max_model_len = engine.scheduler.config.max_model_len
     requests = make_workload(workload, rate, num_requests, seed=seed, max_model_len=max_model_len)
     prompts = prompt_token_ids(requests, cfg.vocab_size, seed=seed, exclude=cfg.eos_token_ids)
     arrivals = [Arrival(r.arrival_s, p, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
@@ -167,15 +117,12 @@ def prompt_expert_bytes(model: str, prompt_len: int, policy: str, *, hardware: s
                         routing: str = "correlated", seed: int = 0, **policy_options) -> float:
     """Routed-expert bytes read to prefill one prompt of `prompt_len` tokens alone (no other requests),
     for real (exact counts from the executor) or simulated on `hardware`."""
-    name, overrides = parse_policy(policy)
-    options = dict(policy=name, max_model_len=prompt_len + 8, seed=seed, **overrides, **policy_options)
+    options = dict(policy=policy, max_model_len=prompt_len + 8, seed=seed, **policy_options)
     if hardware is None:
-        from moejax.checkpoint import load_model
-
-        m, _ = load_model(model, seed=seed)
-        engine, vocab = real_engine(m, **options), m.config.vocab_size
+        engine = build(model, "jax", **options)
     else:
-        engine, vocab = simulated_engine(model, hardware, routing=routing, **options), get_preset(model).vocab_size
+        engine = build(model, "sim", hardware=hardware, routing=routing, **options)
+    vocab = engine.config.vocab_size
     prompt = prompt_token_ids([WorkloadRequest(0.0, prompt_len, 1)], vocab, seed=seed)[0]
     engine.run([Arrival(0.0, prompt, SamplingParams(max_tokens=1, ignore_eos=True))])
     return float(sum(s.expert_bytes for s in engine.steps))

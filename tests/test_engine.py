@@ -9,7 +9,8 @@ import pytest
 
 from moejax.config import get_preset
 from moejax.engine.compiles import count_compilations
-from moejax.engine.engine import Arrival, real_engine
+from moejax.engine import build
+from moejax.engine.engine import Arrival
 from moejax.engine.sampling import RequestError, SamplingParams
 from moejax.models.model import build_model
 from moejax.models.reference import greedy_generate
@@ -35,7 +36,7 @@ def expected(model, prompts):
 
 
 def run(model, prompts, order=None, **options):
-    engine = real_engine(model, max_model_len=128, block_size=4, **options)
+    engine = build(model, max_model_len=128, block_size=4, **options)
     order = order or list(range(len(prompts)))
     reqs = {i: engine.add_request(prompts[i], GREEDY, request_id=i) for i in order}
     while engine.has_unfinished:
@@ -70,7 +71,7 @@ def test_forced_preemption_keeps_outputs(model, prompts, expected, policy):
 
 
 def test_staggered_arrivals_through_run(model, prompts, expected):
-    engine = real_engine(model, max_model_len=128, block_size=4, token_budget=16)
+    engine = build(model, max_model_len=128, block_size=4, token_budget=16)
     arrivals = [Arrival(0.001 * i, p, GREEDY) for i, p in enumerate(prompts)]
     reqs = engine.run(arrivals)
     assert [r.output_token_ids for r in reqs] == expected
@@ -83,7 +84,7 @@ def test_no_recompilation_in_steady_state(model):
     iterations fall in the row buckets already met compile nothing. (One warm-up mix is not enough:
     each pair of row-count and sampled-row buckets is a program, and a mix meets only some pairs.)"""
     rng = np.random.default_rng(3)
-    engine = real_engine(model, max_model_len=128, block_size=4, token_budget=32)
+    engine = build(model, max_model_len=128, block_size=4, token_budget=32)
 
     def serve(lengths):
         for n in lengths:
@@ -100,7 +101,7 @@ def test_no_recompilation_in_steady_state(model):
 
 
 def test_abort_frees_blocks_mid_flight(model, prompts):
-    engine = real_engine(model, max_model_len=128, block_size=4, token_budget=16)
+    engine = build(model, max_model_len=128, block_size=4, token_budget=16)
     a = engine.add_request(prompts[5], SamplingParams(max_tokens=50, ignore_eos=True))
     b = engine.add_request(prompts[3], GREEDY)
     engine.step()
@@ -117,12 +118,12 @@ def test_abort_frees_blocks_mid_flight(model, prompts):
 def test_sampling_is_reproducible_and_batch_independent(model, prompts):
     params = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
     alone, _ = run(model, prompts[3:4], policy="chunked")
-    engine = real_engine(model, max_model_len=128, block_size=4)
+    engine = build(model, max_model_len=128, block_size=4)
     r1 = engine.add_request(prompts[3], params)
     others = [engine.add_request(p, SamplingParams(max_tokens=7, temperature=1.0, ignore_eos=True)) for p in prompts[:3]]
     while engine.has_unfinished:
         engine.step()
-    engine2 = real_engine(model, max_model_len=128, block_size=4, token_budget=8)
+    engine2 = build(model, max_model_len=128, block_size=4, token_budget=8)
     r2 = engine2.add_request(prompts[3], params)
     while engine2.has_unfinished:
         engine2.step()
@@ -133,7 +134,7 @@ def test_sampling_is_reproducible_and_batch_independent(model, prompts):
 
 def test_top_k_one_is_greedy(model, prompts, expected):
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.5, top_k=1, seed=5, ignore_eos=True)
-    engine = real_engine(model, max_model_len=128, block_size=4)
+    engine = build(model, max_model_len=128, block_size=4)
     r = engine.add_request(prompts[2], params)
     while engine.has_unfinished:
         engine.step()
@@ -141,7 +142,7 @@ def test_top_k_one_is_greedy(model, prompts, expected):
 
 
 def test_request_validation(model):
-    engine = real_engine(model, max_model_len=32, block_size=4)
+    engine = build(model, max_model_len=32, block_size=4)
     with pytest.raises(RequestError, match="prompt is empty"):
         engine.add_request([])
     with pytest.raises(RequestError, match=r"outside the vocabulary \[0, 512\)"):
@@ -156,7 +157,7 @@ def test_request_validation(model):
 
 def test_stop_tokens(model, prompts, expected):
     stop = expected[4][5]
-    engine = real_engine(model, max_model_len=128, block_size=4)
+    engine = build(model, max_model_len=128, block_size=4)
     r = engine.add_request(prompts[4], SamplingParams(max_tokens=MAX_TOKENS, stop_token_ids=(stop,)))
     while engine.has_unfinished:
         engine.step()
@@ -203,7 +204,7 @@ def test_fused_iterations_equal_layer_by_layer(model, prompts):
     its twin: identical tokens and identical per-layer expert counts, iteration by iteration."""
     runs = []
     for fuse in (True, False):
-        engine = real_engine(model, max_model_len=128, block_size=4, token_budget=16)
+        engine = build(model, max_model_len=128, block_size=4, token_budget=16)
         engine.executor.fuse = fuse
         reqs = [engine.add_request(p, SamplingParams(max_tokens=6, temperature=0.8, seed=9, ignore_eos=True))
                 for p in prompts]

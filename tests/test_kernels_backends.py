@@ -1,7 +1,7 @@
 """Every backend that runs on CPU against float64 numpy, on fresh random inputs.
 
 pallas runs with interpret=True and mosaic_gpu in Pallas' GPU interpret mode; both interpreters
-fill kernel outputs with NaN before the kernel runs (checked in test_kernels_layout.py), so
+fill kernel outputs with NaN before the kernel runs (checked in test_kernels_tiles.py), so
 "finite and equal to numpy everywhere" means every element was written.
 """
 
@@ -36,11 +36,9 @@ def numpy_ffn_rows(x, w_gate_up, w_down, expert_of_row, activation="silu"):
     return out
 
 
-def expert_of_sorted_rows(group_sizes, num_rows, group_offset=0, num_local=None):
-    """Local expert of each row of a [num_rows]-row array sorted by (global) expert, -1 for none."""
-    num_local = len(group_sizes) if num_local is None else num_local
-    ids = np.repeat(np.arange(len(group_sizes)), group_sizes) - group_offset
-    ids = np.where((ids >= 0) & (ids < num_local), ids, -1)
+def expert_of_sorted_rows(group_sizes, num_rows):
+    """Expert of each row of a [num_rows]-row array sorted by expert, -1 for rows past the groups."""
+    ids = np.repeat(np.arange(len(group_sizes)), group_sizes)
     return np.concatenate([ids, -np.ones(num_rows - len(ids), int)])
 
 
@@ -122,30 +120,32 @@ def test_expert_ffn_odd_dims(backend, D, F):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("backend", ALL)
-def test_grouped_matmul_with_group_offset(backend, dtype):
-    """A shard holding experts [2, 5) of 7: rows of experts 0-1 and 5-6 and rows past all groups
-    come out as zeros."""
+def test_grouped_matmul(backend, dtype):
+    """Groups of uneven size, some empty, and rows past all groups (zeros)."""
     rng = np.random.default_rng(ALL.index(backend) + len(dtype))
-    sizes, rows, offset, local = np.array([4, 9, 0, 21, 6, 3, 2]), 50, 2, 3
+    sizes, rows = np.array([4, 9, 0, 21, 6, 3, 2]), 50
     K, N = 128, 256
     if not runs(backend, dtype, K, N):
         pytest.skip("mosaic_gpu takes bf16 only")
-    w = np.asarray(jnp.asarray(rng.normal(size=(local, K, N)) / np.sqrt(K), dtype), np.float64)
+    w = np.asarray(jnp.asarray(rng.normal(size=(len(sizes), K, N)) / np.sqrt(K), dtype), np.float64)
     x = np.asarray(jnp.asarray(rng.normal(size=(rows, K)), dtype), np.float64)
-    experts = expert_of_sorted_rows(sizes, rows, offset, local)
+    experts = expert_of_sorted_rows(sizes, rows)
     want = np.stack([x[i] @ w[e] if e >= 0 else np.zeros(N) for i, e in enumerate(experts)])
-    got = kernels.grouped_matmul(*as_jax(dtype, x, w), jnp.asarray(sizes), group_offset=offset,
-                                 backend=backend)
+    got = kernels.grouped_matmul(*as_jax(dtype, x, w), jnp.asarray(sizes), backend=backend)
     assert_close(got, want, dtype)
 
 
-def numpy_moe(x, ids, weights, w_gate_up, w_down, group_offset=0):
-    E = w_gate_up.shape[0]
+def numpy_moe(x, ids, weights, w_gate_up, w_down, slot_of=None):
+    """float64 routed experts of an expert buffer w_gate_up: [S, D, 2F] whose slot_of: [E] names each
+    expert's slot or -1 (None: slot e holds expert e); ids outside [0, E) and experts of slot -1
+    contribute nothing."""
+    S = w_gate_up.shape[0]
+    slot_of = np.arange(S) if slot_of is None else np.asarray(slot_of)
     out = np.zeros((x.shape[0], w_down.shape[2]))
     for k in range(ids.shape[1]):
-        local = ids[:, k] - group_offset
-        experts = np.where((local >= 0) & (local < E), local, -1)
-        out += weights[:, k:k + 1] * numpy_ffn_rows(x, w_gate_up, w_down, experts)
+        in_range = (ids[:, k] >= 0) & (ids[:, k] < len(slot_of))
+        slots = np.where(in_range, slot_of[np.clip(ids[:, k], 0, len(slot_of) - 1)], -1)
+        out += weights[:, k:k + 1] * numpy_ffn_rows(x, w_gate_up, w_down, slots)
     return out
 
 
@@ -172,21 +172,43 @@ def test_moe_ffn(backend, T, E, K, dtype):
 
 
 @pytest.mark.parametrize("backend", ALL)
-def test_moe_ffn_local_experts(backend):
-    """Two shards of 8 experts each sum to the unsharded layer; group_sizes count local experts."""
+def test_moe_ffn_expert_buffer_through_slot_map(backend):
+    """Buffers holding random subsets of the experts in random slot orders (an expert cache), some
+    slots unused: each row's experts outside the buffer add nothing, and the rows per slot are
+    exact. Then two shards holding 8 experts each sum to the whole layer (expert parallelism)."""
     rng = np.random.default_rng(ALL.index(backend))
     T, E, K, D, F, dtype = 29, 16, 4, 128, 128, "bfloat16"
     w_gate_up, w_down = random_weights(rng, E, D, F, dtype)
     x = np.asarray(jnp.asarray(rng.normal(size=(T, D)), dtype), np.float64)
     ids = np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)
+    ids[3] = E  # a padding row
     weights = rng.random((T, K))
+
+    def run(slot_of, buffer_gu, buffer_down):
+        out, slot_sizes = kernels.moe_ffn(*as_jax(dtype, x), jnp.asarray(ids), jnp.asarray(weights, jnp.float32),
+                                          *as_jax(dtype, buffer_gu, buffer_down), jnp.asarray(slot_of, jnp.int32),
+                                          backend=backend)
+        assert_close(out, numpy_moe(x, ids, weights, buffer_gu, buffer_down, slot_of), dtype)
+        held = {e: s for e, s in enumerate(slot_of) if s >= 0}
+        want_sizes = np.zeros(len(buffer_gu), int)
+        for e in ids[ids < E]:
+            if e in held:
+                want_sizes[held[e]] += 1
+        np.testing.assert_array_equal(slot_sizes, want_sizes)
+        return np.asarray(out, np.float64)
+
+    for num_slots, held in [(6, 5), (16, 16), (3, 3)]:
+        experts = rng.choice(E, held, replace=False)
+        slots = rng.choice(num_slots, held, replace=False)
+        slot_of = np.full(E, -1)
+        slot_of[experts] = slots
+        buffer_gu = np.full((num_slots, D, 2 * F), 7.0)  # unused slots hold garbage that must not be read
+        buffer_down = np.full((num_slots, F, D), 7.0)
+        buffer_gu[slots], buffer_down[slots] = w_gate_up[experts], w_down[experts]
+        run(slot_of, buffer_gu, buffer_down)
+
     total = 0
     for shard in range(2):
-        experts = slice(8 * shard, 8 * shard + 8)
-        out, group_sizes = kernels.moe_ffn(
-            *as_jax(dtype, x), jnp.asarray(ids), jnp.asarray(weights, jnp.float32),
-            *as_jax(dtype, w_gate_up[experts], w_down[experts]), group_offset=8 * shard, backend=backend)
-        assert_close(out, numpy_moe(x, ids, weights, w_gate_up[experts], w_down[experts], 8 * shard), dtype)
-        np.testing.assert_array_equal(group_sizes, np.bincount(ids.ravel(), minlength=E)[experts])
-        total = total + np.asarray(out, np.float64)
+        slot_of = np.where(np.arange(E) // 8 == shard, np.arange(E) % 8, -1)
+        total = total + run(slot_of, w_gate_up[8 * shard:8 * shard + 8], w_down[8 * shard:8 * shard + 8])
     assert_close(total, numpy_moe(x, ids, weights, w_gate_up, w_down), dtype)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from moejax.kernels import layout, mosaic_gpu, pallas
+from moejax.kernels import mosaic_gpu, tile_map, pallas
 
 # (D, F, experts, rows): Mixtral-8x7B, Qwen3-30B-A3B, DeepSeek-V3 (expert count does not matter here).
 MODELS = {"mixtral": (4096, 14336, 8, 4096), "qwen3": (2048, 768, 128, 2048), "deepseek_v3": (7168, 2048, 32, 2048)}
@@ -20,8 +20,8 @@ MODELS = {"mixtral": (4096, 14336, 8, 4096), "qwen3": (2048, 768, 128, 2048), "d
 
 def lower(module, cfg, platform, D, F, E, R):
     def fn(x, w_gate_up, w_down, group_sizes):
-        tiles, slot, num_slots = layout.slots(group_sizes, R, cfg.block_m)
-        x_tiled = layout.gather_rows(x, layout.source_rows(slot, num_slots))
+        tiles, slot, num_slots = tile_map.tile_rows(group_sizes, R, cfg.block_m)
+        x_tiled = tile_map.gather_rows(x, tile_map.source_rows(slot, num_slots))
         return (module.ffn(x_tiled, w_gate_up, w_down, tiles, cfg, "silu", jnp.bfloat16),  # moe_ffn's call
                 module.ffn(x_tiled, w_gate_up, w_down, tiles, cfg, "gelu", jnp.float32),  # expert_ffn's
                 module.gmm(x_tiled, w_down, tiles, cfg, jnp.float32))  # grouped_matmul's

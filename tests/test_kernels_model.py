@@ -35,10 +35,24 @@ def test_tiny_qwen3_moe_logits_match_reference(backend):
     np.testing.assert_allclose(logits(model, backend, tokens), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-def test_bf16_model_logits_match_reference_on_mosaic_gpu():
-    """mosaic_gpu takes bf16 with F a multiple of 128, so the same preset in bf16 with F = 128."""
+def test_bf16_model_layers_match_reference_on_mosaic_gpu():
+    """mosaic_gpu takes bf16 with F a multiple of 128, so the same preset in bf16 with F = 128.
+
+    Layer by layer from the same input: in bf16 the two backends' rounding differs, and a router
+    near-tie then picks another expert in a later layer (top-k is discontinuous), which says nothing
+    about the kernels. Given the same input, both see the same routing."""
     config = dataclasses.replace(get_preset("tiny-qwen3-moe"), moe_intermediate_size=128, dtype="bfloat16")
     model = build_model(config, seed=3)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, 11)
-    want = logits(model, "reference", tokens)
-    np.testing.assert_allclose(logits(model, "mosaic_gpu", tokens), want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+    meta = attention_metadata(np.arange(len(tokens)), np.zeros(len(tokens)), np.arange(8)[None], BS, 8)
+    kv = {b: model.init_kv_cache(8, BS) for b in ("reference", "mosaic_gpu")}
+    x = model.embed(pad_tokens(tokens, meta.positions.shape[0]))
+    for i in range(config.num_layers):
+        out = {}
+        for b in kv:
+            with kernels.use_backend(b):
+                out[b], kv[b][i], _ = model.layer(i, x, kv[b][i], meta)
+        want = np.asarray(out["reference"], np.float64)
+        np.testing.assert_allclose(np.asarray(out["mosaic_gpu"], np.float64), want, rtol=1e-2,
+                                   atol=1e-2 * np.abs(want).max(), err_msg=f"layer {i}")
+        x = out["reference"]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from moejax.config import get_preset
-from moejax.engine.engine import real_engine
+from moejax.engine import build
 from moejax.engine.layered import group_count, split_layers
 from moejax.engine.sampling import SamplingParams
 from moejax.models.model import build_model
@@ -38,7 +38,7 @@ def expected(model, prompts):
 
 
 def serve(model, prompts, **options):
-    engine = real_engine(model, max_model_len=128, block_size=4, **options)
+    engine = build(model, max_model_len=128, block_size=4, **options)
     reqs = [engine.add_request(p, GREEDY) for p in prompts]
     layers_crossed = {r.request_id: [] for r in reqs}
     while engine.has_unfinished:
@@ -75,7 +75,7 @@ def test_layered_with_preemption(model, prompts, expected):
 
 
 def test_abort_mid_prefill(model, prompts, expected):
-    engine = real_engine(model, max_model_len=128, block_size=4, policy="layered", group_table=TABLES["G8"])
+    engine = build(model, max_model_len=128, block_size=4, policy="layered", group_table=TABLES["G8"])
     a = engine.add_request(prompts[3], GREEDY)
     b = engine.add_request(prompts[1], GREEDY)
     engine.step()
@@ -103,11 +103,10 @@ def test_adaptive_layers_keep_modelled_iterations_within_target():
     """layered-adaptive (simulated Qwen3-30B-A3B): every iteration that carries a prompt cohort stays
     within the TBT target unless it crosses a single layer (the minimum), and prompts still cross all
     48 layers in order."""
-    from moejax.runs import simulated_engine
     from moejax.engine.engine import Arrival
 
     target = 0.02
-    engine = simulated_engine("qwen3-30b-a3b", "h100x2", policy="layered-adaptive", tbt_target_s=target)
+    engine = build("qwen3-30b-a3b", "sim", hardware="h100x2", policy="layered-adaptive", tbt_target_s=target)
     rng = np.random.default_rng(0)
     arrivals = [Arrival(0.05 * i, rng.integers(3, 1000, n).tolist(), SamplingParams(max_tokens=20, ignore_eos=True))
                 for i, n in enumerate([3000, 500, 7000, 1200, 50, 9000])]

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from moejax.checkpoint import load_hf, load_model
 from moejax.config import get_preset
-from moejax.engine.engine import real_engine
+from moejax.engine import build
 from moejax.engine.sampling import SamplingParams
 from moejax.meshes import LAYOUTS, Layout, LayoutError, get_layout
 from moejax.models.model import build_model
@@ -40,12 +40,12 @@ def test_sharded_hf_checkpoint_logits():
     path = Path(__file__).parent / "fixtures" / "hf" / "qwen3_moe"
     want = prompt_logits(load_hf(path), PROMPT[:20])
     model, _ = load_model(str(path), layout="cpu8-ep")
-    assert model.layer_states[0]["ffn"]["w_gate_up"][...].sharding.spec[0] == "data"
+    assert model.expert_states[0]["w_gate_up"][...].sharding.spec[0] == "data"
     np.testing.assert_allclose(prompt_logits(model, PROMPT[:20]), want, rtol=1e-5, atol=1e-5)
 
 
 def serve(model, prompts):
-    engine = real_engine(model, max_model_len=96, block_size=4, token_budget=24, num_blocks=8 * 24)
+    engine = build(model, max_model_len=96, block_size=4, token_budget=24, num_blocks=8 * 24)
     reqs = [engine.add_request(p, SamplingParams(max_tokens=8, ignore_eos=True)) for p in prompts]
     while engine.has_unfinished:
         engine.step()

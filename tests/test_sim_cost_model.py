@@ -141,7 +141,7 @@ def _measured_samples(cfg, hw, truth, rng, noise=0.0):
         plan = make_plan(cfg, slices)
         stats = traffic.layer_stats(cfg, plan, plan_expert_tokens(cfg, plan, routing, rng))
         seconds = model.price(plan, stats).seconds * (1 + noise * rng.standard_normal())
-        samples.append((plan, StepResult({}, seconds, stats)))
+        samples.append((plan, StepResult({}, seconds, stats.total_expert_bytes, stats=stats)))
     return samples
 
 
@@ -164,7 +164,7 @@ def test_calibration_fit_recovers_planted_constants(tmp_path):
     sample = _measured_samples(cfg, hw, truth, rng)[2]
     with pytest.raises(ValueError, match="do not separate"):
         plan, result = sample
-        fit_calibration(start, [sample, (plan, StepResult({}, result.elapsed_s * 1.01, result.layer_stats))])
+        fit_calibration(start, [sample, (plan, StepResult({}, result.elapsed_s * 1.01, 0.0, stats=result.layer_stats))])
 
     # written back and loaded by hardware name; other names fall back to "default"
     path = tmp_path / "calibration.json"

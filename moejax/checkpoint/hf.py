@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.checkpoint.hf_mapping import IGNORED_SUFFIXES, Source, param_sources
-from moejax.checkpoint.placement import ShardingFor, dotted, param_sharding
+from moejax.checkpoint.hf_mapping import IGNORED_SUFFIXES, Source, dotted, param_sources
 from moejax.checkpoint.safetensors_file import CheckpointError, SafetensorsFile
 from moejax.config import load_hf_config
 from moejax.models.decoder import CausalLM
-from moejax.models.model import Model
+from moejax.meshes.placement import Placements
+from moejax.models.model import Model, variable_sharding
 
 class CheckpointFiles:
     """The tensors of a checkpoint directory: one `model.safetensors`, or shards listed by
@@ -88,13 +88,13 @@ def _check(files: CheckpointFiles, sources: dict[str, Source], shapes: dict[str,
                                   f"expected {list(shape)} (for {path}, from config.json)")
 
 
-def load_hf(directory: str | Path, *, dtype: str | None = None,
-            sharding_for: ShardingFor | None = None) -> Model:
+def load_hf(directory: str | Path, *, dtype: str | None = None, placements: Placements = Placements()) -> Model:
     """A Model from a HF checkpoint directory (config.json + safetensors), in `dtype` (default:
-    the checkpoint's), each parameter placed by `sharding_for` (default: the first device)."""
+    the checkpoint's), each parameter placed by `placements` (default: the first device)."""
     cfg = load_hf_config(directory)
     if dtype:
         cfg = cfg.replace(dtype=dtype)
+    placements.validate(cfg)
     files = CheckpointFiles(directory)
     target_dtype = jnp.dtype(cfg.dtype)
     module = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0), dtype=target_dtype))
@@ -107,10 +107,10 @@ def load_hf(directory: str | Path, *, dtype: str | None = None,
     for path, var in variables.items():
         source = sources[path]
         var.set_value(jax.make_array_from_callback(
-            tuple(var.shape), param_sharding(path, var, sharding_for),
+            tuple(var.shape), variable_sharding(var, placements),
             lambda index, source=source: np.ascontiguousarray(source.read(files.get, index), dtype=target_dtype)))
     nnx.update(module, state)
-    return Model(cfg, module)
+    return Model(cfg, module, placements)
 
 
 def load_tokenizer(directory: str | Path):

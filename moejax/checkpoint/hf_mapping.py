@@ -20,6 +20,11 @@ import numpy as np
 
 from moejax.config import ModelConfig
 
+
+def dotted(path: tuple) -> str:
+    """('layers', 0, 'attn', 'w_q') -> 'layers.0.attn.w_q': a parameter's path as param_sources names it."""
+    return ".".join(str(getattr(p, "key", p)) for p in path)
+
 Index = tuple[slice, ...]
 Reader = Callable[[str], np.ndarray]  # tensor name -> lazily-read array
 
@@ -135,7 +140,7 @@ Source = Transposed | Direct | StackedExperts | FusedExperts | Concat
 
 
 def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
-    """{moejax param path ("layers.3.ffn.w_gate_up"): source} for a checkpoint holding `names`."""
+    """{moejax param path ("experts.3.w_gate_up"): source} for a checkpoint holding `names`."""
     src: dict[str, Source] = {
         "io.embed": Direct("model.embed_tokens.weight"),
         "io.final_norm.weight": Direct("model.norm.weight"),
@@ -157,9 +162,9 @@ def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
             src[f"{me}.attn.q_norm.weight"] = Direct(f"{hf}.self_attn.q_norm.weight")
             src[f"{me}.attn.k_norm.weight"] = Direct(f"{hf}.self_attn.k_norm.weight")
         if cfg.moe_layers[i]:
-            src.update(_moe_sources(cfg, names, hf, f"{me}.ffn"))
+            src.update(_moe_sources(cfg, names, hf, me, f"experts.{i}"))
         else:
-            src.update(_mlp_sources(f"{hf}.mlp", f"{me}.ffn.mlp"))
+            src.update(_mlp_sources(f"{hf}.mlp", f"{me}.mlp"))
     return src
 
 
@@ -168,25 +173,26 @@ def _mlp_sources(hf: str, me: str) -> dict[str, Source]:
             f"{me}.w_down": Transposed(f"{hf}.down_proj.weight")}
 
 
-def _moe_sources(cfg: ModelConfig, names: set[str], hf_layer: str, me: str) -> dict[str, Source]:
+def _moe_sources(cfg: ModelConfig, names: set[str], hf_layer: str, me: str, experts: str) -> dict[str, Source]:
+    """Router and shared expert go to the layer (`me`), the routed experts to `experts`."""
     # Mixtral's legacy checkpoints call the block `block_sparse_moe` and the projections w1/w3/w2.
     block = f"{hf_layer}.block_sparse_moe" if f"{hf_layer}.block_sparse_moe.gate.weight" in names \
         else f"{hf_layer}.mlp"
     E = cfg.num_experts
-    src: dict[str, Source] = {f"{me}.w_router": Transposed(f"{block}.gate.weight")}
+    src: dict[str, Source] = {f"{me}.router.w": Transposed(f"{block}.gate.weight")}
     if f"{block}.experts.gate_up_proj" in names:
-        src[f"{me}.w_gate_up"] = FusedExperts(f"{block}.experts.gate_up_proj")
-        src[f"{me}.w_down"] = FusedExperts(f"{block}.experts.down_proj")
+        src[f"{experts}.w_gate_up"] = FusedExperts(f"{block}.experts.gate_up_proj")
+        src[f"{experts}.w_down"] = FusedExperts(f"{block}.experts.down_proj")
     else:
         gate, up, down = ("w1", "w3", "w2") if block.endswith("block_sparse_moe") else \
             ("gate_proj", "up_proj", "down_proj")
-        src[f"{me}.w_gate_up"] = StackedExperts(tuple(f"{block}.experts.{e}.{gate}.weight" for e in range(E)),
-                                                tuple(f"{block}.experts.{e}.{up}.weight" for e in range(E)))
-        src[f"{me}.w_down"] = StackedExperts(tuple(f"{block}.experts.{e}.{down}.weight" for e in range(E)))
+        src[f"{experts}.w_gate_up"] = StackedExperts(tuple(f"{block}.experts.{e}.{gate}.weight" for e in range(E)),
+                                                     tuple(f"{block}.experts.{e}.{up}.weight" for e in range(E)))
+        src[f"{experts}.w_down"] = StackedExperts(tuple(f"{block}.experts.{e}.{down}.weight" for e in range(E)))
     if cfg.shared_expert_intermediate_size:
         src.update(_mlp_sources(f"{block}.shared_expert", f"{me}.shared_expert"))
     if cfg.shared_expert_gate:
-        src[f"{me}.w_shared_gate"] = Transposed(f"{block}.shared_expert_gate.weight")
+        src[f"{me}.shared_gate"] = Transposed(f"{block}.shared_expert_gate.weight")
     return src
 
 

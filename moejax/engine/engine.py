@@ -6,7 +6,6 @@ The simulator is this loop with a SimExecutor and a virtual clock that advances 
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,13 +15,12 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.engine.executor import Executor
-from moejax.engine.kv_cache import KVCacheManager, kv_block_bytes, kv_capacity
+from moejax.engine.kv_transfer import Handoff
 from moejax.engine.metrics import SLO, StepRecord, summarize
 from moejax.engine.plan import IterationPlan, StepResult
-from moejax.engine.policies import make_policy
 from moejax.engine.request import Request
 from moejax.engine.sampling import RequestError, SamplingParams
-from moejax.engine.scheduler import Scheduler, SchedulerConfig
+from moejax.engine.scheduler import Scheduler
 
 
 class WallClock:
@@ -78,26 +76,54 @@ class Engine:
         self.seed = seed
         self.steps: list[StepRecord] = []
         self.finished: list[Request] = []
+        self.handoffs: list[Handoff] = []  # requests handed off after their prefill, with their KV
         self._next_id = 0
 
     # --- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None, *,
-                    request_id: int | None = None, arrival_time: float | None = None) -> Request:
+                    request_id: int | None = None, arrival_time: float | None = None,
+                    handoff: bool = False) -> Request:
+        """Queue a request. handoff: prefill it here, then finish it with reason "handoff" and its
+        KV in `engine.handoffs`, for another engine to continue (`add_prefilled`)."""
         params = params or SamplingParams()
-        ids = [int(t) for t in prompt_token_ids]
-        if not ids:
+        ids = self._checked_tokens(prompt_token_ids, "prompt")
+        request_id = self._new_id(request_id)
+        seed = params.seed if params.seed is not None else (self.seed * 1_000_003 + request_id) % 2**32
+        req = Request(request_id, ids, params, seed,
+                      arrival_time=self.clock.now() if arrival_time is None else arrival_time, handoff=handoff)
+        self.scheduler.add(req)
+        return req
+
+    def add_prefilled(self, handoff: Handoff, *, request_id: int | None = None) -> Request:
+        """Continue a request another engine prefilled: its KV is imported into this engine's blocks
+        and it goes straight to decode (same sampling seed, so it draws what one engine would). Ids
+        are per engine: it gets a new one here unless `request_id` is given."""
+        prompt = self._checked_tokens(handoff.prompt_token_ids, "prompt")
+        outputs = self._checked_tokens(handoff.output_token_ids, "output")
+        if not outputs:
+            raise RequestError(f"request {handoff.request_id}: a hand-off carries the prefill's first token; none given")
+        handoff.kv.check(self.config, self.executor.kv_dtype, len(prompt) + len(outputs) - 1)
+        req = Request(self._new_id(request_id), prompt,
+                      handoff.params, handoff.seed, arrival_time=handoff.arrival_time,
+                      token_ids=prompt + outputs, num_computed_tokens=len(prompt) + len(outputs) - 1)
+        req.first_token_time = handoff.first_token_time
+        self.scheduler.add(req, kv=handoff.kv)
+        return req
+
+    def _checked_tokens(self, token_ids: Sequence[int], what: str) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        if what == "prompt" and not ids:
             raise RequestError("prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
         if bad:
-            raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+            raise RequestError(f"{what} token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        return ids
+
+    def _new_id(self, request_id: int | None) -> int:
         if request_id is None:
             request_id = self._next_id
         self._next_id = max(self._next_id, request_id + 1)
-        seed = params.seed if params.seed is not None else (self.seed * 1_000_003 + request_id) % 2**32
-        req = Request(request_id, ids, params, seed,
-                      arrival_time=self.clock.now() if arrival_time is None else arrival_time)
-        self.scheduler.add(req)
-        return req
+        return request_id
 
     def abort(self, request_id: int) -> Request | None:
         req = self.scheduler.abort(request_id, self.clock.now())
@@ -119,10 +145,19 @@ class Engine:
         now = self.clock.now()
         finished = self.scheduler.update(plan, result, now)
         self.finished.extend(finished)
+        for req in list(self.scheduler.handed_off):
+            self._hand_off(req)
         if not plan.is_empty:
             self.steps.append(StepRecord(now, result.elapsed_s, plan.num_tokens, plan.num_prefill_tokens,
-                                         result.layer_stats.total_expert_bytes, result.energy_j))
+                                         result.expert_bytes, result.energy_j))
         return StepOutput(plan, result, finished)
+
+    def _hand_off(self, req: Request) -> None:
+        """Export a handed-off request's KV (all but its last token: the next engine computes that one)."""
+        kv = self.executor.export_kv(req.block_ids, req.num_computed_tokens)
+        self.handoffs.append(Handoff(req.request_id, list(req.prompt_token_ids), req.output_token_ids, req.params,
+                                     req.seed, kv, req.arrival_time, req.first_token_time))
+        self.scheduler.release_handoff(req)
 
     def run(self, arrivals: Sequence[Arrival], *, progress: bool = False,
             on_step: Callable[[StepOutput], None] | None = None) -> list[Request]:
@@ -168,42 +203,3 @@ def _progress(total: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     transient=True)
-
-
-# --- construction -------------------------------------------------------------------------------------
-
-def default_kv_budget() -> int:
-    """Bytes for the KV cache: 85% of what this process's first device has free (the least over all
-    processes: they must size the same cache), or 512 MiB on CPU."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
-        free = int(0.85 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            free = int(multihost_utils.process_allgather(np.int64(free)).min())
-        return free
-    return 512 << 20
-
-
-def real_engine(model, *, policy: str = "chunked", token_budget: int = 512, max_num_seqs: int = 256,
-                max_model_len: int | None = None, block_size: int = 16, num_blocks: int | None = None,
-                kv_budget_bytes: int | None = None, seed: int = 0, **policy_kwargs) -> Engine:
-    """An engine running `model` on its devices. KV capacity: `num_blocks`, else as many blocks as
-    fit `kv_budget_bytes` (default: free device memory), but no more than max_num_seqs full requests."""
-    from moejax.engine.jax_executor import JaxExecutor
-
-    cfg = model.config
-    max_model_len = max_model_len or min(cfg.max_position, 4096)
-    shards = model.placement.shards("batch") if model.placement else 1
-    if num_blocks is None:
-        wanted = max_num_seqs * math.ceil(max_model_len / block_size)
-        budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget()
-        num_blocks = min(wanted, kv_capacity(cfg, block_size, min(budget, wanted * kv_block_bytes(cfg, block_size))))
-        num_blocks = max(shards, num_blocks - num_blocks % shards)
-    kv = KVCacheManager(num_blocks, block_size, num_shards=shards)
-    scheduler = Scheduler(cfg, kv, make_policy(policy, **policy_kwargs),
-                          SchedulerConfig(max_num_seqs=max_num_seqs, token_budget=token_budget,
-                                          max_model_len=max_model_len))
-    kept = getattr(scheduler.policy, "max_kept_rows", lambda _: 0)(max_model_len)
-    return Engine(scheduler, JaxExecutor(model, num_blocks, block_size, max_model_len, kept), seed=seed)

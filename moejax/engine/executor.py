@@ -3,21 +3,34 @@
     JaxExecutor   runs the model on one device mesh (moejax.engine.jax_executor)
     SimExecutor   a roofline cost model, no model at all (moejax.sim.executor)
 
-Executors are where placement lives; the scheduler and engine loop never see devices.
+Executors are where placement lives; the scheduler and engine loop never see devices. They are
+built by name through moejax.engine.build (moejax.engine.factory).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from moejax.config import ModelConfig
+from moejax.engine.kv_transfer import KVPayload
 from moejax.engine.plan import IterationPlan, StepResult
 
 
 class Executor(Protocol):
     config: ModelConfig
+    kv_dtype: object  # dtype of the KV it holds (what imported KV must have)
+    pricer: Callable[[IterationPlan], float] | None  # modelled seconds of a plan, if it has a cost model
+
+    def attach(self, policy) -> None:
+        """Called once with the engine's policy: take from it what this executor needs."""
+        ...
 
     def execute(self, plan: IterationPlan) -> StepResult:
-        """Run one iteration: every slice through its layers, KV written, sampled rows sampled,
-        and the state of `plan.released` requests (kept hidden rows) dropped."""
+        """Run one iteration: import `plan.kv_imports`, run every slice through its layers, KV written,
+        sampled rows sampled, and the state of `plan.released` requests (kept hidden rows) dropped."""
+        ...
+
+    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int) -> KVPayload:
+        """One request's KV: tokens 0 .. num_tokens-1 of the blocks `block_ids`, every layer."""
         ...

@@ -5,6 +5,9 @@ from the previous group, freshly embedded, or kept from an earlier iteration), b
 metadata, run the group's layers. Row counts are padded to power-of-two buckets, so steady state
 compiles nothing. Everything is dispatched asynchronously; the only host sync is reading the sampled
 tokens and the per-layer expert counts at the end.
+
+KV hand-off: `export_kv` reads one request's KV out of its blocks (every layer, one program, one
+transfer to the host) as a KVPayload; plans carry payloads to import into a request's blocks.
 """
 
 from __future__ import annotations
@@ -12,15 +15,18 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.engine.kv_cache import kv_block_bytes, kv_capacity
+from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout
 from moejax.engine.metadata import attention_metadata, bucket, pad_tokens, to_device
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.engine.sampling import sample
-from moejax.engine.traffic import layer_stats
+from moejax.engine.traffic import layer_stats, routed_expert_bytes
 from moejax.models.model import Model
 
 
@@ -29,21 +35,39 @@ def _scatter_rows(pool: jax.Array, x: jax.Array, src: jax.Array, dst: jax.Array)
     return pool.at[dst].set(jnp.take(x, src, axis=0), mode="drop")
 
 
+@jax.jit
+def _read_kv(kv: list, slots: jax.Array) -> jax.Array:
+    """Every layer's K and V at flat cache slots [n] -> [L, 2, n, KV, hd]."""
+    return jnp.stack([jnp.stack([c.reshape(-1, *c.shape[2:])[slots] for c in layer]) for layer in kv])
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _write_kv(kv: list, slots: jax.Array, values: jax.Array) -> list:
+    """values [L, 2, n, KV, hd] into every layer's cache at flat slots [n] (out of range: dropped)."""
+    out = []
+    for layer, v in zip(kv, values):
+        out.append(tuple(c.reshape(-1, *c.shape[2:]).at[slots].set(x.astype(c.dtype), mode="drop").reshape(c.shape)
+                         for c, x in zip(layer, v)))
+    return out
+
+
 class HiddenStash:
     """Hidden rows of slices that stopped before the last layer, kept on device between iterations
     (layered prefill keeps a whole prompt here while it crosses the layer groups). One pool [P, D]
     with rows handed out per request, so gathering from it never changes shapes. `sharding` places the
     pool and the row indices (None: uncommitted)."""
 
-    def __init__(self, hidden_size: int, dtype, sharding=None, rows: int = 0):
-        """rows: pool size to start with (the most rows the policy keeps at once); a pool that must
-        grow changes the shape of the functions reading it, which then compile again."""
+    def __init__(self, hidden_size: int, dtype, sharding=None):
         self.sharding = sharding
         self.pool = jnp.zeros((0, hidden_size), dtype, device=sharding)
         self._rows: dict[int, np.ndarray] = {}
         self._free: list[int] = []
-        if rows:
-            self._grow(rows)
+
+    def reserve(self, rows: int) -> None:
+        """Hold at least `rows` rows (the most the policy keeps at once) from now on: a pool that grows
+        later changes the shape of the functions reading it, which then compile again."""
+        if rows > self.pool.shape[0]:
+            self._grow(rows - self.pool.shape[0])
 
     def rows(self, request_id: int) -> np.ndarray:
         return self._rows[request_id]
@@ -74,7 +98,9 @@ class HiddenStash:
 
 
 @dataclass
-class RowLayout:
+class RowMap:
+    """Where the rows of a group's slices sit in its padded row set."""
+
     offsets: dict[int, int]  # slice index -> its first row
     positions: np.ndarray  # [T]
     seq_ids: np.ndarray  # [T]
@@ -86,32 +112,64 @@ class JaxExecutor:
     shard-major (each request shard's rows together, every shard padded to the same bucket), so each
     shard attends over the KV blocks it owns."""
 
-    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int, kept_rows: int = 0,
-                 fuse: bool = True):
-        """kept_rows: hidden rows the policy may keep between iterations at once (sizes the stash).
-        fuse: run iterations whose slices all cross every layer as one compiled program (else layer by
+    pricer = None  # no cost model: it measures
+
+    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int, fuse: bool = True):
+        """fuse: run iterations whose slices all cross every layer as one compiled program (else layer by
         layer, as every other iteration runs)."""
         self.fuse = fuse
         self.model = model
         self.config = model.config
+        self.kv_dtype = model.dtype
+        self.max_model_len = max_model_len
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.row_shards = model.placement.shards("batch") if model.placement else 1
-        self.blocks_per_shard = num_blocks // self.row_shards
+        placement = model.placement  # attention and experts on one mesh (refused otherwise)
+        self.row_shards = placement.shards("batch") if placement else 1
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         self.kv = model.init_kv_cache(num_blocks, block_size)
-        placement = model.placement
         self._sharding = placement.sharding if placement else None
         # Inputs with no layout axis (token ids, row indices, sampling columns) are replicated. In one
         # process they stay uncommitted and jit places them; on a mesh over several processes (one per
         # host) jit takes global arrays only.
         self._replicated = placement.sharding(()) if placement and placement.mesh.is_multi_process else None
-        self.stash = HiddenStash(model.config.hidden_size, model.dtype, self._replicated, kept_rows)
+        self.stash = HiddenStash(model.config.hidden_size, model.dtype, self._replicated)
+
+    def attach(self, policy) -> None:
+        """Size the stash for the hidden rows the policy keeps between iterations."""
+        self.stash.reserve(policy.max_kept_rows(self.max_model_len))
+
+    # --- KV hand-off ----------------------------------------------------------------------------------
+    def _slots(self, block_ids: tuple[int, ...], num_tokens: int) -> np.ndarray:
+        """Flat cache slots of tokens 0 .. num_tokens-1, padded to a bucket with an out-of-range slot."""
+        t = np.arange(num_tokens)
+        slots = np.asarray(block_ids, np.int64)[t // self.block_size] * self.block_size + t % self.block_size
+        return np.pad(slots, (0, bucket(num_tokens) - num_tokens),
+                      constant_values=self.num_blocks * self.block_size).astype(np.int32)
+
+    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int) -> KVPayload:
+        """The KV of a request's first num_tokens tokens in `block_ids`, every layer, on the host."""
+        values = np.asarray(_read_kv(self.kv, to_device(self._slots(block_ids, num_tokens), self._replicated)))
+        cfg = self.config
+        states = tuple(LayerKVState("paged", {"k": values[i, 0, :num_tokens], "v": values[i, 1, :num_tokens]})
+                       for i in range(cfg.num_layers))
+        return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(range(cfg.num_layers)), states)
+
+    def import_kv(self, block_ids: tuple[int, ...], payload: KVPayload) -> None:
+        """Write a payload's KV into `block_ids` (checked against this model first)."""
+        payload.check(self.config, self.model.dtype, payload.num_tokens)
+        n, pad = payload.num_tokens, bucket(payload.num_tokens) - payload.num_tokens
+        values = np.stack([np.stack([np.pad(np.asarray(s.arrays[name]), ((0, pad), (0, 0), (0, 0)))
+                                     for name in ("k", "v")]) for s in payload.states])
+        self.kv[:] = _write_kv(self.kv, to_device(self._slots(block_ids, n), self._replicated),
+                               to_device(values, self._replicated))
 
     def execute(self, plan: IterationPlan) -> StepResult:
         t0 = time.perf_counter()
         for rid in plan.released:
             self.stash.release(rid)
+        for rid, block_ids, payload in plan.kv_imports:
+            self.import_kv(block_ids, payload)
         L, E = self.config.num_layers, max(self.config.num_experts, 1)
         if not plan.slices:
             return self._result(plan, {}, np.zeros((L, E), np.int64), t0)
@@ -127,38 +185,34 @@ class JaxExecutor:
             tokens, counts = self._run_whole_model(plan, seq_of, tables)
         else:
             tokens, counts = self._run_groups(plan, seq_of, tables)
-        host_tokens, host_counts = jax.device_get((tokens, counts))
-        expert_tokens = np.zeros((L, E), np.int64)
-        for layer, c in enumerate(host_counts):
-            if c is not None:
-                expert_tokens[layer, :len(c)] = c
+        host_tokens, expert_tokens = jax.device_get((tokens, counts))
         sampled = {row.request_id: int(t) for row, t in zip(plan.sampling, host_tokens)}
         return self._result(plan, sampled, expert_tokens, t0)
 
     def _run_whole_model(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray):
         """Every slice crosses every layer: one compiled program from tokens to sampled tokens."""
-        layout = self._layout(plan, plan.groups[0].slices, seq_of)
-        token_ids = np.zeros(len(layout.valid), np.int32)
+        row_map = self._row_map(plan, plan.groups[0].slices, seq_of)
+        token_ids = np.zeros(len(row_map.valid), np.int32)
         for i, s in enumerate(plan.slices):
-            token_ids[layout.offsets[i]:layout.offsets[i] + s.num_tokens] = s.token_ids
-        meta = attention_metadata(layout.positions, layout.seq_ids, tables, self.block_size, self.num_blocks,
-                                  valid=layout.valid, sharding=self._sharding, once=True)
-        rows, columns = self._sampling_inputs(plan, layout.offsets)
+            token_ids[row_map.offsets[i]:row_map.offsets[i] + s.num_tokens] = s.token_ids
+        meta = attention_metadata(row_map.positions, row_map.seq_ids, tables, self.block_size, self.num_blocks,
+                                  valid=row_map.valid, sharding=self._sharding, once=True)
+        rows, columns = self._sampling_inputs(plan, row_map.offsets)
         return self.model.forward_all(to_device(token_ids, self._replicated), self.kv, meta, rows, sample, *columns)
 
     def _run_groups(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray):
         """Group by group through the layers, hidden rows carried, embedded or kept between iterations."""
         L = self.config.num_layers
-        counts: list[jax.Array | None] = [None] * L
+        counts = jnp.zeros((L, max(self.config.num_experts, 1)), jnp.int32)  # layers no slice crosses: zeros
         x, offsets = None, {}  # hidden rows of the previous group and where each slice sits in them
         for group in plan.groups:
-            layout = self._layout(plan, group.slices, seq_of)
-            x = self._group_rows(plan, group.slices, layout, x, offsets)
-            offsets = layout.offsets
-            meta = attention_metadata(layout.positions, layout.seq_ids, tables, self.block_size, self.num_blocks,
-                                      valid=layout.valid, sharding=self._sharding)
-            x, group_counts = self.model.run_layers(x, self.kv, meta, group.layer_start, group.layer_end)
-            counts[group.layer_start:group.layer_end] = group_counts
+            row_map = self._row_map(plan, group.slices, seq_of)
+            x = self._group_rows(plan, group.slices, row_map, x, offsets)
+            offsets = row_map.offsets
+            meta = attention_metadata(row_map.positions, row_map.seq_ids, tables, self.block_size, self.num_blocks,
+                                      valid=row_map.valid, sharding=self._sharding)
+            x, group_counts = self.run_layers(x, meta, group.layer_start, group.layer_end)
+            counts = counts.at[group.layer_start:group.layer_end].set(jnp.stack(group_counts))
             for i in group.slices:  # slices stopping here before the last layer keep their rows
                 s = plan.slices[i]
                 if s.layer_end == group.layer_end < L:
@@ -169,40 +223,45 @@ class JaxExecutor:
         rows, columns = self._sampling_inputs(plan, offsets)
         return sample(self.model.logits(x, rows), *columns), counts
 
-    def _layout(self, plan: IterationPlan, members: tuple[int, ...], seq_of: dict[int, int]) -> "RowLayout":
+    def run_layers(self, x: jax.Array, meta, start: int, end: int) -> tuple[jax.Array, list[jax.Array]]:
+        """Layers [start, end) on hidden rows x -> (x, tokens per expert per layer). The one place an
+        executor that holds the routed experts elsewhere (offload, disaggregation) changes: it runs
+        each layer in its steps (model.attend / route / experts / combine) and sets fuse=False."""
+        return self.model.run_layers(x, self.kv, meta, start, end)
+
+    def _row_map(self, plan: IterationPlan, members: tuple[int, ...], seq_of: dict[int, int]) -> RowMap:
         """Where each member slice's rows go: grouped by request shard, each shard padded to one bucket."""
         by_shard: list[list[int]] = [[] for _ in range(self.row_shards)]
         for i in members:
-            rid = plan.slices[i].request_id
-            by_shard[plan.block_tables[rid][0] // self.blocks_per_shard].append(i)
+            by_shard[plan.kv_shards[plan.slices[i].request_id]].append(i)
         width = bucket(max(sum(plan.slices[i].num_tokens for i in ids) for ids in by_shard))
         T = width * self.row_shards
-        layout = RowLayout({}, np.zeros(T, np.int32), np.zeros(T, np.int32), np.zeros(T, bool))
+        row_map = RowMap({}, np.zeros(T, np.int32), np.zeros(T, np.int32), np.zeros(T, bool))
         for shard, ids in enumerate(by_shard):
             row = shard * width
             for i in ids:
                 s = plan.slices[i]
-                layout.offsets[i] = row
+                row_map.offsets[i] = row
                 span = slice(row, row + s.num_tokens)
-                layout.positions[span] = np.arange(s.start, s.start + s.num_tokens)
-                layout.seq_ids[span] = seq_of[s.request_id]
-                layout.valid[span] = True
+                row_map.positions[span] = np.arange(s.start, s.start + s.num_tokens)
+                row_map.seq_ids[span] = seq_of[s.request_id]
+                row_map.valid[span] = True
                 row += s.num_tokens
-        return layout
+        return row_map
 
-    def _group_rows(self, plan: IterationPlan, members: tuple[int, ...], layout: "RowLayout", x_prev,
+    def _group_rows(self, plan: IterationPlan, members: tuple[int, ...], row_map: RowMap, x_prev,
                     prev_offsets: dict[int, int]) -> jax.Array:
-        """Hidden rows of a group in its layout: carried over from the previous group, embedded
+        """Hidden rows of a group in its row map: carried over from the previous group, embedded
         (slices starting at layer 0), or taken from the stash (slices resuming mid-model)."""
         new_tokens = [t for i in members if i not in prev_offsets and plan.slices[i].layer_start == 0
                       for t in plan.slices[i].token_ids]
         Tp = 0 if x_prev is None else x_prev.shape[0]
         Te = bucket(len(new_tokens)) if new_tokens else 0
-        rows = np.zeros(len(layout.valid), np.int32)  # padding rows copy row 0 (masked downstream)
+        rows = np.zeros(len(row_map.valid), np.int32)  # padding rows copy row 0 (masked downstream)
         embedded, uses_stash = 0, False
         for i in members:
             s = plan.slices[i]
-            at = slice(layout.offsets[i], layout.offsets[i] + s.num_tokens)
+            at = slice(row_map.offsets[i], row_map.offsets[i] + s.num_tokens)
             if i in prev_offsets:
                 rows[at] = np.arange(prev_offsets[i], prev_offsets[i] + s.num_tokens)
             elif s.layer_start == 0:
@@ -229,5 +288,62 @@ class JaxExecutor:
         return pad_tokens(rows, R, self._replicated), columns
 
     def _result(self, plan: IterationPlan, sampled: dict[int, int], expert_tokens: np.ndarray, t0: float) -> StepResult:
-        stats = layer_stats(self.config, plan, expert_tokens=expert_tokens)
-        return StepResult(sampled=sampled, elapsed_s=time.perf_counter() - t0, layer_stats=stats)
+        cfg = self.config
+        return StepResult(sampled, time.perf_counter() - t0, routed_expert_bytes(cfg, expert_tokens),
+                          stats=lambda: layer_stats(cfg, plan, expert_tokens=expert_tokens))
+
+
+# --- construction (moejax.engine.build(..., "jax")) ------------------------------------------------------
+
+def default_kv_budget() -> int:
+    """Bytes for the KV cache: 85% of what this process's first device has free (the least over all
+    processes: they must size the same cache), or 512 MiB on CPU."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        free = int(0.85 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            free = int(multihost_utils.process_allgather(np.int64(free)).min())
+        return free
+    return 512 << 20
+
+
+def kv_blocks_for(model: Model, *, max_num_seqs: int, max_model_len: int, block_size: int,
+                  num_blocks: int | None, kv_budget_bytes: int | None) -> tuple[int, int]:
+    """(KV blocks, request shards): `num_blocks`, else as many as fit `kv_budget_bytes` (default: free
+    device memory) but no more than max_num_seqs full requests; a multiple of the request shards."""
+    attention = model.placements.attention
+    shards = attention.shards("batch") if attention else 1
+    if num_blocks is None:
+        wanted = max_num_seqs * math.ceil(max_model_len / block_size)
+        budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget()
+        cfg = model.config
+        num_blocks = min(wanted, kv_capacity(cfg, block_size, min(budget, wanted * kv_block_bytes(cfg, block_size))))
+        num_blocks = max(shards, num_blocks - num_blocks % shards)
+    return num_blocks, shards
+
+
+def resolve_model(model, *, layout=None, dtype: str | None = None, seed: int = 0) -> Model:
+    """A Model as given, or loaded from a preset / checkpoint name with `layout` and `dtype`."""
+    if isinstance(model, Model):
+        if layout is not None or dtype is not None:
+            raise ValueError("layout and dtype apply when loading a model by name; this Model is loaded already "
+                             "(give them to load_model)")
+        return model
+    from moejax.checkpoint import load_model
+
+    return load_model(model, layout=layout, dtype=dtype, seed=seed)[0]
+
+
+def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
+           layout=None, dtype: str | None = None, num_blocks: int | None = None,
+           kv_budget_bytes: int | None = None, fuse: bool = True):
+    from moejax.engine.factory import Built
+
+    model = resolve_model(model, layout=layout, dtype=dtype, seed=seed)
+    max_model_len = max_model_len or min(model.config.max_position, 4096)
+    num_blocks, shards = kv_blocks_for(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                       block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes)
+    return Built(JaxExecutor(model, num_blocks, block_size, max_model_len, fuse=fuse), num_blocks, max_model_len,
+                 kv_shards=shards)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moejax.engine.plan import IterationPlan, RowSlice, layer_groups
+from moejax.engine.plan import IterationPlan, RowSlice, plan_of
 from moejax.engine.request import Request, Status
 from moejax.engine.scheduler import Scheduler
 
@@ -69,10 +69,8 @@ class WithinTarget:
         L = s.num_layers
 
         def seconds(k: int) -> float:
-            prompt = [RowSlice(r.request_id, r.num_computed_tokens, tuple(r.token_ids[r.num_computed_tokens:]),
-                               start, start + k, False, r.num_tokens) for r in members]
-            slices = decodes + prompt
-            return self.price(IterationPlan(s.step, tuple(slices), layer_groups(slices, L), {}, (), num_layers=L))
+            prompt = [s.make_slice(r, r.num_uncomputed, start, start + k) for r in members]
+            return self.price(plan_of(s.step, decodes + prompt, L))
 
         lo, hi = 1, L - start  # largest k with seconds(k) <= target; time grows with k
         if seconds(hi) <= self.target_s:
@@ -99,7 +97,7 @@ class LayeredPrefill:
 
     def schedule(self, s: Scheduler) -> list[RowSlice]:
         in_cohorts = {r for c in self._cohorts for r in c.request_ids}
-        slices, _ = s.schedule_decodes(s.config.max_num_seqs, skip=in_cohorts)
+        slices, _ = s.decodes(s.config.max_num_seqs, skip=in_cohorts)
         L = s.num_layers
         # Cohorts under way advance by one group (members preempted meanwhile have left them).
         for cohort in list(self._cohorts):
@@ -111,7 +109,7 @@ class LayeredPrefill:
             slices += self._advance(s, cohort, members, slices)
         # A new cohort may start while fewer than `cohorts_in_flight` are under way.
         if len(self._cohorts) < self.cohorts_in_flight:
-            members = self._admit(s)
+            members = [req for req, _ in s.admit(self.max_prefill_tokens, whole_prompts=True)]
             if members:
                 tokens = sum(r.num_uncomputed for r in members)
                 boundaries = None if self.choose_layers else split_layers(
@@ -120,20 +118,6 @@ class LayeredPrefill:
                 self._cohorts.append(cohort)
                 slices += self._advance(s, cohort, members, slices)
         return slices
-
-    def _admit(self, s: Scheduler) -> list[Request]:
-        """Whole prompts from the waiting queue, in order, up to the cohort's token budget."""
-        members, tokens = [], 0
-        while s.waiting and len(s.running) < s.config.max_num_seqs:
-            req = s.waiting[0]
-            n = req.num_uncomputed
-            if (members and tokens + n > self.max_prefill_tokens) or not s.kv.can_allocate(req, n):
-                break
-            s.admit(req)
-            s.kv.allocate(req, n)
-            members.append(req)
-            tokens += n
-        return members
 
     def _advance(self, s: Scheduler, cohort: Cohort, members: list[Request], decodes: list[RowSlice]) -> list[RowSlice]:
         start = cohort.next_layer

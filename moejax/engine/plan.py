@@ -15,10 +15,15 @@ cost model).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from functools import cached_property
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from moejax.engine.kv_transfer import KVPayload
 
 
 class RowSlice(NamedTuple):  # a NamedTuple: hundreds are made per iteration, it must be cheap
@@ -67,6 +72,9 @@ class IterationPlan:
     sampling: tuple[SamplingRow, ...]  # in the order of the sampled slices
     released: tuple[int, ...] = ()  # requests whose executor-side state (kept hidden rows) can go
     num_layers: int = 0
+    kv_shards: dict[int, int] = field(default_factory=dict)  # request id -> the request shard owning its KV
+    # (request id, its blocks, KV) to write before the iteration runs: requests prefilled elsewhere
+    kv_imports: tuple[tuple[int, tuple[int, ...], "KVPayload"], ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -83,6 +91,11 @@ class IterationPlan:
     @property
     def is_empty(self) -> bool:
         return not self.slices
+
+
+def plan_of(step: int, slices: list[RowSlice], num_layers: int) -> IterationPlan:
+    """A plan of just these slices (no KV, no sampling): what a policy prices before it decides."""
+    return IterationPlan(step, tuple(slices), layer_groups(slices, num_layers), {}, (), num_layers=num_layers)
 
 
 def layer_groups(slices: list[RowSlice] | tuple[RowSlice, ...], num_layers: int) -> tuple[LayerGroup, ...]:
@@ -118,8 +131,18 @@ class LayerStats:
 
 @dataclass
 class StepResult:
+    """What an executor reports for one plan. Per-layer traffic (`layer_stats`) is computed only when
+    someone reads it: the engine loop needs just the routed-expert bytes."""
+
     sampled: dict[int, int]  # request id -> new token
     elapsed_s: float  # wall time (real executors) or modelled time (simulator)
-    layer_stats: LayerStats
+    expert_bytes: float  # routed-expert weight bytes the iteration had to read
+    stats: Callable[[], LayerStats] | LayerStats | None = None  # the stats, or how to compute them
     energy_j: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    @cached_property
+    def layer_stats(self) -> LayerStats:
+        if self.stats is None:
+            raise ValueError("this step result carries no per-layer statistics")
+        return self.stats if isinstance(self.stats, LayerStats) else self.stats()

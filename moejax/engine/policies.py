@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from moejax.engine.layered import LayeredPrefill
 from moejax.engine.plan import RowSlice
 from moejax.engine.request import Status
@@ -19,52 +21,34 @@ class ChunkedPrefill:
     name = "chunked"
 
     def schedule(self, s: Scheduler) -> list[RowSlice]:
-        slices, budget = s.schedule_decodes(s.config.token_budget)
+        slices, budget = s.decodes(s.config.token_budget)
         for req in list(s.running):  # prompts already under way
             if budget == 0:
                 break
-            if req.status is Status.RUNNING and req.num_uncomputed > 1:
+            if req.status is Status.RUNNING and req.num_uncomputed > 1 and not s.is_scheduled(req):
                 n = min(req.num_uncomputed, budget)
                 if s.reserve(req, n):
                     slices.append(s.make_slice(req, n))
                     budget -= n
-        while s.waiting and budget > 0 and len(s.running) < s.config.max_num_seqs:
-            req = s.waiting[0]
-            n = min(req.num_uncomputed, budget)
-            if not s.kv.can_allocate(req, n):
-                break  # new requests never preempt running ones
-            s.admit(req)
-            s.kv.allocate(req, n)
-            slices.append(s.make_slice(req, n))
-            budget -= n
-        return slices
+        return slices + [s.make_slice(req, n) for req, n in s.admit(budget)]
 
     def forget(self, request_id: int) -> None:
         pass
 
+    def max_kept_rows(self, max_model_len: int) -> int:
+        return 0
 
-class NoChunk:
+
+class NoChunk(ChunkedPrefill):
     """Prefill-prioritising: whole prompts (up to the token budget; the first one even if longer)."""
 
     name = "no_chunk"
 
     def schedule(self, s: Scheduler) -> list[RowSlice]:
-        slices, budget = [], s.config.token_budget
-        while s.waiting and len(s.running) < s.config.max_num_seqs:
-            req = s.waiting[0]
-            n = req.num_uncomputed
-            if (slices and n > budget) or not s.kv.can_allocate(req, n):
-                break
-            s.admit(req)
-            s.kv.allocate(req, n)
-            slices.append(s.make_slice(req, n))
-            budget -= n
-        if slices:
-            return slices
-        return s.schedule_decodes(s.config.max_num_seqs)[0]
-
-    def forget(self, request_id: int) -> None:
-        pass
+        prompts = s.admit(s.config.token_budget, whole_prompts=True)
+        if prompts:
+            return [s.make_slice(req, n) for req, n in prompts]
+        return s.decodes(s.config.max_num_seqs)[0]
 
 
 def _layered_adaptive(choose_layers=None, **kwargs) -> LayeredPrefill:
@@ -78,7 +62,33 @@ POLICIES = {"chunked": ChunkedPrefill, "no_chunk": NoChunk, "layered": LayeredPr
             "layered-adaptive": _layered_adaptive}
 
 
-def make_policy(name: str, **kwargs):
+def parse_policy(spec: str) -> tuple[str, dict]:
+    """'chunked@256' -> ('chunked', {'token_budget': 256})."""
+    name, _, budget = spec.partition("@")
+    if not budget:
+        return name, {}
+    try:
+        value = int(budget)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"policy {spec!r}: expected name@<token budget>, a positive integer, e.g. chunked@256")
+    return name, {"token_budget": value}
+
+
+def policy_options(name: str) -> set[str]:
+    """The options a policy takes (chunked and no_chunk: none)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; policies: {', '.join(POLICIES)}")
-    return POLICIES[name](**kwargs)
+    if not name.startswith("layered"):
+        return set()
+    return set(inspect.signature(LayeredPrefill).parameters) - {"_cohorts", "name"}
+
+
+def make_policy(name: str, **options):
+    unknown = sorted(set(options) - policy_options(name))
+    if unknown:
+        known = policy_options(name)
+        raise ValueError(f"policy {name!r} takes no option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}"
+                         + (f" (its options: {', '.join(sorted(known))})" if known else ""))
+    return POLICIES[name](**options)

@@ -25,7 +25,8 @@ class Request:
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose KV is written in every layer
     block_ids: tuple[int, ...] = ()  # immutable: plans share it instead of copying it every iteration
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "handoff" (continued by another engine)
+    handoff: bool = False  # after its first token, hand the request and its KV to another engine
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)  # when each output token was produced
     finish_time: float | None = None

@@ -1,12 +1,23 @@
 """The scheduler: requests in, one IterationPlan per iteration out.
 
-The machinery here is shared by every policy — admission, KV reservation with preemption
-(recompute), finishing, aborting, turning slices into a plan. A policy only decides which slices run
-(moejax.engine.policies).
+The machinery here is shared by every policy -- admission, KV reservation with preemption
+(recompute), finishing, aborting, hand-off, turning slices into a plan. A policy only decides which
+slices run (moejax.engine.policies), through this contract:
+
+    s.decodes(budget, skip)     one token for each running request in decode (KV reserved)
+    s.reserve(req, n)           KV for n more tokens of a running request (may preempt others)
+    s.admit(budget, whole)      waiting requests into running, KV allocated: [(request, tokens)]
+    make_slice(req, n, a, b)    a RowSlice (pure: nothing is recorded)
+
+A request is in the iteration being planned once KV was reserved or allocated for it; only requests
+not in it can be preempted. Policies never touch the KV allocator.
 
 Priority is first-come-first-served: when KV blocks run out, the running request that arrived last
 and is not yet in this iteration is preempted: its blocks are freed and it goes back to the waiting
 queue to be recomputed later, keeping the tokens it has produced.
+
+A request whose prompt KV exists already (prefilled by another engine, `add_prefilled`) is admitted
+as soon as blocks hold it, straight into decode; the plan carries its KV for the executor to import.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from typing import Protocol
 
 from moejax.config import ModelConfig
 from moejax.engine.kv_cache import KVCacheManager
+from moejax.engine.kv_transfer import KVPayload
 from moejax.engine.plan import IterationPlan, RowSlice, SamplingRow, StepResult, layer_groups
 from moejax.engine.request import Request, Status
 from moejax.engine.sampling import RequestError
@@ -33,16 +45,28 @@ class Policy(Protocol):
     name: str
 
     def schedule(self, s: "Scheduler") -> list[RowSlice]:
-        """The slices of the next iteration (use s.reserve / s.admit / s.make_slice)."""
+        """The slices of the next iteration (through the scheduler's contract, see module doc)."""
         ...
 
     def forget(self, request_id: int) -> None:
         """Drop policy state of a request that was preempted, finished or aborted."""
         ...
 
+    def max_kept_rows(self, max_model_len: int) -> int:
+        """Hidden rows the policy may leave between iterations at once (slices stopping mid-model)."""
+        ...
+
 
 def priority(req: Request) -> tuple[float, int]:
     return (req.arrival_time, req.request_id)
+
+
+def make_slice(req: Request, num_tokens: int, layer_start: int, layer_end: int, num_layers: int) -> RowSlice:
+    """The next `num_tokens` uncomputed tokens of req through layers [layer_start, layer_end)."""
+    start = req.num_computed_tokens
+    end = start + num_tokens
+    return RowSlice(req.request_id, start, tuple(req.token_ids[start:end]), layer_start, layer_end,
+                    layer_end == num_layers and end == len(req.token_ids), end)
 
 
 class Scheduler:
@@ -55,9 +79,12 @@ class Scheduler:
         self.waiting: list[Request] = []  # sorted by priority
         self.running: list[Request] = []  # sorted by priority
         self.requests: dict[int, Request] = {}  # unfinished requests
+        self.handed_off: list[Request] = []  # finished by hand-off, KV kept until exported (take_handoffs)
         self.step = 0
         self._released: list[int] = []
         self._scheduled: set[int] = set()
+        self._prefilled: dict[int, KVPayload] = {}  # waiting requests whose prompt KV is given
+        self._imports: list[tuple[int, tuple[int, ...], KVPayload]] = []
         blocks_per_seq = -(-config.max_model_len // kv.block_size)
         if blocks_per_seq > kv.blocks_per_shard:
             raise ValueError(f"the KV cache holds {kv.blocks_per_shard} blocks of {kv.block_size} tokens per request "
@@ -69,12 +96,16 @@ class Scheduler:
         return self.model_config.num_layers
 
     # --- requests in and out ----------------------------------------------------------------------
-    def add(self, req: Request) -> None:
+    def add(self, req: Request, kv: KVPayload | None = None) -> None:
+        """Queue a request. With `kv` (its prompt's KV, from another engine) the request has computed
+        every token but its last, and goes straight to decode once admitted."""
         if req.num_prompt_tokens >= self.config.max_model_len:
             raise RequestError(f"request {req.request_id}: prompt of {req.num_prompt_tokens} tokens does not fit "
                                f"max_model_len={self.config.max_model_len} (it must leave room for one output token)")
         if req.request_id in self.requests:
             raise RequestError(f"request id {req.request_id} is already in use")
+        if kv is not None:
+            self._prefilled[req.request_id] = kv
         self.requests[req.request_id] = req
         bisect.insort(self.waiting, req, key=priority)
 
@@ -84,33 +115,42 @@ class Scheduler:
             self._finish(req, "abort", now)
         return req
 
+    def release_handoff(self, req: Request) -> None:
+        """A handed-off request's KV was exported: free its blocks."""
+        self.handed_off.remove(req)
+        self.kv.free(req)
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    # --- helpers for policies ---------------------------------------------------------------------
+    # --- the policies' contract --------------------------------------------------------------------
     def is_scheduled(self, req: Request) -> bool:
-        """Whether req already has a slice in the iteration being planned."""
+        """Whether req already has KV reserved in the iteration being planned."""
         return req.request_id in self._scheduled
 
-    def admit(self, req: Request) -> None:
-        self.waiting.remove(req)
-        req.status = Status.RUNNING
-        bisect.insort(self.running, req, key=priority)
-
-    def preempt(self, req: Request) -> None:
-        self.running.remove(req)
-        self.kv.free(req)
-        req.num_computed_tokens = 0
-        req.num_preemptions += 1
-        req.status = Status.WAITING
-        bisect.insort(self.waiting, req, key=priority)
-        self._released.append(req.request_id)
-        self.policy.forget(req.request_id)
+    def admit(self, budget: int, whole_prompts: bool = False) -> list[tuple[Request, int]]:
+        """Waiting requests into running, in priority order, their KV allocated -> [(request, tokens
+        to compute now)]. Chunked: up to `budget` tokens in all, the last prompt cut to fit. Whole
+        prompts: prompts that fit `budget` together (the first even if longer). New requests never
+        preempt running ones: admission stops at the first that does not fit the free KV."""
+        admitted = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = req.num_uncomputed if whole_prompts else min(req.num_uncomputed, budget)
+            if (admitted and n > budget) or not self.kv.can_allocate(req, n):
+                break
+            self._run(req)
+            self.kv.allocate(req, n)
+            self._scheduled.add(req.request_id)
+            admitted.append((req, n))
+            budget -= n
+        return admitted
 
     def reserve(self, req: Request, num_new_tokens: int) -> bool:
         """KV blocks for num_new_tokens more tokens of running `req`, preempting lower-priority requests
         not in this iteration if needed. False (and req itself preempted) when nothing can give way."""
+        self._scheduled.add(req.request_id)
         if self.kv.blocks_needed(req, num_new_tokens) == 0:  # the common decode step: room in the last block
             return True
         shard = self.kv.shard_of(req)
@@ -120,39 +160,36 @@ class Scheduler:
                        and self.kv.shard_of(r) == shard]
             victim = max(victims, key=priority, default=None)
             if victim is None or priority(victim) < priority(req):
-                self.preempt(req)
+                self._scheduled.discard(req.request_id)
+                self._preempt(req)
                 return False
-            self.preempt(victim)
+            self._preempt(victim)
         self.kv.allocate(req, num_new_tokens)
         return True
 
-    def schedule_decodes(self, budget: int, skip: set[int] = frozenset()) -> tuple[list[RowSlice], int]:
+    def decodes(self, budget: int, skip: set[int] = frozenset()) -> tuple[list[RowSlice], int]:
         """One token for every running request with exactly one uncomputed token (not in `skip`),
         in priority order, within `budget` tokens -> (slices, budget left)."""
-        slices, scheduled = [], self._scheduled
+        slices, scheduled, L = [], self._scheduled, self.num_layers
         for req in list(self.running):
             if budget == 0:
                 break
             rid = req.request_id
             if (len(req.token_ids) - req.num_computed_tokens == 1 and req.status is Status.RUNNING
                     and rid not in scheduled and rid not in skip and self.reserve(req, 1)):
-                slices.append(self.make_slice(req, 1))
+                slices.append(make_slice(req, 1, 0, L, L))
                 budget -= 1
         return slices, budget
 
     def make_slice(self, req: Request, num_tokens: int, layer_start: int = 0, layer_end: int | None = None) -> RowSlice:
-        """The next `num_tokens` uncomputed tokens of req through layers [layer_start, layer_end)."""
-        L = self.model_config.num_layers
-        layer_end = L if layer_end is None else layer_end
-        start = req.num_computed_tokens
-        end = start + num_tokens
-        self._scheduled.add(req.request_id)
-        return RowSlice(req.request_id, start, tuple(req.token_ids[start:end]), layer_start, layer_end,
-                        layer_end == L and end == len(req.token_ids), end)
+        """make_slice for this model (pure: records nothing)."""
+        L = self.num_layers
+        return make_slice(req, num_tokens, layer_start, L if layer_end is None else layer_end, L)
 
     # --- one iteration ------------------------------------------------------------------------------
     def schedule(self) -> IterationPlan:
         self._scheduled = set()
+        self._admit_prefilled()
         slices = self.policy.schedule(self)
         requests = [self.requests[s.request_id] for s in slices]
         sampling = tuple(SamplingRow(r.request_id, r.params.temperature, r.params.top_p, r.params.top_k, r.seed,
@@ -161,8 +198,10 @@ class Scheduler:
         plan = IterationPlan(
             step=self.step, slices=tuple(slices), groups=layer_groups(slices, self.num_layers),
             block_tables={r.request_id: r.block_ids for r in requests},
-            sampling=sampling, released=tuple(self._released), num_layers=self.num_layers)
-        self._released = []
+            sampling=sampling, released=tuple(self._released), num_layers=self.num_layers,
+            kv_shards={r.request_id: self.kv.shard_of(r) for r in requests},
+            kv_imports=tuple(self._imports))
+        self._released, self._imports = [], []
         return plan
 
     def update(self, plan: IterationPlan, result: StepResult, now: float) -> list[Request]:
@@ -187,20 +226,53 @@ class Scheduler:
         self.step += 1
         return finished
 
+    # --- internals ------------------------------------------------------------------------------------
+    def _run(self, req: Request) -> None:
+        self.waiting.remove(req)
+        req.status = Status.RUNNING
+        bisect.insort(self.running, req, key=priority)
+
+    def _admit_prefilled(self) -> None:
+        """Prefilled requests whose KV fits go to running (their KV imported with this iteration's
+        plan); in priority order among themselves, stopping at the first that does not fit."""
+        for rid in sorted(self._prefilled, key=lambda r: priority(self.requests[r])):
+            req = self.requests[rid]
+            if len(self.running) >= self.config.max_num_seqs or not self.kv.can_allocate(req, 0):
+                break
+            self._run(req)
+            self.kv.allocate(req, 0)  # blocks for its computed tokens; decoding reserves the next
+            self._imports.append((rid, req.block_ids, self._prefilled.pop(rid)))
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        req.status = Status.WAITING
+        bisect.insort(self.waiting, req, key=priority)
+        self._released.append(req.request_id)
+        self.policy.forget(req.request_id)
+
     def _stop_reason(self, req: Request, token: int) -> str | None:
         p = req.params
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_config.eos_token_ids):
             return "stop"
         if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
             return "length"
+        if req.handoff:
+            return "handoff"
         return None
 
     def _finish(self, req: Request, reason: str, now: float) -> None:
         if req.status is Status.RUNNING:
             self.running.remove(req)
-            self.kv.free(req)
+            if reason == "handoff":
+                self.handed_off.append(req)  # its KV stays until the engine exported it
+            else:
+                self.kv.free(req)
         else:
             self.waiting.remove(req)
+            self._prefilled.pop(req.request_id, None)
         req.status = Status.FINISHED
         req.finish_reason = reason
         req.finish_time = now

@@ -10,6 +10,7 @@ row: attention kernels tile the rows, and the FLOPs, not the bytes, grow with ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
@@ -42,6 +43,17 @@ def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
             dense, expert = 3 * D * cfg.dense_intermediate_size, 0
         shapes.append(LayerShape(attn, dense, expert, cfg.kv_elems_per_token(i), cfg.sliding_windows[i]))
     return shapes
+
+
+@cache
+def _expert_bytes_per_layer(cfg: ModelConfig) -> np.ndarray:
+    return np.array([s.expert_params for s in layer_shapes(cfg)], float) * cfg.dtype_bytes
+
+
+def routed_expert_bytes(cfg: ModelConfig, expert_tokens: np.ndarray) -> float:
+    """Routed-expert weight bytes an iteration must read, from its tokens per expert [L, E]: each
+    expert with a token, once per layer (what layer_stats(...).total_expert_bytes gives, cheaply)."""
+    return float((expert_tokens > 0).sum(axis=1) @ _expert_bytes_per_layer(cfg))
 
 
 def model_bytes(cfg: ModelConfig) -> int:

@@ -12,6 +12,7 @@ from flax import nnx
 from moejax import kernels
 from moejax.config import ModelConfig
 from moejax.meshes import sharded_ops
+from moejax.meshes.placement import Placement
 from moejax.models.layers import RMSNorm, Rope, init_normal, param
 
 LayerKV = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, KV, head_dim]
@@ -61,8 +62,9 @@ class Attention(nnx.Module):
         self.window = cfg.sliding_windows[layer]
         self.rope = Rope.from_config(cfg)
 
-    def __call__(self, x: jax.Array, kv: LayerKV, meta: AttentionMetadata) -> tuple[jax.Array, LayerKV]:
-        """x: [T, D] (normed hidden) -> ([T, D], updated layer KV)."""
+    def __call__(self, x: jax.Array, kv: LayerKV, meta: AttentionMetadata,
+                 placement: Placement | None) -> tuple[jax.Array, LayerKV]:
+        """x: [T, D] (normed hidden) -> ([T, D], updated layer KV); placement: where heads and KV live."""
         T = x.shape[0]
         q, k, v = x @ self.w_q[...], x @ self.w_k[...], x @ self.w_v[...]
         if self.has_bias:
@@ -78,7 +80,7 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, meta.positions), self.rope(k, meta.positions)
         out, k_cache, v_cache = sharded_ops.attention(
-            self._attend, q, k, v, *kv, meta.positions, meta.slot_mapping, meta.seq_ids, meta.block_tables,
+            placement, self._attend, q, k, v, *kv, meta.positions, meta.slot_mapping, meta.seq_ids, meta.block_tables,
             meta.num_kv_blocks)
         out = out.reshape(T, -1) @ self.w_o[...]
         if self.b_o is not None:

@@ -1,4 +1,14 @@
-"""The decoder: pre-norm layers (attention, then MoE or dense feed-forward) and the causal-LM wrapper."""
+"""The decoder: pre-norm layers (attention, then MoE or dense feed-forward) and the causal-LM wrapper.
+
+A layer is four steps, so that executors can run the routed experts elsewhere:
+
+    h, kv       = layer.attend(x, kv, meta, placement)   x + attn(norm(x)), this step's K/V written
+    y, w, ids   = layer.route(h, valid)                  y = norm(h), top-k (None in a dense layer)
+    routed      = routed_experts(y, ids, w, buffer...)   on whatever expert buffer the executor holds
+    x'          = layer.combine(h, y, routed)            h + routed + shared expert(y)   (dense: h + mlp(y))
+
+The routed experts' weights are not in the layer: they live in CausalLM.experts[i].
+"""
 
 from __future__ import annotations
 
@@ -7,34 +17,50 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ModelConfig
+from moejax.meshes.placement import Placement
 from moejax.models.attention import Attention, AttentionMetadata, LayerKV
-from moejax.models.layers import RMSNorm, init_normal, param
-from moejax.models.moe import DenseMLP, MoEBlock
+from moejax.models.layers import RMSNorm, SwiGLU, init_normal, param
+from moejax.models.moe import RoutedExperts, Router
 
 
 class DecoderLayer(nnx.Module):
-    """x -> x + attn(norm(x)) -> h + ffn(norm(h)). The two halves are separate methods because
-    executors may place them apart (attention and experts on different devices)."""
-
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
+        D = cfg.hidden_size
+        self.input_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs)
         self.attn = Attention(cfg, layer, dtype, rngs)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, rngs)
-        self.ffn = MoEBlock(cfg, dtype, rngs) if cfg.moe_layers[layer] else DenseMLP(cfg, dtype, rngs)
+        self.post_attn_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs)
+        moe = cfg.moe_layers[layer]
+        self.router = Router(cfg, dtype, rngs) if moe else None
+        self.mlp = None if moe else SwiGLU(D, cfg.dense_intermediate_size, dtype, rngs)
+        self.shared_expert = SwiGLU(D, cfg.shared_expert_intermediate_size, dtype, rngs) \
+            if moe and cfg.shared_expert_intermediate_size else None
+        self.shared_gate = param(init_normal(rngs, (D, 1), D, dtype), "embed", None) \
+            if moe and cfg.shared_expert_gate else None  # [D, 1]: sigmoid(y @ w) scales the shared expert
 
-    def attend(self, x: jax.Array, kv: LayerKV, meta: AttentionMetadata) -> tuple[jax.Array, LayerKV]:
-        out, kv = self.attn(self.input_norm(x), kv, meta)
+    def attend(self, x: jax.Array, kv: LayerKV, meta: AttentionMetadata,
+               placement: Placement | None) -> tuple[jax.Array, LayerKV]:
+        """x: [T, D] -> (h = x + attention [T, D], layer KV with this step's K/V written)."""
+        out, kv = self.attn(self.input_norm(x), kv, meta, placement)
         return x + out, kv
 
-    def feed_forward(self, h: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-        out, group_sizes = self.ffn(self.post_attn_norm(h), valid)
-        return h + out, group_sizes
+    def route(self, h: jax.Array, valid: jax.Array):
+        """h: [T, D] -> (y = norm(h) [T, D], weights [T, K] fp32, expert ids [T, K] (E: padding row));
+        weights and ids are None in a dense layer."""
+        y = self.post_attn_norm(h)
+        if self.router is None:
+            return y, None, None
+        return (y, *self.router(y, valid))
 
-    def __call__(self, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
-        """x: [T, D] -> (x' [T, D], layer KV, tokens per expert [E])."""
-        h, kv = self.attend(x, kv, meta)
-        out, group_sizes = self.feed_forward(h, meta.valid)
-        return out, kv, group_sizes
+    def combine(self, h: jax.Array, y: jax.Array, routed: jax.Array | None) -> jax.Array:
+        """The layer's output: h + routed experts + shared expert (MoE), or h + mlp(y) (dense)."""
+        if self.router is None:
+            return h + self.mlp(y)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(y)
+            if self.shared_gate is not None:
+                shared = jax.nn.sigmoid(y @ self.shared_gate[...]) * shared
+            routed = routed + shared
+        return h + routed
 
 
 class TokenIO(nnx.Module):
@@ -59,9 +85,11 @@ class TokenIO(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-    """Every supported architecture: TokenIO around a list of decoder layers."""
+    """Every supported architecture: TokenIO around decoder layers; experts[i] holds MoE layer i's
+    routed experts (None for a dense layer)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype=None):
         dtype = dtype or jnp.dtype(cfg.dtype)
         self.io = TokenIO(cfg, dtype, rngs)
         self.layers = nnx.List([DecoderLayer(cfg, i, dtype, rngs) for i in range(cfg.num_layers)])
+        self.experts = nnx.List([RoutedExperts(cfg, dtype, rngs) if moe else None for moe in cfg.moe_layers])

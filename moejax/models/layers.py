@@ -24,6 +24,16 @@ def param(value: jax.Array, *logical_axes: str | None) -> nnx.Param:
     return nnx.Param(value, out_sharding=logical_axes, eager_sharding=False)
 
 
+class ExpertParam(nnx.Param):
+    """A routed expert's weights: kept apart from the rest of a layer so executors can place them
+    elsewhere (another submesh, host memory) and compute with any buffer of experts."""
+
+
+def expert_param(value: jax.Array, *logical_axes: str | None) -> ExpertParam:
+    assert len(logical_axes) == value.ndim, (logical_axes, value.shape)
+    return ExpertParam(value, out_sharding=logical_axes, eager_sharding=False)
+
+
 def init_normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
     """1/sqrt(fan_in) normal init: keeps random tiny models well-conditioned (no near-tie argmaxes)."""
     return (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)

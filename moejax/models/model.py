@@ -1,68 +1,107 @@
-"""A model ready to run in layer ranges — the interface every executor and schedule uses.
+"""A model ready to run in layer ranges, or layer by layer in steps -- the interface executors use.
 
     hidden = model.embed(token_ids)
-    hidden, counts = model.run_layers(hidden, kv_caches, meta, start, end)   # any [start, end)
+    hidden, counts = model.run_layers(hidden, kv_caches, meta, start, end)   # any [start, end), fused
     logits = model.logits(hidden)
 
-A full forward is one range. Each layer is a jitted pure function of (layer params, hidden, layer KV,
-metadata); layers with the same structure share one compilation, so a layer range of any length costs
-no new compile. The KV buffers are donated: `run_layers` replaces `kv_caches[i]` in place.
+and a layer in its steps, for executors that hold the routed experts elsewhere (an expert cache in
+device memory, another submesh):
+
+    h, kv_caches[i] = model.attend(i, x, kv_caches[i], meta)
+    y, weights, ids = model.route(i, h, meta.valid)
+    routed          = model.experts(y, ids, weights, model.expert_weights(i))   # or (buffer, slot_of)
+    x               = model.combine(i, h, y, routed)
+
+Each piece is a jitted pure function of (params, inputs); layers of equal structure share one
+compilation, so a layer range of any length costs no new compile. KV buffers are donated.
+
+Placements are values the model holds (`model.placements`): the attention side (attention, norms,
+router, shared experts, embedding, KV cache) traces under `placements.attention`, the routed experts
+under `placements.experts`. Colocated, both are one placement and a layer (or a whole decode step,
+`forward_all`) is one compiled program.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moejax import kernels
 from moejax.config import ModelConfig
-from moejax.meshes import placement as placement_ctx
-from moejax.meshes.placement import Placement, constrain
+from moejax.meshes.placement import Placement, Placements, constrain
 from moejax.models.attention import AttentionMetadata, LayerKV
 from moejax.models.decoder import CausalLM
-from moejax.models.moe import MoEBlock
-
+from moejax.models.layers import ExpertParam
+from moejax.models.moe import expert_counts, routed_experts
 
 ROWS = ("batch", None)  # hidden [T, D]: rows split by request under data parallelism
+ExpertBuffer = tuple[jax.Array, jax.Array]  # (w_gate_up [S, D, 2F], w_down [S, F, D])
 
 
-def _layer_step(graphdef, state, x, kv, meta):
-    x, kv, counts = nnx.merge(graphdef, state)(constrain(x, ROWS), kv, meta)
-    return constrain(x, ROWS), kv, counts
+def _attend(graphdef, placement, state, x, kv, meta):
+    h, kv = nnx.merge(graphdef, state).attend(constrain(x, ROWS, placement), kv, meta, placement)
+    return constrain(h, ROWS, placement), kv
 
 
-def _layer_routing(graphdef, state, x, kv, meta):
+def _route(graphdef, state, h, valid):
+    return nnx.merge(graphdef, state).route(h, valid)
+
+
+def _combine(graphdef, placement, state, h, y, routed):
+    return constrain(nnx.merge(graphdef, state).combine(h, y, routed), ROWS, placement)
+
+
+def _require_resident(ids: np.ndarray, slot_of: np.ndarray) -> None:
+    E = len(slot_of)
+    needed = np.unique(ids[(ids >= 0) & (ids < E)])
+    absent = needed[slot_of[needed] < 0]
+    if absent.size:
+        raise ValueError(f"rows are routed to experts {absent.tolist()} that the expert buffer does not hold "
+                         "(slot -1): the executor must load them before the experts run")
+
+
+def _experts(placement, check, y, ids, weights, w_gate_up, w_down, slot_of):
+    if check and slot_of is not None:
+        jax.debug.callback(_require_resident, ids, slot_of)
+    return routed_experts(y, ids, weights, w_gate_up, w_down, slot_of, placement)
+
+
+def _layer_step(graphdef, placement, num_experts, state, experts, x, kv, meta):
+    """One colocated layer: attend -> route -> all experts -> combine -> (x, kv, tokens per expert [E])."""
     layer = nnx.merge(graphdef, state)
-    h, kv = layer.attend(x, kv, meta)
-    if isinstance(layer.ffn, MoEBlock):
-        _, ids = layer.ffn.route(layer.post_attn_norm(h))
-    else:
-        ids = jnp.full((x.shape[0], 1), -1, jnp.int32)  # no router in a dense layer
-    out, _ = layer.feed_forward(h, meta.valid)
-    return out, kv, ids
+    x = constrain(x, ROWS, placement)
+    h, kv = layer.attend(x, kv, meta, placement)
+    y, weights, ids = layer.route(h, meta.valid)
+    if ids is None:
+        return constrain(layer.combine(h, y, None), ROWS, placement), kv, jnp.zeros((num_experts,), jnp.int32)
+    routed = routed_experts(y, ids, weights, experts["w_gate_up"][...], experts["w_down"][...], None, placement)
+    return constrain(layer.combine(h, y, routed), ROWS, placement), kv, expert_counts(ids, num_experts)
 
 
 def _io_call(graphdef, method: str, state, x):
     return getattr(nnx.merge(graphdef, state), method)(x)
 
 
-def _gather_rows(graphdef, state, x_prev, token_ids, extra, rows):
+def _gather_rows(graphdef, placement, state, x_prev, token_ids, extra, rows):
     parts = [p for p in (x_prev, None if token_ids is None else nnx.merge(graphdef, state).embed_tokens(token_ids),
                          extra) if p is not None]
-    return constrain(jnp.take(jnp.concatenate(parts), rows, axis=0), ROWS)
+    return constrain(jnp.take(jnp.concatenate(parts), rows, axis=0), ROWS, placement)
 
 
-def _whole_model(io_def, layer_defs, head, io_state, layer_states, kv, token_ids, meta, rows, head_args):
+def _whole_model(io_def, layer_defs, head, placement, num_experts, io_state, layer_states, expert_states, kv,
+                 token_ids, meta, rows, head_args):
     """Every layer in one program: embed -> layers -> logits of `rows` -> head(logits, *head_args)."""
     io = nnx.merge(io_def, io_state)
-    x = constrain(io.embed_tokens(token_ids), ROWS)
+    x = io.embed_tokens(token_ids)
     new_kv, counts = [], []
-    for graphdef, state, layer_kv in zip(layer_defs, layer_states, kv):
-        x, layer_kv, c = _layer_step(graphdef, state, x, layer_kv, meta)
+    for graphdef, state, experts, layer_kv in zip(layer_defs, layer_states, expert_states, kv):
+        x, layer_kv, c = _layer_step(graphdef, placement, num_experts, state, experts, x, layer_kv, meta)
         new_kv.append(layer_kv)
         counts.append(c)
     return head(io.logits(jnp.take(x, rows, axis=0)), *head_args), new_kv, jnp.stack(counts)
@@ -73,61 +112,111 @@ def _logits_at(graphdef, state, hidden, rows):
 
 
 class Model:
-    def __init__(self, config: ModelConfig, module: CausalLM, placement: Placement | None = None):
+    def __init__(self, config: ModelConfig, module: CausalLM, placements: Placements = Placements()):
         self.config = config
-        self.placement = placement  # the layout + mesh the parameters live on (None: one device)
+        self.placements = placements
         self.io_def, self.io_state = nnx.split(module.io)
         split = [nnx.split(layer) for layer in module.layers]
         self.layer_defs = [g for g, _ in split]
         self.layer_states = [s for _, s in split]
+        # MoE layer i's routed experts (None for a dense layer), apart from the layer's own state.
+        self.expert_states = [None if e is None else nnx.state(e) for e in module.experts]
         # Layers of equal structure share one compiled function; comparing graphdefs is costly, so
         # each layer's structure class is worked out once here, not per call.
         first_of: dict = {}
         self.layer_kind = [first_of.setdefault(g, i) for i, g in enumerate(self.layer_defs)]
+        self.check_experts = os.environ.get("MOEJAX_DEBUG", "") not in ("", "0")  # see experts()
         self._fns: dict[tuple, Callable] = {}
 
     @property
     def dtype(self) -> jnp.dtype:
         return self.io_state["embed"][...].dtype
 
+    @property
+    def placement(self) -> Placement | None:
+        """The placement of a colocated model (attention and experts on one mesh)."""
+        if not self.placements.colocated:
+            raise ValueError(f"{self.config.name} places attention and experts on different devices: "
+                             "use model.placements.attention / .experts")
+        return self.placements.attention
+
     def _fn(self, key: tuple, make: Callable[[], Callable]) -> Callable:
-        # The kernel backend is read at trace time, so it is part of the cache key. The placement
-        # is fixed per model; calls trace under it (see _call).
+        # The kernel backend is read at trace time, so it is part of the cache key; placements are
+        # fixed per model and bound into each function.
         key = (*key, kernels.backend_for())
         if key not in self._fns:
             self._fns[key] = make()
         return self._fns[key]
 
-    def _call(self, fn: Callable, *args):
-        with placement_ctx.use(self.placement):
-            return fn(*args)
-
+    # --- tokens in, logits out ------------------------------------------------------------------------
     def embed(self, token_ids: jax.Array) -> jax.Array:
         """[T] int32 -> [T, D]."""
-        fn = self._fn(("embed",), lambda: jax.jit(partial(_io_call, self.io_def, "embed_tokens")))
-        return self._call(fn, self.io_state, token_ids)
+        return self._fn(("embed",), lambda: jax.jit(partial(_io_call, self.io_def, "embed_tokens")))(
+            self.io_state, token_ids)
 
     def gather_rows(self, x_prev: jax.Array | None, token_ids: jax.Array | None, extra: jax.Array | None,
                     rows: jax.Array) -> jax.Array:
         """The hidden rows of a layer group in one op: rows [T] index the concatenation
         [x_prev; embed(token_ids); extra] (any part may be None) -> [T, D]."""
-        fn = self._fn(("gather_rows",), lambda: jax.jit(partial(_gather_rows, self.io_def)))
-        return self._call(fn, self.io_state, x_prev, token_ids, extra, rows)
+        fn = self._fn(("gather_rows",), lambda: jax.jit(
+            partial(_gather_rows, self.io_def, self.placements.attention)))
+        return fn(self.io_state, x_prev, token_ids, extra, rows)
 
     def logits(self, hidden: jax.Array, rows: jax.Array | None = None) -> jax.Array:
         """hidden: [T, D] -> [T, V] fp32 logits, or only those of `rows` ([R] int32) -> [R, V]."""
         if rows is None:
-            fn = self._fn(("logits",), lambda: jax.jit(partial(_io_call, self.io_def, "logits")))
-            return self._call(fn, self.io_state, hidden)
-        fn = self._fn(("logits_at",), lambda: jax.jit(partial(_logits_at, self.io_def)))
-        return self._call(fn, self.io_state, hidden, rows)
+            return self._fn(("logits",), lambda: jax.jit(partial(_io_call, self.io_def, "logits")))(
+                self.io_state, hidden)
+        return self._fn(("logits_at",), lambda: jax.jit(partial(_logits_at, self.io_def)))(
+            self.io_state, hidden, rows)
 
-    def layer(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
-        """One decoder layer: -> (x [T, D], new layer KV, tokens per expert [E])."""
+    # --- a layer in steps -----------------------------------------------------------------------------
+    def attend(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata) -> tuple[jax.Array, LayerKV]:
+        """Layer i's attention block: x [T, D] -> (h = x + attention, new layer KV; kv is donated)."""
         kind = self.layer_kind[i]
-        fn = self._fn(("layer", kind),
-                      lambda: jax.jit(partial(_layer_step, self.layer_defs[kind]), donate_argnums=(2,)))
-        return self._call(fn, self.layer_states[i], x, kv, meta)
+        fn = self._fn(("attend", kind), lambda: jax.jit(
+            partial(_attend, self.layer_defs[kind], self.placements.attention), donate_argnums=(2,)))
+        return fn(self.layer_states[i], x, kv, meta)
+
+    def route(self, i: int, h: jax.Array, valid: jax.Array):
+        """Layer i's router: h [T, D] -> (y = norm(h) [T, D], weights [T, K] fp32, expert ids [T, K]
+        with E for padding rows); weights and ids are None in a dense layer."""
+        kind = self.layer_kind[i]
+        fn = self._fn(("route", kind), lambda: jax.jit(partial(_route, self.layer_defs[kind])))
+        return fn(self.layer_states[i], h, valid)
+
+    def expert_weights(self, i: int) -> ExpertBuffer:
+        """MoE layer i's routed experts as a buffer holding expert e in slot e."""
+        state = self.expert_states[i]
+        if state is None:
+            raise ValueError(f"layer {i} of {self.config.name} is dense: it has no routed experts")
+        return state["w_gate_up"][...], state["w_down"][...]
+
+    def experts(self, y: jax.Array, ids: jax.Array, weights: jax.Array, buffer: ExpertBuffer,
+                slot_of: jax.Array | None = None) -> jax.Array:
+        """Routed experts of rows y [T, D] (ids / weights [T, K]) computed with the experts of `buffer`
+        ([S, D, 2F], [S, F, D]); slot_of [E] names each expert's slot or -1 (None: slot e is expert e).
+        Every expert a valid row needs must be in the buffer; with MOEJAX_DEBUG=1 a missing one is an
+        error (checked on the host, so only in debug mode)."""
+        fn = self._fn(("experts", slot_of is None, self.check_experts), lambda: jax.jit(
+            partial(_experts, self.placements.experts, self.check_experts)))
+        return fn(y, ids, weights, *buffer, slot_of)
+
+    def combine(self, i: int, h: jax.Array, y: jax.Array, routed: jax.Array | None) -> jax.Array:
+        """Layer i's output from its attention output h, normed rows y and routed-expert output."""
+        kind = self.layer_kind[i]
+        fn = self._fn(("combine", kind, routed is None), lambda: jax.jit(
+            partial(_combine, self.layer_defs[kind], self.placements.attention)))
+        return fn(self.layer_states[i], h, y, routed)
+
+    # --- fused layers (colocated) ---------------------------------------------------------------------
+    def layer(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
+        """One decoder layer as one program: -> (x [T, D], new layer KV, tokens per expert [E])."""
+        kind = self.layer_kind[i]
+        fn = self._fn(("layer", kind), lambda: jax.jit(
+            partial(_layer_step, self.layer_defs[kind], self.placement, max(self.config.num_experts, 1)),
+            donate_argnums=(3,)))
+        return fn(self.layer_states[i], self.expert_states[i], x, kv, meta)
 
     def forward_all(self, token_ids: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata, rows: jax.Array,
                     head: Callable, *head_args) -> tuple[jax.Array, jax.Array]:
@@ -136,59 +225,78 @@ class Model:
         logits; the KV buffers are donated and replaced in kv_caches.
         -> (head's output, tokens per expert [L, E])."""
         fn = self._fn(("whole", head), lambda: jax.jit(
-            partial(_whole_model, self.io_def, tuple(self.layer_defs), head), donate_argnums=(2,)))
-        out, kv_caches[:], counts = self._call(fn, self.io_state, self.layer_states, kv_caches, token_ids, meta,
-                                               rows, head_args)
+            partial(_whole_model, self.io_def, tuple(self.layer_defs), head, self.placement,
+                    max(self.config.num_experts, 1)), donate_argnums=(3,)))
+        out, kv_caches[:], counts = fn(self.io_state, self.layer_states, self.expert_states, kv_caches, token_ids,
+                                       meta, rows, head_args)
         return out, counts
-
-    def layer_routing(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
-        """Layer i, also returning each row's chosen experts -> (x, new layer KV, expert ids [T, K];
-        -1 in a dense layer). For recording routing traces; the serving path never pays for it."""
-        kind = self.layer_kind[i]
-        fn = self._fn(("layer_routing", kind),
-                      lambda: jax.jit(partial(_layer_routing, self.layer_defs[kind]), donate_argnums=(2,)))
-        return self._call(fn, self.layer_states[i], x, kv, meta)
 
     def run_layers(self, x: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata,
                    start: int = 0, end: int | None = None) -> tuple[jax.Array, list[jax.Array]]:
         """Layers [start, end) on hidden rows x: [T, D] -> (x, tokens per expert per layer: list of [E])."""
         end = self.config.num_layers if end is None else end
+        if not 0 <= start <= end <= self.config.num_layers:
+            raise ValueError(f"layers [{start}, {end}) are not a range of {self.config.name}'s "
+                             f"{self.config.num_layers} layers")
         counts = []
         for i in range(start, end):
             x, kv_caches[i], group_sizes = self.layer(i, x, kv_caches[i], meta)
             counts.append(group_sizes)
         return x, counts
 
+    def layer_routing(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
+        """Layer i in steps, also returning each row's chosen experts -> (x, new layer KV, expert ids
+        [T, K]; -1 in a dense layer). For recording routing traces; the serving path never pays for it."""
+        h, kv = self.attend(i, x, kv, meta)
+        y, weights, ids = self.route(i, h, meta.valid)
+        if ids is None:
+            return self.combine(i, h, y, None), kv, jnp.full((x.shape[0], 1), -1, jnp.int32)
+        return self.combine(i, h, y, self.experts(y, ids, weights, self.expert_weights(i))), kv, ids
+
     def init_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKV]:
         """Zeroed paged KV cache: per layer (k, v), each [num_blocks, block_size, KV, head_dim]; under a
         placement, blocks are split by request shard and heads by head shard."""
         c = self.config
         shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        device = None if self.placement is None else self.placement.sharding(("batch", None, "kv_heads", None))
+        p = self.placements.attention
+        device = None if p is None else p.sharding(("batch", None, "kv_heads", None))
         return [(jnp.zeros(shape, self.dtype, device=device), jnp.zeros(shape, self.dtype, device=device))
                 for _ in range(c.num_layers)]
 
     def params(self) -> nnx.State:
-        """All parameters as one state tree: {"io": ..., "layers": {i: ...}} (for saving / inspection)."""
-        return nnx.State({"io": self.io_state, "layers": nnx.State(dict(enumerate(self.layer_states)))})
+        """All parameters as one state tree: {"io", "layers": {i}, "experts": {i}} (saving / inspection)."""
+        return nnx.State({"io": self.io_state, "layers": nnx.State(dict(enumerate(self.layer_states))),
+                          "experts": nnx.State({i: s for i, s in enumerate(self.expert_states) if s is not None})})
+
+
+def variable_sharding(var: nnx.Variable, placements: Placements) -> jax.sharding.Sharding:
+    """Where a parameter lives: routed experts on the expert placement, the rest on the attention
+    placement, by their logical axes (no placement: the first device)."""
+    p = placements.experts if isinstance(var, ExpertParam) else placements.attention
+    if p is None:
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return p.sharding(var.get_metadata("out_sharding", None) or (None,) * len(var.shape))
 
 
 def build_model(config: ModelConfig, seed: int = 0, dtype: str | None = None,
-                placement: Placement | None = None) -> Model:
-    """A model with seeded random weights (the tiny presets build in seconds). Under a placement the
+                placements: Placements = Placements()) -> Model:
+    """A model with seeded random weights (the tiny presets build in seconds). Under placements the
     weights are generated directly into their shardings (same values as unsharded)."""
     if not config.executable:
         raise ValueError(f"{config.name}: architecture {config.architecture!r} "
                          f"(attention {config.attention_kind!r}) has no executable model yet; "
                          "it can be simulated only")
     dtype = jnp.dtype(dtype or config.dtype)
-    if placement is None:
+    if placements.attention is None and placements.experts is None:
         return Model(config, CausalLM(config, nnx.Rngs(params=seed), dtype=dtype))
-    placement.layout.validate(config, placement.mesh.size)
-    abstract = nnx.eval_shape(lambda: CausalLM(config, nnx.Rngs(params=seed), dtype=dtype))
-    graphdef, state = nnx.split(abstract)
-    shardings = jax.tree.map(lambda v: placement.sharding(v.get_metadata("out_sharding", None) or (None,) * v.ndim),
-                             state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    make = jax.jit(lambda: nnx.split(CausalLM(config, nnx.Rngs(params=seed), dtype=dtype))[1],
-                   out_shardings=shardings)
-    return Model(config, nnx.merge(graphdef, make()), placement)
+    placements.validate(config)
+
+    def init(side: int):  # one program per side: a program cannot span the two sides' meshes when apart
+        return nnx.split(CausalLM(config, nnx.Rngs(params=seed), dtype=dtype), ExpertParam, ...)[1 + side]
+
+    graphdef, *abstract = nnx.split(nnx.eval_shape(lambda: CausalLM(config, nnx.Rngs(params=seed), dtype=dtype)),
+                                    ExpertParam, ...)
+    states = [jax.jit(partial(init, side), out_shardings=jax.tree.map(
+        lambda v: variable_sharding(v, placements), abstract[side], is_leaf=lambda v: isinstance(v, nnx.Variable)))()
+        for side in (0, 1)]
+    return Model(config, nnx.merge(graphdef, *states), placements)

@@ -1,5 +1,6 @@
-"""The MoE block: router (softmax top-k, optionally renormalised), routed SwiGLU experts through
-`moejax.kernels.moe_ffn`, and the optional gated shared expert (Qwen2-MoE)."""
+"""The MoE feed-forward's parts: the router, the routed experts' weights, and `routed_experts`, a
+plain function of (rows, routing, an expert buffer, its slot map) so that an executor can run the
+experts on weights it holds anywhere (all of them, an expert cache, another mesh)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from flax import nnx
 from moejax import kernels
 from moejax.config import ModelConfig
 from moejax.meshes import sharded_ops
-from moejax.models.layers import SwiGLU, init_normal, param
+from moejax.meshes.placement import Placement
+from moejax.models.layers import SwiGLU, expert_param, init_normal, param
 
 
 def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -26,42 +28,38 @@ def route(router_logits: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Ar
     return weights, ids.astype(jnp.int32)
 
 
-class MoEBlock(nnx.Module):
+def routed_experts(y: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Array, w_down: jax.Array,
+                   slot_of: jax.Array | None, placement: Placement | None) -> jax.Array:
+    """y: [T, D] normed rows, ids / weights: [T, K] (id E: a padding row), an expert buffer w_gate_up:
+    [S, D, 2F], w_down: [S, F, D] and its slot map slot_of: [E] (None: slot e holds expert e) ->
+    [T, D], the weighted sum of each row's experts. Every expert a row needs must be in the buffer."""
+    return sharded_ops.experts(placement, lambda *a: kernels.moe_ffn(*a)[0], y, ids, weights, w_gate_up,
+                               w_down, slot_of)
+
+
+def expert_counts(ids: jax.Array, num_experts: int) -> jax.Array:
+    """ids: [T, K] (E: padding) -> tokens per expert [E] int32: what executors report as activated."""
+    return jnp.zeros((num_experts,), jnp.int32).at[ids.reshape(-1)].add(1, mode="drop")
+
+
+class Router(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        D, E = cfg.hidden_size, cfg.num_experts
+        self.num_experts, self.top_k, self.normalize = E, cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.w = param(init_normal(rngs, (D, E), D, dtype), "embed", None)  # [D, E]
+
+    def __call__(self, y: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """y: [T, D] normed rows, valid: [T] -> (weights [T, K] fp32, expert ids [T, K]; padding rows
+        get id E, which reaches no expert)."""
+        weights, ids = route(y @ self.w[...], self.top_k, self.normalize)
+        return weights, jnp.where(valid[:, None], ids, self.num_experts)
+
+
+class RoutedExperts(nnx.Module):
+    """One MoE layer's routed experts, kept apart from its layer (CausalLM.experts) so that executors
+    can hold them elsewhere: w_gate_up [E, D, 2F] (gate | up), w_down [E, F, D]."""
+
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
-        self.num_experts, self.top_k, self.norm_topk_prob = E, cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.w_router = param(init_normal(rngs, (D, E), D, dtype), "embed", None)  # [D, E]
-        self.w_gate_up = param(init_normal(rngs, (E, D, 2 * F), D, dtype), "expert", "embed", "expert_mlp")  # [E, D, 2F]
-        self.w_down = param(init_normal(rngs, (E, F, D), F, dtype), "expert", "expert_mlp", "embed")  # [E, F, D]
-        self.shared_expert = (SwiGLU(D, cfg.shared_expert_intermediate_size, dtype, rngs)
-                              if cfg.shared_expert_intermediate_size else None)
-        self.w_shared_gate = (param(init_normal(rngs, (D, 1), D, dtype), "embed", None)
-                              if cfg.shared_expert_gate else None)  # [D, 1]
-
-    def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x: [T, D] -> (weights [T, K] fp32, expert ids [T, K])."""
-        return route(x @ self.w_router[...], self.top_k, self.norm_topk_prob)
-
-    def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x: [T, D], valid: [T] -> (out [T, D], tokens per expert [E]; padding rows reach no expert)."""
-        weights, ids = self.route(x)
-        ids = jnp.where(valid[:, None], ids, self.num_experts)
-        out, group_sizes = sharded_ops.experts(kernels.moe_ffn, x, ids, weights, self.w_gate_up[...],
-                                               self.w_down[...])
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.w_shared_gate is not None:
-                shared = jax.nn.sigmoid(x @ self.w_shared_gate[...]) * shared
-            out = out + shared
-        return out, group_sizes
-
-
-class DenseMLP(nnx.Module):
-    """The feed-forward of a non-MoE layer; reports no activated experts."""
-
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size, dtype, rngs)
-        self.num_experts = cfg.num_experts
-
-    def __call__(self, x: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return self.mlp(x), jnp.zeros((self.num_experts,), jnp.int32)
+        self.w_gate_up = expert_param(init_normal(rngs, (E, D, 2 * F), D, dtype), "expert", "embed", "expert_mlp")
+        self.w_down = expert_param(init_normal(rngs, (E, F, D), F, dtype), "expert", "expert_mlp", "embed")

@@ -19,7 +19,8 @@ from moejax.models.model import Model
 class _Sequence:
     def __init__(self, model: Model, max_len: int, block_size: int):
         self.model, self.block_size = model, block_size
-        self.shards = model.placement.shards("batch") if model.placement else 1
+        attention = model.placements.attention
+        self.shards = attention.shards("batch") if attention else 1
         nb = math.ceil(max_len / block_size)
         self.num_blocks = nb * self.shards
         self.tables = np.arange(nb, dtype=np.int32)[None]

@@ -4,17 +4,24 @@ For every layer group of a plan, each MoE layer's routing is drawn from a routin
 that pass it; `traffic.layer_stats` turns the drawn experts into the same per-layer bytes the real
 executor reports, and the cost model prices them. Sampled rows get a fixed non-EOS token, so
 requests run until max_tokens: output lengths come from the workload, not from sampling.
+
+KV hand-off is simulated too: an exported payload carries the shapes and dtype of the request's KV
+(what a link would carry), no values.
 """
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
-from moejax.config import ModelConfig
+from moejax.config import ModelConfig, get_preset
 from moejax.engine import traffic
+from moejax.engine.kv_cache import kv_block_bytes
+from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.sim.cost_model import Calibration, CostModel
 from moejax.sim.hardware import Hardware, get_hardware
+from moejax.sim.pricing import ExpectedPricer
 from moejax.sim.routing import RoutingModel, make_routing, plan_expert_tokens
 
 
@@ -35,6 +42,18 @@ class SimExecutor:
         self.cost_model = CostModel(config, self.hardware, calibration)
         self.rng = np.random.default_rng(seed)
         self.sample_token = next(t for t in range(config.vocab_size) if t not in config.eos_token_ids)
+        self.kv_dtype = config.dtype
+        # what a scheduler deciding ahead can know: the cost of a plan under expected routing
+        self.pricer = ExpectedPricer(config, self.hardware, self.routing, self.cost_model.calibration)
+
+    def attach(self, policy) -> None:
+        pass  # nothing kept between iterations
+
+    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int) -> KVPayload:
+        cfg = self.config
+        shape = jax.ShapeDtypeStruct((num_tokens, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+        return KVPayload(cfg.name, kv_layout(cfg, cfg.dtype), num_tokens, tuple(range(cfg.num_layers)),
+                         tuple(LayerKVState("paged", {"k": shape, "v": shape}) for _ in range(cfg.num_layers)))
 
     def execute(self, plan: IterationPlan) -> StepResult:
         cfg = self.config
@@ -45,5 +64,28 @@ class SimExecutor:
         cost = self.cost_model.price(plan, stats, work)
         sampled = {s.request_id: self.sample_token for s in plan.slices if s.sample}
         extra = {"roofline_s": cost.roofline_s, "comm_s": cost.comm_s, "kernels": cost.kernels}
-        return StepResult(sampled=sampled, elapsed_s=cost.seconds, layer_stats=stats, energy_j=cost.energy_j,
+        return StepResult(sampled, cost.seconds, stats.total_expert_bytes, stats=stats, energy_j=cost.energy_j,
                           extra=extra)
+
+
+# --- construction (moejax.engine.build(..., "sim")) --------------------------------------------------------
+
+def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
+           hardware: str | Hardware, routing: str | RoutingModel = "correlated", routing_params: dict | None = None,
+           calibration: Calibration | None = None, memory_fraction: float = 0.9):
+    """A SimExecutor for `model` (a preset name, a ModelConfig or a Model: only its config counts) on
+    `hardware`; KV capacity is what the hardware's memory holds after the weights. routing_params:
+    e.g. {"affinity": 5.0} for "correlated" (see make_routing)."""
+    from moejax.engine.factory import Built
+
+    cfg = get_preset(model) if isinstance(model, str) else model if isinstance(model, ModelConfig) else model.config
+    if routing_params and cfg.num_experts:
+        routing = make_routing(routing, cfg, seed, **routing_params)
+    executor = SimExecutor(cfg, hardware, routing=routing if cfg.num_experts else None, seed=seed,
+                           calibration=calibration)
+    free = memory_fraction * executor.hardware.memory_bytes - traffic.model_bytes(cfg)
+    if free <= 0:
+        raise ValueError(f"{cfg.name} ({traffic.model_bytes(cfg) / 1e9:.1f} GB of weights) does not fit "
+                         f"{executor.hardware.name} ({executor.hardware.memory_bytes / 1e9:.0f} GB)")
+    num_blocks = int(free // kv_block_bytes(cfg, block_size))
+    return Built(executor, num_blocks, max_model_len or cfg.max_position, virtual_time=True)

@@ -1,4 +1,4 @@
-"""The tiled layout, what the tiled kernels skip, the interpreters' output poisoning the backend tests
+"""The tile map, what the tiled kernels skip, the interpreters' output poisoning the backend tests
 rely on, and the dispatch rules."""
 
 import dataclasses
@@ -12,7 +12,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from moejax import kernels
-from moejax.kernels import layout, mosaic_gpu
+from moejax.kernels import mosaic_gpu, tile_map
 
 
 def random_sizes(rng, G, R):
@@ -23,13 +23,12 @@ def random_sizes(rng, G, R):
 
 @pytest.mark.parametrize("G,R", [(1, 5), (7, 60), (40, 33), (256, 301)])
 @pytest.mark.parametrize("block_m", [1, 8, 64])
-def test_slots_place_each_group_in_its_own_tiles(G, R, block_m):
+def test_tile_rows_place_each_group_in_its_own_tiles(G, R, block_m):
     rng = np.random.default_rng([G, R, block_m])
-    place = jax.jit(layout.slots, static_argnums=(1, 2))
+    place = jax.jit(tile_map.tile_rows, static_argnums=(1, 2))
     for _ in range(20):
         sizes = random_sizes(rng, G, int(rng.integers(0, R + 1)))
-        start = int(rng.integers(0, R - sizes.sum() + 1))
-        tiles, slot, num_slots = place(jnp.asarray(sizes), R, block_m, start)
+        tiles, slot, num_slots = place(jnp.asarray(sizes), R, block_m)
         tiles, slot = jax.tree.map(np.asarray, (tiles, slot))
         need = -(-sizes // block_m)  # ceil: tiles per group
         assert tiles.active == need.sum() and num_slots == len(tiles.group) * block_m
@@ -38,8 +37,8 @@ def test_slots_place_each_group_in_its_own_tiles(G, R, block_m):
         np.testing.assert_array_equal(tiles.group[:tiles.active], expected_group)
         if tiles.active:  # inactive tiles repeat the last active tile's group
             assert (tiles.group[tiles.active:] == expected_group[-1]).all()
-        rows = np.arange(start, start + sizes.sum())
-        assert (slot[:start] == num_slots).all() and (slot[start + sizes.sum():] == num_slots).all()
+        rows = np.arange(sizes.sum())
+        assert (slot[sizes.sum():] == num_slots).all()  # rows past the groups go nowhere
         assert len(set(slot[rows])) == len(rows)  # one row per slot
         np.testing.assert_array_equal(tiles.group[slot[rows] // block_m], np.repeat(np.arange(G), sizes))
 
@@ -50,10 +49,10 @@ def test_max_tiles_is_tight_and_ignores_absent_experts():
         k = min(G, R)
         sizes = np.zeros(G, int)
         sizes[:k - 1], sizes[k - 1] = 1, R - (k - 1)
-        tiles, _, _ = layout.slots(jnp.asarray(sizes), R, bm)
-        assert int(tiles.active) == layout.max_tiles(R, G, bm) == len(tiles.group)
+        tiles, _, _ = tile_map.tile_rows(jnp.asarray(sizes), R, bm)
+        assert int(tiles.active) == tile_map.max_tiles(R, G, bm) == len(tiles.group)
     # Decode: 8 tokens x top-8 over 256 experts is at most 64 tiles, not 256.
-    assert layout.max_tiles(64, 256, 64) == 64
+    assert tile_map.max_tiles(64, 256, 64) == 64
 
 
 def tiled_problem(rng, dtype, D=128, F=256):
@@ -61,7 +60,7 @@ def tiled_problem(rng, dtype, D=128, F=256):
     inactive tile is 1.0 (so computing it would give finite non-zero output)."""
     sizes = np.array([5, 0, 70, 0])
     bm = 64
-    tiles, slot, num_slots = layout.slots(jnp.asarray(sizes), int(sizes.sum()), bm)
+    tiles, slot, num_slots = tile_map.tile_rows(jnp.asarray(sizes), int(sizes.sum()), bm)
     active = int(tiles.active)
     x = np.ones((num_slots, D))
     x[:active * bm] = rng.normal(size=(active * bm, D))
@@ -160,7 +159,7 @@ def test_mosaic_gpu_kernels_are_race_free(shape_class):
     cfg = dataclasses.replace(mosaic_gpu.BLOCKS["H100"][shape_class], num_sms=2)
     rng = np.random.default_rng(1)
     sizes = np.array([cfg.block_m + 5, 0, 9])
-    tiles, slot, num_slots = layout.slots(jnp.asarray(sizes), int(sizes.sum()), cfg.block_m)
+    tiles, slot, num_slots = tile_map.tile_rows(jnp.asarray(sizes), int(sizes.sum()), cfg.block_m)
     x = jnp.asarray(rng.normal(size=(num_slots, 128)), jnp.bfloat16)
     w_gate_up, w_down = (jnp.asarray(rng.normal(size=s) / 12, jnp.bfloat16) for s in [(3, 128, 256), (3, 128, 128)])
     with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):

@@ -1,12 +1,13 @@
-"""The tiled row layout shared by the tiled backends (cpu, pallas, mosaic_gpu).
+"""The tile map shared by the tiled backends (cpu, pallas, mosaic_gpu): where each row goes in a
+buffer of whole tiles.
 
 Rows routed to expert g are placed contiguously starting on a tile boundary, so every tile of
 `block_m` rows belongs to exactly one expert and a kernel never masks rows or re-reads an expert's
 weights for a tile that straddles two groups. Experts with no rows get no tiles at all; the padding
 costs at most `block_m - 1` zero rows per *present* expert.
 
-    group_sizes [G] ──_tile_map─▶ Tiles(group [num_tiles], active [])
-    sorted rows [R] ──slots─────▶ slot of each row in the tiled buffer [num_tiles * block_m]
+    group_sizes [G] ──_tile_map──▶ Tiles(group [num_tiles], active [])
+    sorted rows [R] ──tile_rows──▶ buffer row of each row [num_tiles * block_m]
 
 The buffer's static size is the worst case over all routings with R rows (`max_tiles`); tiles at and
 past `active` hold no rows, and kernels skip them without touching memory.
@@ -49,34 +50,31 @@ def _tile_map(group_sizes: jax.Array, num_tiles: int, block_m: int) -> tuple[Til
     return Tiles(group, active), ((ends - group_tiles) * block_m).astype(jnp.int32)
 
 
-def slots(group_sizes: jax.Array, num_rows: int, block_m: int,
-          row_start: jax.Array | int = 0) -> tuple[Tiles, jax.Array, int]:
+def tile_rows(group_sizes: jax.Array, num_rows: int, block_m: int) -> tuple[Tiles, jax.Array, int]:
     """Place rows sorted by group into the tiled buffer.
 
-    group_sizes: [G]; the groups' rows are rows [row_start, row_start + sum(group_sizes)) of a [R]-row
-    array sorted by group (rows outside that range belong to no group). Returns (tiles, slot [R] int32
-    -- the buffer row of each input row, or num_slots for rows of no group --, num_slots).
+    group_sizes: [G]; the groups' rows are the first sum(group_sizes) rows of a [R]-row array sorted
+    by group (rows after them belong to no group). Returns (tiles, buffer row [R] int32 of each input
+    row -- num_buffer_rows for rows of no group --, num_buffer_rows).
     """
     num_tiles = max_tiles(num_rows, group_sizes.shape[0], block_m)
     tiles, tiled_start = _tile_map(group_sizes, num_tiles, block_m)
     ends = jnp.cumsum(group_sizes)
-    rank = jnp.arange(num_rows, dtype=jnp.int32) - row_start  # position among the groups' rows
-    group = jnp.searchsorted(ends, rank, side="right")
-    in_group = (rank >= 0) & (rank < ends[-1])
-    group = jnp.minimum(group, group_sizes.shape[0] - 1)
-    slot = tiled_start[group] + rank - (ends - group_sizes)[group]
-    num_slots = num_tiles * block_m
-    return tiles, jnp.where(in_group, slot, num_slots).astype(jnp.int32), num_slots
+    rank = jnp.arange(num_rows, dtype=jnp.int32)
+    group = jnp.minimum(jnp.searchsorted(ends, rank, side="right"), group_sizes.shape[0] - 1)
+    buffer_row = tiled_start[group] + rank - (ends - group_sizes)[group]
+    num_buffer_rows = num_tiles * block_m
+    return tiles, jnp.where(rank < ends[-1], buffer_row, num_buffer_rows).astype(jnp.int32), num_buffer_rows
 
 
-def source_rows(slot: jax.Array, num_slots: int, source: jax.Array | None = None) -> jax.Array:
-    """Inverse of `slots`: for each buffer row, what sits there ([num_slots] int32).
+def source_rows(buffer_row: jax.Array, num_buffer_rows: int, source: jax.Array | None = None) -> jax.Array:
+    """Inverse of `tile_rows`: for each buffer row, what sits there ([num_buffer_rows] int32).
 
     source: [R] what to record per input row (default: its index). Empty buffer rows get INT32_MAX,
     which `gather_rows` turns into a zero row.
     """
-    source = jnp.arange(slot.shape[0], dtype=jnp.int32) if source is None else source
-    return jnp.full((num_slots,), jnp.iinfo(jnp.int32).max, jnp.int32).at[slot].set(source, mode="drop")
+    source = jnp.arange(buffer_row.shape[0], dtype=jnp.int32) if source is None else source
+    return jnp.full((num_buffer_rows,), jnp.iinfo(jnp.int32).max, jnp.int32).at[buffer_row].set(source, mode="drop")
 
 
 def gather_rows(x: jax.Array, rows: jax.Array) -> jax.Array:

@@ -1,0 +1,92 @@
+"""KV hand-off between engines: one request's KV as a typed payload, and the request with it.
+
+A prefill engine finishes a request marked `handoff` after its first token, exporting the KV of its
+prompt (every layer, or a range of layers while it prefills); a decode engine admits the request
+with that KV (`Engine.add_prefilled`) and continues from its next token. Payloads are checked on
+import: a payload of another model or with other shapes is rejected with what differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.config import ModelConfig
+from moejax.engine.sampling import SamplingParams
+
+
+class KVTransferError(ValueError):
+    """A KV payload does not fit the engine importing it; the message names what differs."""
+
+
+def kv_layout(cfg: ModelConfig, dtype) -> dict:
+    """What a payload must agree on to be importable: the KV each layer keeps per token."""
+    return {"architecture": cfg.architecture, "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
+            "head_dim": cfg.head_dim, "dtype": jnp.dtype(dtype).name, "sliding_windows": list(cfg.sliding_windows)}
+
+
+@dataclass(frozen=True)
+class LayerKVState:
+    """One layer's state of one request. kind "paged": arrays k, v, each [num_tokens, KV heads, head_dim]
+    (other kinds -- windowed, recurrent -- carry their own arrays)."""
+
+    kind: str
+    arrays: dict[str, object]  # name -> jax.Array or numpy array
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in self.arrays.values())
+
+
+@dataclass(frozen=True)
+class KVPayload:
+    model: str  # the exporting model's name (for messages)
+    layout: dict  # kv_layout of the exporting model
+    num_tokens: int  # tokens whose KV the payload holds: positions 0 .. num_tokens-1
+    layers: tuple[int, ...]  # layer index of each state
+    states: tuple[LayerKVState, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.states)
+
+    def check(self, cfg: ModelConfig, dtype, num_tokens: int) -> None:
+        """Raise KVTransferError unless this payload holds every layer's KV of `num_tokens` tokens of
+        a model with cfg's KV layout in `dtype`."""
+        mine = kv_layout(cfg, dtype)
+        differs = {k: (self.layout.get(k), v) for k, v in mine.items() if self.layout.get(k) != v}
+        if differs:
+            what = ", ".join(f"{k} {a!r} (payload) vs {b!r} (here)" for k, (a, b) in differs.items())
+            raise KVTransferError(f"KV payload from {self.model!r} does not fit {cfg.name!r}: {what}")
+        if self.num_tokens != num_tokens:
+            raise KVTransferError(f"KV payload holds {self.num_tokens} tokens; the request has {num_tokens} "
+                                  "computed tokens")
+        if tuple(self.layers) != tuple(range(cfg.num_layers)):
+            raise KVTransferError(f"KV payload holds layers {list(self.layers)}; importing needs all "
+                                  f"{cfg.num_layers} layers of {cfg.name!r}")
+        want = (num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        for layer, state in zip(self.layers, self.states):
+            if state.kind != "paged" or set(state.arrays) != {"k", "v"}:
+                raise KVTransferError(f"KV payload layer {layer}: kind {state.kind!r} with arrays "
+                                      f"{sorted(state.arrays)}; expected 'paged' with k and v")
+            for name, a in state.arrays.items():
+                if tuple(a.shape) != want or jnp.dtype(a.dtype) != jnp.dtype(dtype):
+                    raise KVTransferError(f"KV payload layer {layer} {name}: shape {list(a.shape)} "
+                                          f"{jnp.dtype(a.dtype).name}; expected {list(want)} {jnp.dtype(dtype).name}")
+
+
+@dataclass
+class Handoff:
+    """A request leaving one engine after its prefill, with everything another needs to continue it."""
+
+    request_id: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # sampled by the prefill engine (its first token)
+    params: SamplingParams
+    seed: int
+    kv: KVPayload
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    extra: dict = field(default_factory=dict)

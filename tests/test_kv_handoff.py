@@ -1,0 +1,89 @@
+"""KV hand-off between two engines in one process: engine A prefills and hands each request off with
+its KV, engine B imports it into other blocks and decodes. Greedy and seeded outputs equal one
+engine doing both, for every architecture; payloads of another model or with other shapes are
+rejected with what differs."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from moejax.config import get_preset
+from moejax.engine import build
+from moejax.engine.kv_transfer import KVTransferError
+from moejax.engine.sampling import SamplingParams
+from moejax.models.model import build_model
+
+ARCHS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe"]
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+
+
+def engine(model):
+    """Engines of one model and cache size share their compiled programs."""
+    return build(model, max_model_len=64, block_size=4, token_budget=32, num_blocks=96)
+
+
+def serve(e, requests):
+    while e.has_unfinished:
+        e.step()
+    return [r.output_token_ids for r in requests]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_here_decode_there_equals_one_engine(arch):
+    model = build_model(get_preset(arch), seed=3)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (9, 23, 4)]
+    params = [GREEDY, SAMPLED, GREEDY]
+
+    one = engine(model)
+    want = serve(one, [one.add_request(p, sp) for p, sp in zip(prompts, params)])
+
+    a = engine(model)
+    handed = [a.add_request(p, sp, handoff=True) for p, sp in zip(prompts, params)]
+    serve(a, handed)
+    assert [r.finish_reason for r in handed] == ["handoff"] * 3
+    assert a.scheduler.kv.num_free_blocks == a.scheduler.kv.num_blocks  # exported, then freed
+    blocks_a = {h.request_id: r.block_ids for h, r in zip(a.handoffs, handed)}
+
+    b = engine(model)
+    filler = b.add_request(rng.integers(0, model.config.vocab_size, 30).tolist(), GREEDY)
+    b.step()  # the filler holds B's first blocks: the imports land elsewhere
+    assert filler.block_ids
+    continued = [b.add_prefilled(h) for h in a.handoffs]
+    b.step()
+    assert all(set(r.block_ids).isdisjoint(filler.block_ids) for r in continued)
+    serve(b, continued + [filler])
+    assert [r.output_token_ids for r in continued] == want
+    assert all(r.num_preemptions == 0 for r in continued)
+    assert len(blocks_a) == 3 and b.scheduler.kv.num_free_blocks == b.scheduler.kv.num_blocks
+
+
+def test_bad_payloads_are_named_errors():
+    qwen = build_model(get_preset("tiny-qwen3-moe"), seed=1)
+    a = engine(qwen)
+    a.add_request([5, 6, 7, 8, 9], GREEDY, handoff=True)
+    serve(a, [])
+    (good,) = a.handoffs
+
+    mixtral = build_model(get_preset("tiny-mixtral"), seed=1)
+    with pytest.raises(KVTransferError, match=r"from 'tiny-qwen3-moe' does not fit 'tiny-mixtral': architecture"):
+        engine(mixtral).add_prefilled(good)
+
+    b = engine(qwen)
+    states = list(good.kv.states)
+    states[2] = dataclasses.replace(states[2], arrays={"k": states[2].arrays["k"][:, :1], "v": states[2].arrays["v"]})
+    cut = dataclasses.replace(good, kv=dataclasses.replace(good.kv, states=tuple(states)))
+    with pytest.raises(KVTransferError, match=r"layer 2 k: shape \[5, 1, 32\] float32; expected \[5, 2, 32\]"):
+        b.add_prefilled(cut)
+    short = dataclasses.replace(good, prompt_token_ids=good.prompt_token_ids[:-1])
+    with pytest.raises(KVTransferError, match="holds 5 tokens; the request has 4 computed tokens"):
+        b.add_prefilled(short)
+    half = dataclasses.replace(good, kv=dataclasses.replace(good.kv, layers=good.kv.layers[:2],
+                                                            states=good.kv.states[:2]))
+    with pytest.raises(KVTransferError, match=r"holds layers \[0, 1\]; importing needs all 4 layers"):
+        b.add_prefilled(half)
+    one = engine(qwen)
+    want = serve(one, [one.add_request([5, 6, 7, 8, 9], GREEDY)])
+    assert serve(b, [b.add_prefilled(good)]) == want  # the untouched payload still goes in
