@@ -30,7 +30,7 @@ from moejax.sim.cost_model import Calibration
 
 HERE = Path(__file__).resolve().parent
 HW = "h100x2"
-PAPER = {  # reported (PAPERS.md §1), Qwen3-30B-A3B on 2xH100 TP=2
+PAPER = {  # reported in arXiv 2510.08055 (Lee et al., Layered Prefill), Qwen3-30B-A3B on 2xH100 TP=2
     "arxiv@1.3": {"ttft_mean_s": {"chunked": 2.80, "layered": 1.24}, "e2e_mean_s": {"chunked": 9.4, "layered": 5.5}},
     "expert_traffic_change": {"arxiv": -0.39, "sharegpt4": -0.12},
     "energy_per_token_change": {"arxiv": -0.22, "sharegpt4": -0.20},

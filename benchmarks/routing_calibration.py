@@ -21,7 +21,9 @@ Steps (every number in routing_calibration.json / .md comes from here):
    (a prefill chunk) and of n different sequences (a decode batch): measured on the trace; drawn
    (the simulator's own draws, moejax.sim.routing.activation_curve) from uniform, Zipf and correlated
    models, the correlated one fitted (i) to the trace's curves (same E, k) and (ii) to the published
-   Qwen3-30B-A3B figure (~86% of 128 experts at 128 tokens; PAPERS.md §1). Plot: routing_activation.png.
+   Qwen3-30B-A3B figure (~86% of 128 experts at 128 tokens; Lee et al., "From Tokens to Layers:
+   Redefining Stall-Free Scheduling for MoE Serving with Layered Prefill", arXiv 2510.08055).
+   Plot: routing_activation.png.
 3. Sensitivity (modelled): simulated Qwen3-30B-A3B on h100x2, chunked (512) vs layered, arXiv at
    1.3 req/s and ShareGPT at the rate offering the same tokens/s, under each routing model, several
    seeds; layered/chunked ratios of expert bytes, mean TTFT, mean end-to-end and energy per token.
@@ -46,7 +48,8 @@ FIXTURES = ROOT / "tests" / "fixtures" / "hf"
 
 PUBLISHED = [{"model": "qwen3-30b-a3b", "tokens": 128, "fraction": 0.86,
               "what": "a 128-token chunk of one prompt activates ~86% of a layer's 128 experts",
-              "source": "Lee et al., Layered Prefill, arXiv 2510.08055 (as condensed in PAPERS.md §1)"}]
+              "source": "Lee et al., From Tokens to Layers: Redefining Stall-Free Scheduling for MoE Serving "
+                        "with Layered Prefill, arXiv 2510.08055"}]
 PAPER_RATIOS = {"arxiv": {"expert_bytes_total": 21.7 / 35.6, "ttft_mean_s": 1.24 / 2.80, "e2e_mean_s": 5.5 / 9.4,
                           "energy_per_token_j": 44.2 / 56.6},
                 "sharegpt": {"expert_bytes_total": 1 - 0.12, "energy_per_token_j": 29.8 / 37.4}}
@@ -568,7 +571,7 @@ def markdown(rep: dict, plot_path: Path) -> str:
     w("**Measured**: routing traces of real forwards of a random-weight tiny model. **Modelled**: all "
       "Qwen3-30B-A3B numbers (routing models × simulator cost model); the only Qwen3 routing datum is the "
       f"published {rep['published'][0]['fraction']:.0%} at {rep['published'][0]['tokens']} tokens "
-      "(PAPERS.md §1), an input, not a measurement of ours.\n")
+      "(arXiv 2510.08055), an input, not a measurement of ours.\n")
 
     w("## 1. Traces from real forwards (measured)\n")
     n_ref = tr["all"]["n_ref"]
@@ -657,8 +660,8 @@ def markdown(rep: dict, plot_path: Path) -> str:
         r0 = summ[wl][ref]
         w(f"\nChunked baseline under `{ref}`: mean TTFT {r0['chunked_ttft_mean_s']:.3f} s, e2e "
           f"{r0['chunked_e2e_mean_s']:.2f} s, energy {1e3 * r0['chunked_energy_per_token_j']:.1f} mJ/token"
-          + (" (paper, chunked, arXiv at 1.3 req/s: TTFT 2.80 s, e2e 9.4 s, 56.6 mJ/token)" if wl == "arxiv" else
-             f" (paper, chunked: 37.4 mJ/token). {s['sharegpt_prompts_over_512']:.0%} of ShareGPT prompts are "
+          + (" (the paper's chunked arXiv point is in `layered_prefill.md`)" if wl == "arxiv" else
+             f". {s['sharegpt_prompts_over_512']:.0%} of ShareGPT prompts are "
              f"longer than 512 tokens (holding {s['sharegpt_prompt_tokens_in_prompts_over_512']:.0%} of the prompt "
              "tokens); a prompt of at most 512 tokens fits one chunk and, alone in its cohort, one layer group, "
              "so for most requests the two policies schedule the same work") + ".\n")

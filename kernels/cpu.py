@@ -4,7 +4,8 @@ Each loop step slices one tile of rows and its expert's weights (a dynamic slice
 axis) and runs gate/up GEMM -> SwiGLU -> down GEMM on it. The trip count is the traced number of
 active tiles, so experts without rows cost nothing and decode reads each active expert's weights
 once. bf16 stays bf16 into the dots (XLA:CPU then uses the CPU's bf16 matrix units where it has
-them; upcasting to fp32 measured 1.7-4.4x slower), accumulating in fp32.
+them; upcasting each tile to fp32 measured 1.6-4.1x slower at the same tile height),
+accumulating in fp32.
 
 Chosen over `jax.lax.ragged_dot` (which XLA:CPU computes densely over every group), a dense
 all-experts einsum and other tile heights by measurement: benchmarks/kernels.md.

@@ -1,9 +1,11 @@
 """The command line: `moejax generate` on the embedded model and on a checkpoint, JSON output, errors."""
 
 import json
+import re
 from pathlib import Path
 
-from moejax.cli import main
+from moejax import LLM, SamplingParams
+from moejax.cli import DEFAULT_PROMPTS, main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -26,7 +28,11 @@ def test_generate_json_on_checkpoint(capsys):
 def test_generate_default_model_table(capsys):
     assert main(["generate", "--max-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert "tiny-qwen3-moe" in out and "tokens/s" in out
+    want = LLM("tiny-qwen3-moe").generate(DEFAULT_PROMPTS, SamplingParams(max_tokens=4))  # greedy, seed 0
+    assert "tiny-qwen3-moe (" in out and f"{len(DEFAULT_PROMPTS)} prompts" in out
+    for prompt, o in zip(DEFAULT_PROMPTS, want):  # one row per prompt: its length and its greedy tokens
+        assert f"{len(prompt)} token ids" in out and " ".join(map(str, o.token_ids)) in out
+    assert f"{sum(len(o.token_ids) for o in want)} tokens in " in out and "tokens/s" in out
 
 
 def test_bad_request_is_one_clear_line(capsys):
@@ -55,13 +61,25 @@ def test_simulate_json_has_stable_metrics(tmp_path, capsys):
     assert "ttft_mean_s" in capsys.readouterr().out
 
 
-def test_bench_serve_and_compare_real(tmp_path):
+def test_bench_serve_and_compare_real(tmp_path, capsys):
     path = tmp_path / "cmp.json"
     assert main(["compare", "--policies", "chunked@64,layered", "--workload", "sharegpt", "--rate", "inf",
                  "--num-requests", "4", "--max-model-len", "256", "--json", str(path)]) == 0
     runs = json.loads(path.read_text())["runs"]
     assert set(runs) == {"chunked@64", "layered"}
     for r in runs.values():
-        assert not r["simulated"] and r["metrics"]["num_requests"] == 4 and r["metrics"]["expert_bytes_total"] > 0
+        m = r["metrics"]
+        assert not r["simulated"] and m["num_requests"] == 4 and m["expert_bytes_total"] > 0
+        assert 0 < m["ttft_mean_s"] <= m["e2e_mean_s"] and m["output_tokens_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "layered/chunked@64" in out and f"wrote {path}" in out  # the table has the ratio column
+
+    path = tmp_path / "serve.json"
     assert main(["bench", "serve", "--policy", "no_chunk", "--num-requests", "3", "--rate", "inf",
-                 "--max-model-len", "256"]) == 0
+                 "--max-model-len", "256", "--json", str(path)]) == 0
+    r = json.loads(path.read_text())
+    m = r["metrics"]
+    assert (r["model"], r["policy"], r["simulated"]) == ("tiny-qwen3-moe", "no_chunk", False)
+    assert m["num_requests"] == 3 and 0 < m["ttft_mean_s"] <= m["e2e_mean_s"] and m["expert_bytes_total"] > 0
+    out = capsys.readouterr().out
+    assert "no_chunk" in out and re.search(r"num_requests\s*│\s*3\s*│", out)  # title, the table's row

@@ -20,8 +20,20 @@ ARCHS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe"]
 PROMPT = [(13 * i + 5) % 500 for i in range(37)]
 
 
-def test_cpu8_presets_exist():
-    assert len(CPU8) >= 5
+@pytest.mark.parametrize("name", CPU8)
+def test_cpu8_preset_fits_a_tiny_arch_and_8_devices(name):
+    """The logits test skips layouts an architecture does not fit: each preset must fit one at least."""
+    layout = get_layout(name)
+    fits = []
+    for arch in ARCHS:
+        try:
+            layout.validate(get_preset(arch), num_devices=8)
+            fits.append(arch)
+        except LayoutError:
+            pass
+    assert fits, f"{name} fits none of {ARCHS}"
+    mesh = layout.make_mesh()
+    assert dict(mesh.shape) == layout.axes and len(set(mesh.devices.flat)) == 8
 
 
 @pytest.mark.parametrize("arch", ARCHS)
