@@ -233,7 +233,7 @@ class JaxExecutor:
         """Where each member slice's rows go: grouped by request shard, each shard padded to one bucket."""
         by_shard: list[list[int]] = [[] for _ in range(self.row_shards)]
         for i in members:
-            by_shard[plan.kv_shards[plan.slices[i].request_id]].append(i)
+            by_shard[plan.kv_shards.get(plan.slices[i].request_id, 0)].append(i)
         width = bucket(max(sum(plan.slices[i].num_tokens for i in ids) for ids in by_shard))
         T = width * self.row_shards
         row_map = RowMap({}, np.zeros(T, np.int32), np.zeros(T, np.int32), np.zeros(T, bool))

@@ -72,7 +72,7 @@ class IterationPlan:
     sampling: tuple[SamplingRow, ...]  # in the order of the sampled slices
     released: tuple[int, ...] = ()  # requests whose executor-side state (kept hidden rows) can go
     num_layers: int = 0
-    kv_shards: dict[int, int] = field(default_factory=dict)  # request id -> the request shard owning its KV
+    kv_shards: dict[int, int] = field(default_factory=dict)  # request id -> request shard owning its KV (if > 1)
     # (request id, its blocks, KV) to write before the iteration runs: requests prefilled elsewhere
     kv_imports: tuple[tuple[int, tuple[int, ...], "KVPayload"], ...] = ()
 

@@ -170,15 +170,19 @@ class Scheduler:
     def decodes(self, budget: int, skip: set[int] = frozenset()) -> tuple[list[RowSlice], int]:
         """One token for every running request with exactly one uncomputed token (not in `skip`),
         in priority order, within `budget` tokens -> (slices, budget left)."""
-        slices, scheduled, L = [], self._scheduled, self.num_layers
-        for req in list(self.running):
+        slices, scheduled, L, block_size = [], self._scheduled, self.num_layers, self.kv.block_size
+        for req in list(self.running):  # hundreds per iteration: the common case is inlined
             if budget == 0:
                 break
-            rid = req.request_id
-            if (len(req.token_ids) - req.num_computed_tokens == 1 and req.status is Status.RUNNING
-                    and rid not in scheduled and rid not in skip and self.reserve(req, 1)):
-                slices.append(make_slice(req, 1, 0, L, L))
-                budget -= 1
+            rid, tokens, start = req.request_id, req.token_ids, req.num_computed_tokens
+            if len(tokens) - start != 1 or req.status is not Status.RUNNING or rid in scheduled or rid in skip:
+                continue
+            if start < len(req.block_ids) * block_size:  # room in its last block: nothing to reserve
+                scheduled.add(rid)
+            elif not self.reserve(req, 1):
+                continue
+            slices.append(RowSlice(rid, start, (tokens[start],), 0, L, True, start + 1))
+            budget -= 1
         return slices, budget
 
     def make_slice(self, req: Request, num_tokens: int, layer_start: int = 0, layer_end: int | None = None) -> RowSlice:
@@ -199,7 +203,7 @@ class Scheduler:
             step=self.step, slices=tuple(slices), groups=layer_groups(slices, self.num_layers),
             block_tables={r.request_id: r.block_ids for r in requests},
             sampling=sampling, released=tuple(self._released), num_layers=self.num_layers,
-            kv_shards={r.request_id: self.kv.shard_of(r) for r in requests},
+            kv_shards={r.request_id: self.kv.shard_of(r) for r in requests} if len(self.kv.shards) > 1 else {},
             kv_imports=tuple(self._imports))
         self._released, self._imports = [], []
         return plan
