@@ -13,7 +13,7 @@ for c in "$${PYTHON:-}" python3.12 python3.13 python3 \
 done; echo "moejax needs Python >= 3.12 and none was found (set PYTHON=/path/to/python3.12)" >&2; exit 1
 endef
 
-.PHONY: setup demo test test-fast bench-kernels bench-decode bench-host fixtures fixtures-venv clean
+.PHONY: setup demo test test-fast bench-kernels bench-decode bench-host stdlib-moe fixtures fixture-stdlib-moe fixtures-venv clean
 
 setup: $(VENV)/.installed
 
@@ -43,9 +43,19 @@ bench-decode: setup fixtures-venv
 bench-host: setup
 	$(PY) benchmarks/host_overhead.py
 
+# Trains the shipped stdlib-moe checkpoint (~15 min on 2 CPU cores), then its routing statistics.
+stdlib-moe: setup
+	$(PY) -m pip install -q -c constraints.txt -e '.[$(EXTRAS),train]'
+	$(PY) benchmarks/train_stdlib_moe.py
+	$(PY) benchmarks/stdlib_moe_routing.py
+
 # Regenerates tests/fixtures/ from HF transformers (a Python 3.11 venv with the local CPU torch wheel).
 fixtures: fixtures-venv
 	.venv-fixtures/bin/python tests/fixtures/make_fixtures.py
+
+# transformers' reference outputs of the shipped stdlib-moe checkpoint (after `make stdlib-moe`)
+fixture-stdlib-moe: fixtures-venv
+	.venv-fixtures/bin/python tests/fixtures/make_stdlib_moe_reference.py
 
 fixtures-venv:
 	@[ -x .venv-fixtures/bin/python ] || { python3.11 -m venv .venv-fixtures && \

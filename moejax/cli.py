@@ -22,7 +22,8 @@ def _token_ids(text: str) -> list[int]:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"a preset name (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"a preset or shipped checkpoint name, e.g. stdlib-moe (default {DEFAULT_MODEL})")
     p.add_argument("--checkpoint", help="a HF or moejax checkpoint directory (overrides --model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute/param dtype (default: the model's)")
     p.add_argument("--seed", type=int, default=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moejax.assets import shipped_checkpoint, shipped_names
 from moejax.checkpoint.hf import CheckpointFiles, load_hf, load_tokenizer
 from moejax.checkpoint.orbax_io import is_moejax_checkpoint, restore_model, save_model
 from moejax.checkpoint.safetensors_file import CheckpointError
@@ -15,17 +16,17 @@ from moejax.models.model import Model, build_model
 
 def load_model(source: str | Path, *, dtype: str | None = None, seed: int = 0,
                layout: "str | Layout | SplitLayout | None" = None) -> tuple[Model, object | None]:
-    """(model, tokenizer or None) from a preset name (random weights), a moejax checkpoint or a HF
-    checkpoint directory, with every parameter placed by `layout` on all of JAX's devices: a preset
-    name, a .toml path or a Layout (one mesh), or an attention/experts SplitLayout (the routed experts
-    on their own devices); default one device."""
+    """(model, tokenizer or None) from a preset name (random weights), a shipped checkpoint's name
+    (moejax/assets), a moejax checkpoint or a HF checkpoint directory, with every parameter placed by
+    `layout` on all of JAX's devices: a preset name, a .toml path or a Layout (one mesh), or an
+    attention/experts SplitLayout (the routed experts on their own devices); default one device."""
     placements = placements_for(layout)
     if isinstance(source, str) and source in PRESETS:
         return build_model(PRESETS[source], seed=seed, dtype=dtype, placements=placements), None
-    path = Path(source)
+    path = (isinstance(source, str) and shipped_checkpoint(source)) or Path(source)
     if not path.is_dir():
-        raise CheckpointError(f"{source!r} is neither a model preset ({', '.join(sorted(PRESETS))}) "
-                              "nor a checkpoint directory")
+        raise CheckpointError(f"{source!r} is neither a model preset ({', '.join(sorted(PRESETS))}), "
+                              f"a shipped checkpoint ({', '.join(shipped_names())}) nor a checkpoint directory")
     if is_moejax_checkpoint(path):
         model = restore_model(path, placements=placements)
     else:
