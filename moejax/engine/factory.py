@@ -43,6 +43,8 @@ Factory = Callable[..., Built]
 EXECUTORS: dict[str, str | Factory] = {
     "jax": "moejax.engine.jax_executor:create",
     "sim": "moejax.sim.executor:create",
+    "offload": "moejax.offload.executor:create",  # routed experts in host memory, a device expert cache
+    "sim-offload": "moejax.offload.sim:create",  # the same, priced on a cost model's host link
 }
 
 
