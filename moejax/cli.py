@@ -7,6 +7,7 @@ import json
 import sys
 
 import jax
+import numpy as np
 
 from moejax.config import DEFAULT_MODEL
 
@@ -35,7 +36,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from moejax import LLM, SamplingParams
 
-    llm = LLM(args.checkpoint or args.model, dtype=args.dtype, seed=args.seed, layout=args.layout)
+    offload = _offload(args)
+    llm = LLM(args.checkpoint or args.model, dtype=args.dtype, seed=args.seed, layout=args.layout, offload=offload)
     prompts: list = [*(args.prompt or []), *(args.prompt_token_ids or [])]
     if not prompts:
         if llm.tokenizer is not None:
@@ -46,10 +48,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.sampling_seed, ignore_eos=args.ignore_eos)
     outputs = llm.generate(prompts, params)
     stats = llm.last_stats
+    offload = llm.engine.executor.offload_summary() if offload else None
     if args.json:
         json.dump({"outputs": [{"prompt_token_ids": o.prompt_token_ids, "token_ids": o.token_ids, "text": o.text,
                                 "finish_reason": o.finish_reason} for o in outputs],
-                   "stats": stats}, sys.stdout)
+                   "stats": stats, **({"offload": offload} if offload else {})}, sys.stdout)
         print()
         return 0
     console = Console()
@@ -67,7 +70,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     console.print(f"{tokens} tokens in {stats['seconds']:.2f} s, of which {compile_s:.2f} s compiling "
                   f"{stats['compilations']} XLA programs (once per shape): {stats['tokens_per_s']:.1f} tokens/s, "
                   f"[bold]{serving_tokens_per_s:.1f} tokens/s not counting compilation[/bold]")
+    if offload:
+        rates = {k: "—" if offload[k] is None else f"{offload[k]:.3f}"
+                 for k in ("hit_rate", "prefetch_precision", "prefetch_recall")}
+        console.print(f"expert offload: {offload['slots']} of {offload['num_experts']} experts per layer on the device, "
+                      f"predictor {offload['predictor']}: hit rate {rates['hit_rate']}, prefetch precision "
+                      f"{rates['prefetch_precision']}, recall {rates['prefetch_recall']}, "
+                      f"{offload['bytes_h2d'] / 1e6:.2f} MB host -> device, stalled {offload['stall_s'] * 1e3:.1f} ms")
     return 0
+
+
+def _add_offload_args(p: argparse.ArgumentParser, simulated: bool | None) -> None:
+    """simulated: True (simulate only), False (real only), None (either)."""
+    from moejax.offload.config import LOAD_RULES, PREDICTORS
+
+    g = p.add_argument_group("expert offload (routed experts in host memory, a device expert cache)")
+    g.add_argument("--offload-experts", type=float, metavar="F",
+                   help="keep the fraction F of each MoE layer's routed experts only in host memory")
+    g.add_argument("--device-expert-slots", type=int, metavar="N", help="a device cache of N experts per MoE layer")
+    g.add_argument("--predictor", choices=PREDICTORS, help="which experts the next layers need (default none)")
+    g.add_argument("--load-rule", choices=LOAD_RULES, help="cross-layer presched (default) or layer-by-layer greedy")
+    g.add_argument("--host-compute", action="store_true", help="compute a missing expert on the host when cheaper")
+    if simulated is not False:
+        g.add_argument("--host-link", help="simulated host link: pcie3, pcie4, pcie5, nvlink-c2c (default: the "
+                                           "hardware's)")
+
+
+def _offload(args: argparse.Namespace) -> dict | None:
+    """The offload options given on the command line (None: no offload)."""
+    names = ("offload_experts", "device_expert_slots", "predictor", "load_rule", "host_link")
+    options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "host_compute", False):
+        options["host_compute"] = True
+    if options and getattr(args, "hardware", None) is None:
+        options.pop("host_link", None)  # real runs use the machine's link
+    return options or None
 
 
 def _add_common_serving(p: argparse.ArgumentParser) -> None:
@@ -112,6 +149,7 @@ def _run_options(args: argparse.Namespace) -> dict:
         opts.update(hardware=args.hardware, routing=args.routing)
     else:
         opts.update(layout=getattr(args, "layout", None), dtype=getattr(args, "dtype", None))
+    opts["offload"] = _offload(args)
     return opts
 
 
@@ -153,6 +191,33 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_predictor(args: argparse.Namespace) -> int:
+    from moejax.checkpoint import load_model
+    from moejax.offload.executor import predictor_dir
+    from moejax.offload.learned import record_features, text_sequences, topk_recall, train_predictor
+
+    source = args.checkpoint or args.model
+    out = args.out or predictor_dir(source)
+    if out is None:
+        raise ValueError(f"{source!r} is not a checkpoint directory: give --out DIR for the predictor")
+    model, tokenizer = load_model(source, dtype=args.dtype, seed=args.seed)
+    if tokenizer is None:
+        raise ValueError(f"{model.config.name} has no tokenizer: --text cannot be encoded")
+    prompts = text_sequences(tokenizer, args.text, glob=args.glob, skip_every=args.skip_every,
+                             num_sequences=args.num_sequences, seq_len=args.seq_len)
+    print(f"recording routing of {len(prompts)} sequences of {args.seq_len} tokens ...")
+    features = record_features(model, prompts)
+    trained = train_predictor(model, features, epochs=args.epochs, seed=args.seed, log=print)
+    path = trained.save(out)
+    k = model.config.num_experts_per_tok
+    for (m, d), _ in trained.nets.items():
+        recall = topk_recall(np.asarray(trained.row_logits(m, d, features.hidden[:, m - d], features.ids[:, m - d])),
+                             features.ids[:, m], k)
+        print(f"layer {m} from layer {m - d}: top-{k} recall on the training sequences {recall:.3f}")
+    print(f"saved the predictor for {model.config.name} to {path}")
+    return 0
+
+
 def kernels_benchmark():
     from moejax.kernels import benchmark
 
@@ -177,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampling-seed", type=int, default=None, help="seed of every request's sampler")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--json", action="store_true", help="print {'outputs': [...]} as JSON")
+    _add_offload_args(g, simulated=False)
     g.set_defaults(func=cmd_generate)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
@@ -186,12 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = bench.add_parser("serve", help="serve a workload with the real model and report serving metrics")
     _add_common_serving(serve)
     _add_placement_args(serve, simulated=False)
+    _add_offload_args(serve, simulated=False)
     serve.add_argument("--policy", default="chunked", help="chunked, no_chunk or layered (name@budget allowed)")
     serve.set_defaults(func=cmd_serve)
 
     sim = sub.add_parser("simulate", help="the same engine and metrics, on a cost model of real hardware")
     _add_common_serving(sim)
     _add_placement_args(sim, simulated=True)
+    _add_offload_args(sim, simulated=True)
     sim.add_argument("--policy", default="chunked", help="chunked, no_chunk or layered (name@budget allowed)")
     sim.set_defaults(func=cmd_serve)
 
@@ -199,7 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--policies", default="chunked,layered", help="comma-separated, e.g. chunked@256,layered")
     _add_common_serving(cmp)
     _add_placement_args(cmp, simulated=None)
+    _add_offload_args(cmp, simulated=None)
     cmp.set_defaults(func=cmd_compare)
+
+    off = sub.add_parser("offload", help="expert offload tools").add_subparsers(dest="offload_command", required=True)
+    tp = off.add_parser("train-predictor", help="record a model's routing on text and train LayerScope's learned "
+                                                "expert predictor (saved next to the checkpoint)")
+    _add_model_args(tp)
+    tp.add_argument("--text", action="append", required=True, metavar="PATH",
+                    help="a text file, or a directory of files matching --glob; repeatable")
+    tp.add_argument("--glob", default="*.py", help="files to read in --text directories (default *.py)")
+    tp.add_argument("--skip-every", type=int, default=0, metavar="N",
+                    help="leave out every N-th file (sorted): keep a held-out split unseen")
+    tp.add_argument("--num-sequences", type=int, default=64)
+    tp.add_argument("--seq-len", type=int, default=512)
+    tp.add_argument("--epochs", type=int, default=10)
+    tp.add_argument("--out", help="where to save it (default: offload_predictor/ in the checkpoint directory)")
+    tp.set_defaults(func=cmd_train_predictor)
     return parser
 
 

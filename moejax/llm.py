@@ -42,12 +42,21 @@ class LLM:
     """Generate with a MoE model: a preset name (seeded random weights), a HF checkpoint directory,
     or a saved moejax checkpoint, placed by `layout` (a moejax.meshes preset name, a .toml file or a
     Layout; default one device). Engine options (policy and its options, token_budget, max_num_seqs,
-    max_model_len, block_size, num_blocks, kv_budget_bytes, ...) go to `moejax.engine.build`."""
+    max_model_len, block_size, num_blocks, kv_budget_bytes, ...) go to `moejax.engine.build`.
+
+    offload: keep the routed experts in host memory with a device expert cache (moejax.offload), e.g.
+    {"device_expert_slots": 8, "predictor": "learned"} or {"offload_experts": 0.75, "predictor": "lfru"};
+    a learned predictor is looked for next to the checkpoint."""
 
     def __init__(self, model: str = "tiny-qwen3-moe", *, dtype: str | None = None, seed: int = 0,
-                 layout=None, executor: str = "jax", **engine_options):
+                 layout=None, executor: str = "jax", offload: dict | None = None, **engine_options):
         self.model, self.tokenizer = load_model(model, dtype=dtype, seed=seed, layout=layout)
         self.config = self.model.config
+        if offload is not None:
+            from moejax.offload.executor import executor_options
+
+            executor = "offload"
+            engine_options.update(executor_options(offload, model, owned=True))
         self.engine = build(self.model, executor, seed=seed, **engine_options)
         self.last_stats: dict[str, float] = {}
 
