@@ -15,24 +15,46 @@ from moejax.models.model import build_model
 from moejax.models.reference import prompt_routing
 from moejax.offload.learned import PREDICTOR_DIR, PredictorError
 
-GREEDY = SamplingParams(max_tokens=6, ignore_eos=True)
-# (predictor, cache slots: top-k / half / all experts, policy), spread over the architectures
-CASES = {
-    "tiny-qwen3-moe": [("none", "k", "chunked@16"), ("lfru", "half", "layered"), ("gate-ahead", "all", "chunked@16")],
-    "tiny-mixtral": [("gate-ahead", "k", "layered"), ("lfru", "all", "chunked@16")],
-    "tiny-qwen2-moe": [("gate-ahead", "k", "chunked@16"), ("none", "half", "layered")],  # layer 1 is dense
-    "tiny-olmoe": [("lfru", "k", "chunked@16"), ("gate-ahead", "half", "layered")],
-}
+GREEDY = SamplingParams(max_tokens=5, ignore_eos=True)
+# (predictor, cache slots: top-k / half / all experts, policy), spread over the architectures; the
+# first in the fast suite (its compiled programs shared by the tests here), the others slow
+CASES = [
+    ("tiny-qwen3-moe", "none", "k", "chunked@16"), ("tiny-qwen3-moe", "lfru", "half", "layered"),
+    ("tiny-qwen3-moe", "gate-ahead", "all", "chunked@16"),
+    ("tiny-mixtral", "gate-ahead", "k", "layered"), ("tiny-mixtral", "lfru", "all", "chunked@16"),
+    ("tiny-qwen2-moe", "gate-ahead", "k", "chunked@16"), ("tiny-qwen2-moe", "none", "half", "layered"),  # a dense layer
+    ("tiny-olmoe", "lfru", "k", "chunked@16"), ("tiny-olmoe", "gate-ahead", "half", "layered"),
+]
+FAST_ARCH = "tiny-qwen3-moe"
+
+
+class Models(dict):
+    def __missing__(self, arch):
+        self[arch] = build_model(get_preset(arch), seed=3)
+        return self[arch]
 
 
 @pytest.fixture(scope="module")
 def models():
-    return {arch: build_model(get_preset(arch), seed=3) for arch in CASES}
+    return Models()
+
+
+@pytest.fixture(scope="module")
+def reference(models):
+    """(arch, policy) -> the jax executor's greedy outputs on prompts_for(...), each computed once."""
+    cache = {}
+
+    def get(arch, policy):
+        if (arch, policy) not in cache:
+            cache[arch, policy] = serve(models[arch], "jax", prompts_for(models[arch].config.vocab_size),
+                                        policy=policy)[0]
+        return cache[arch, policy]
+    return get
 
 
 def prompts_for(vocab: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, vocab, n).tolist() for n in (5, 40, 17, 1)]
+    return [rng.integers(0, vocab, n).tolist() for n in (5, 36, 1)]
 
 
 def serve(model, executor, prompts, **options):
@@ -47,21 +69,19 @@ def slots_of(cfg, size: str) -> int:
     return {"k": cfg.num_experts_per_tok, "half": cfg.num_experts // 2, "all": cfg.num_experts}[size]
 
 
-@pytest.mark.parametrize("arch", CASES)
-def test_greedy_equals_the_jax_executor(arch, models):
+@pytest.mark.parametrize("arch, predictor, size, policy",
+                         [c if i == 0 else pytest.param(*c, marks=pytest.mark.slow) for i, c in enumerate(CASES)])
+def test_greedy_equals_the_jax_executor(arch, predictor, size, policy, models, reference):
+    """Against the jax executor as it serves (multi-step decode): offload runs one step per plan."""
     model = models[arch]
-    prompts = prompts_for(model.config.vocab_size)
-    want = {}
-    for predictor, size, policy in CASES[arch]:
-        if policy not in want:
-            want[policy] = serve(model, "jax", prompts, policy=policy)[0]
-        got, engine = serve(model, "offload", prompts, policy=policy, predictor=predictor,
-                            device_expert_slots=slots_of(model.config, size))
-        assert got == want[policy], (predictor, size, policy)
-        s = engine.executor.offload_summary()
-        assert s["slots"] == slots_of(model.config, size) and s["bytes_h2d"] == engine.executor.cache.bytes_h2d > 0
-        if size == "k":  # a batch needs more experts than top-k slots: the surplus ran from the transient buffer
-            assert s["loads_transient"] > 0
+    got, engine = serve(model, "offload", prompts_for(model.config.vocab_size), policy=policy, predictor=predictor,
+                        device_expert_slots=slots_of(model.config, size))
+    assert got == reference(arch, policy)
+    assert engine.executor.max_decode_steps == 1
+    s = engine.executor.offload_summary()
+    assert s["slots"] == slots_of(model.config, size) and s["bytes_h2d"] == engine.executor.cache.bytes_h2d > 0
+    if size == "k":  # a batch needs more experts than top-k slots: the surplus ran from the transient buffer
+        assert s["loads_transient"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +93,7 @@ def stdlib():
     return model, prompts
 
 
+@pytest.mark.slow
 def test_stdlib_moe_learned_and_layered_prefill_on_offload(stdlib):
     """The trained model with its shipped predictor; layered prefill reads each expert once per prompt
     where chunked prefill reads it once per chunk: fewer bytes cross from the host."""
@@ -95,7 +116,7 @@ def test_stdlib_moe_learned_and_layered_prefill_on_offload(stdlib):
 def test_bytes_moved_counted_by_hand(models):
     """All experts fit (slots = E), nothing is predicted: each layer loads every expert the request
     touches exactly once, one expert being D*2F + F*D fp32 numbers."""
-    model = models["tiny-qwen3-moe"]
+    model = models[FAST_ARCH]
     cfg = model.config
     prompt = prompts_for(cfg.vocab_size, seed=4)[1][:9]
     out, engine = serve(model, "offload", [prompt], device_expert_slots=cfg.num_experts, predictor="none")
@@ -123,16 +144,16 @@ def test_experts_live_in_host_memory_and_the_device_copies_go():
     assert ex.model.expert_states[0]["w_gate_up"][...].is_deleted()  # loaded by name: the executor owns the model
 
 
-def test_host_path_matches(models):
+@pytest.mark.slow
+def test_host_path_matches(models, reference):
     """With the host's experts free (host time 0), the scheduler sends every miss to the host: nothing
     is loaded, and the routed experts' partial sums give the same greedy tokens."""
-    model = models["tiny-olmoe"]
-    prompts = prompts_for(model.config.vocab_size, seed=2)
-    want = serve(model, "jax", prompts, policy="chunked@16")[0]
+    model = models[FAST_ARCH]
+    want = reference(FAST_ARCH, "chunked@16")
     engine = build(model, "offload", max_model_len=128, block_size=4, device_expert_slots=4, host_compute=True,
                    policy="chunked@16")
     engine.executor.host_s = lambda tokens: np.zeros(len(tokens))
-    requests = [engine.add_request(p, GREEDY) for p in prompts]
+    requests = [engine.add_request(p, GREEDY) for p in prompts_for(model.config.vocab_size)]
     while engine.has_unfinished:
         engine.step()
     s = engine.executor.offload_summary()

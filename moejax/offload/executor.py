@@ -7,7 +7,7 @@ cache is made to hold what the rows need.
 
     attend -> route -> predictor (layer l's rows -> P for l+1, l+2)      dispatched, then one host sync
     Residency.layer_pass: hits / misses, the load scheduler's split and prefetch choice
-    on-demand loads staged, then this layer's loads committed (the wait is the stall)
+    on-demand loads staged, then the loads this layer needs committed (the wait is the stall)
     experts on the cache through its slot map (+ the host's experts) -> combine   dispatched
     prefetches for later layers staged: they copy while this layer and the next attention compute
 
@@ -54,6 +54,8 @@ class OffloadExecutor(JaxExecutor):
         if p is not None and p.mesh.size > 1 or not model.placements.colocated:
             raise ValueError(f"expert offload runs {model.config.name} on one device; it is placed by a layout "
                              "over several (load it without layout=)")
+        # fuse=False also means one decode step per plan (max_decode_steps = 1): every MoE layer waits for
+        # its routing on the host to decide loads, which a multi-step program cannot do
         super().__init__(model, num_blocks, block_size, max_model_len, fuse=False)
         cfg = model.config
         self.offload, self.predictor = offload, predictor
@@ -98,7 +100,8 @@ class OffloadExecutor(JaxExecutor):
             for e, s in loads.cached:
                 self.cache.load(i, e, s)
             transient = self.cache.stage_transient(i, loads.transient)
-            stall = time.perf_counter() - t0 + self.cache.commit(i)
+            needed = set(self.residency.slot_of[i][tokens > 0].tolist()) - {-1}
+            stall = time.perf_counter() - t0 + self.cache.commit(i, needed)
             buffer, slot_of = self.cache.buffers[i], self.residency.slot_of[i].copy()
             if transient:
                 buffer, waited = self.cache.with_transient(i, transient)

@@ -121,18 +121,19 @@ class DeviceExpertCache:
         self.pending[layer][slot] = self.host.stage(layer, expert)
         self.bytes_h2d += self.host.expert_bytes
 
-    def commit(self, layer: int) -> float:
-        """Wait for the layer's staged loads and write them into its slots -> seconds waited."""
-        pending = self.pending[layer]
+    def commit(self, layer: int, slots: set[int]) -> float:
+        """Wait for the layer's staged loads into `slots` (what this pass needs) and write them in ->
+        seconds waited. Loads into other slots stay in flight for a later pass (their slots hold no
+        expert this pass reads)."""
+        pending = {s: self.pending[layer].pop(s) for s in sorted(slots & self.pending[layer].keys())}
         if not pending:
             return 0.0
         waited = _wait(list(pending.values()))
         n = bucket(len(pending), minimum=LOAD_BUCKET)  # few shapes, few compilations
         staged = list(pending.values()) + [self._zero] * (n - len(pending))
-        slots = np.full(n, self.num_slots, np.int32)
-        slots[:len(pending)] = list(pending)
-        self.buffers[layer] = _commit(*self.buffers[layer], [s[0] for s in staged], [s[1] for s in staged], slots)
-        self.pending[layer] = {}
+        at = np.full(n, self.num_slots, np.int32)
+        at[:len(pending)] = list(pending)
+        self.buffers[layer] = _commit(*self.buffers[layer], [s[0] for s in staged], [s[1] for s in staged], at)
         return waited
 
     def stage_transient(self, layer: int, experts: list[int]) -> list[tuple[jax.Array, jax.Array]]:

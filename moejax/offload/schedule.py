@@ -71,7 +71,7 @@ class LoadScheduler:
         targets: the next layers that have predictions, nearest first."""
         load, host = self._split_misses(miss_tokens, misses, costs)
         host_s = float(costs.host_s(miss_tokens[np.isin(misses, host)]).sum()) if len(host) else 0.0
-        return Decision(load, host, self._prefetch(layer, targets, costs, host_s))
+        return Decision(load, host, self._prefetch(layer, targets, costs, host_s, len(load) * costs.load_s))
 
     def _split_misses(self, tokens: np.ndarray, misses: np.ndarray, costs: Costs) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(-tokens, kind="stable")
@@ -88,14 +88,16 @@ class LoadScheduler:
         k = int(len(finish) - 1 - np.argmin(finish[::-1]))  # ties: the most loads (the device is the fast side)
         return misses[:k], misses[k:]
 
-    def _prefetch(self, layer: int, targets: list[Target], costs: Costs, host_s: float) -> dict:
+    def _prefetch(self, layer: int, targets: list[Target], costs: Costs, host_s: float, on_demand_s: float) -> dict:
         chosen: dict[int, list[tuple[int, int]]] = {}
         if self.rule == "greedy":
             for t in targets[:1]:
                 chosen[t.layer] = _pair(t, lambda i, p, q: p >= 0.5 and p > q)
             return chosen
         load_s = costs.load_s
-        budget = max(costs.window_s[layer], host_s)  # the link idles while layer `layer` computes (device and host)
+        # The link idles from the end of this layer's on-demand loads until the next routing: the device's
+        # FFN and what follows it (the window), or the host's experts if they end later.
+        budget = max(costs.window_s[layer], host_s - on_demand_s)
         used = 0.0
         for d, t in enumerate(targets):
             def take(i, p, q):

@@ -6,10 +6,11 @@ scheduler decide hits, loads, host experts and prefetches from them; a timeline 
     device   attention, then (after the layer's loads arrive) its FFN -- the roofline's per-layer parts
     link     one expert per `expert_load_s` (the host link: PCIe 3/4/5 ...), in the order issued: a
              layer's on-demand loads when its routing is known, its prefetches when its FFN starts
-    host     the host-computed experts, beside the device's FFN (the layer ends when both are done)
+    host     the host-computed experts, from the layer's routing on, beside the loads and the device's
+             FFN (the layer ends when both are done)
 
-The wait between a layer's routing and the arrival of everything it loads (or had prefetched) is
-its stall. Loads still on the link when an iteration ends carry into the next. What a predictor
+The wait between a layer's routing and the arrival of every expert it needs that is loaded now or
+was prefetched is its stall (a prefetch it does not need keeps arriving for a later pass). Loads still on the link when an iteration ends carry into the next. What a predictor
 would guess is modelled from the drawn routing (`ModelledPredictor`), with the per-token recall a
 trained predictor reached on real traces; lfru runs as it does for real, on the drawn history.
 """
@@ -33,7 +34,7 @@ from moejax.sim.routing import RoutingModel, make_routing, plan_expert_tokens
 
 # Per-token top-k recall of stdlib-moe's predictors on held-out text, by distance (layer m from m-d):
 # benchmarks/offload_predictors.json, "recall_by_distance" (mean over layers).
-MEASURED_RECALL = {"gate-ahead": {1: 0.0, 2: 0.0}, "learned": {1: 0.0, 2: 0.0}}
+MEASURED_RECALL = {"gate-ahead": {1: 0.768, 2: 0.690}, "learned": {1: 0.860, 2: 0.831}}
 
 
 class ModelledPredictor(Predictor):
@@ -130,14 +131,17 @@ class SimOffloadExecutor(SimExecutor):
                 loads = self.residency.layer_pass(l, tokens, predictions, costs, keep=self.predictor.keep(l))
                 for _, s in loads.cached:  # an on-demand load replaces whatever was on its way to the slot
                     self._arrive[l].pop(s, None)
-                ready = max([t, *self._arrive[l].values()])
-                self._arrive[l] = {}
+                # the layer waits for the prefetches it needs; the others keep arriving for a later pass
+                needed = {int(self.residency.slot_of[l, e]) for e in np.flatnonzero(tokens)} - {-1}
+                ready = max([t, *(a for s, a in self._arrive[l].items() if s in needed)])
+                self._arrive[l] = {s: a for s, a in self._arrive[l].items() if s not in needed}
                 if loads.on_demand:
                     link = max(link, t) + len(loads.on_demand) * self.load_s
                     ready = max(ready, link)
                 self.residency.stats.add(l, stall_s=ready - t)
                 ffn_s = max(cost.ffn_s[l] - len(loads.host) * read_s, 0.0)  # host experts are not read on the device
-                host_done = ready + float(self.host_s(tokens[loads.host]).sum()) if loads.host else 0.0
+                # the host starts once the routing is known (it holds every expert), beside the loads
+                host_done = t + float(self.host_s(tokens[loads.host]).sum()) if loads.host else 0.0
                 for m, _, s in loads.prefetch:  # issued as the FFN starts, behind whatever is on the link
                     link = max(link, ready) + self.load_s
                     self._arrive[m][s] = link
