@@ -1,7 +1,7 @@
 """Expert offload for real on this machine's CPU: stdlib-moe's experts in host memory (the CPU
 backend's pinned_host memory kind), a device cache of 8 of 32 experts per layer, the copies real.
 
-    .venv/bin/python benchmarks/offload_cpu.py      # ~15 min on 2 shared cores
+    .venv/bin/python benchmarks/offload_cpu.py      # ~9 min on 2 shared cores
 
 One invocation, the same requests for every configuration (held-out text, the model never saw it):
 

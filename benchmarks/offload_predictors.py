@@ -1,5 +1,5 @@
 """Expert-offload predictors on the trained `stdlib-moe`: LayerScope's learned predictor against lfru
-and gate-ahead, on held-out text (~15 min on 2 CPU cores).
+and gate-ahead, on held-out text (~21 min on 2 shared CPU cores).
 
     .venv/bin/python benchmarks/offload_predictors.py [--retrain]
 
