@@ -120,3 +120,23 @@ def test_sim_offload_bad_settings_are_named():
         build("qwen3-30b-a3b", "sim-offload", hardware="h100", offload_experts=0.5, device_expert_slots=64)
     with pytest.raises(ValueError, match="unknown predictor 'oracle'"):
         build("qwen3-30b-a3b", "sim-offload", hardware="h100", predictor="oracle", max_model_len=64)
+
+
+def test_cli_simulate_with_offload_and_a_bad_setting(tmp_path, capsys):
+    """The offload options reach the simulated run (its JSON has the offload metrics and settings);
+    a bad one is a clear error naming the setting."""
+    import json
+
+    from moejax.cli import main
+
+    out = tmp_path / "s.json"
+    assert main(["simulate", "--model", "tiny-qwen3-moe", "--hardware", "a100", "--device-expert-slots", "5",
+                 "--predictor", "lfru", "--host-link", "pcie3", "--num-requests", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    offload = result["offload"]
+    assert (offload["slots"], offload["predictor"], offload["host_link"]) == (5, "lfru", "pcie3")
+    assert result["metrics"]["offload_bytes_h2d"] == offload["bytes_h2d"] > 0
+    assert 0 < result["metrics"]["offload_hit_rate"] < 1
+    capsys.readouterr()
+    assert main(["generate", "--max-tokens", "2", "--device-expert-slots", "2"]) == 2
+    assert "device_expert_slots=2: fewer slots than the 4 experts" in capsys.readouterr().err
