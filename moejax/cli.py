@@ -10,6 +10,8 @@ import jax
 
 from moejax.config import DEFAULT_MODEL
 
+SERVE_MODEL = "stdlib-moe"  # a shipped trained checkpoint with a tokenizer and chat template: real text
+
 # Prompts for the embedded default model (it has no tokenizer): four lengths, fixed ids.
 DEFAULT_PROMPTS = [[(7 * i + 3 * n) % 500 + 1 for i in range(n)] for n in (5, 12, 23, 40)]
 
@@ -153,6 +155,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_http(args: argparse.Namespace) -> int:
+    from moejax import LLM
+    from moejax.serve import serve
+    from moejax.serve.engine_loop import follow
+    from moejax.serve.metrics import ServerMetrics
+
+    options = {k: v for k, v in (("max_model_len", args.max_model_len), ("num_blocks", args.num_blocks))
+               if v is not None}
+    llm = LLM(args.checkpoint or args.model, dtype=args.dtype, seed=args.seed, layout=args.layout,
+              policy=args.policy, max_num_seqs=args.max_num_seqs, token_budget=args.token_budget, **options)
+    if jax.process_index() != 0:  # multi-host: process 0 serves HTTP, this one follows its requests
+        follow(llm.engine, ServerMetrics(llm.config.name))
+        return 0
+    serve(llm, host=args.host, port=args.port, model_name=args.served_model_name, max_waiting=args.max_waiting,
+          log_level=args.log_level)
+    return 0
+
+
 def kernels_benchmark():
     from moejax.kernels import benchmark
 
@@ -178,6 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--json", action="store_true", help="print {'outputs': [...]} as JSON")
     g.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: the shipped stdlib-moe)")
+    _add_model_args(srv)
+    srv.set_defaults(model=SERVE_MODEL)
+    srv.add_argument("--layout", help="a moejax.meshes layout preset or .toml, over all processes' devices")
+    srv.add_argument("--policy", default="chunked", help="chunked, no_chunk or layered (name@budget allowed)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", help="the model's name in the API (default: the model's)")
+    srv.add_argument("--max-model-len", type=int, help="prompt + output tokens of one request")
+    srv.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
+    srv.add_argument("--max-waiting", type=int, default=256,
+                     help="requests queued beyond --max-num-seqs before answering 429")
+    srv.add_argument("--token-budget", type=int, default=512, help="tokens per iteration (chunked: chunk size)")
+    srv.add_argument("--num-blocks", type=int, help="KV cache blocks (default: as many as fit)")
+    srv.add_argument("--log-level", default="info", help="uvicorn's log level")
+    srv.set_defaults(func=cmd_serve_http)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     kern = bench.add_parser("kernels", help="expert GEMM kernels against ragged_dot, peers and the roofline")

@@ -24,6 +24,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from moejax.engine.kv_transfer import KVPayload
+    from moejax.engine.sampling import TokenLogprobs
 
 
 class RowSlice(NamedTuple):  # a NamedTuple: hundreds are made per iteration, it must be cheap
@@ -61,6 +62,7 @@ class SamplingRow(NamedTuple):
     top_k: int
     seed: int
     output_index: int  # index of the token being drawn in the request's output
+    logprobs: bool = False  # also report log-probabilities (SamplingParams.logprobs)
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,7 @@ class StepResult:
     stats: Callable[[], LayerStats] | LayerStats | None = None  # the stats, or how to compute them
     energy_j: float = 0.0
     extra: dict = field(default_factory=dict)
+    logprobs: dict[int, "TokenLogprobs"] = field(default_factory=dict)  # request id -> for rows that asked
 
     @cached_property
     def layer_stats(self) -> LayerStats:

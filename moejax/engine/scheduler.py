@@ -197,7 +197,7 @@ class Scheduler:
         slices = self.policy.schedule(self)
         requests = [self.requests[s.request_id] for s in slices]
         sampling = tuple(SamplingRow(r.request_id, r.params.temperature, r.params.top_p, r.params.top_k, r.seed,
-                                     len(r.token_ids) - len(r.prompt_token_ids))
+                                     len(r.token_ids) - len(r.prompt_token_ids), r.params.logprobs is not None)
                          for s, r in zip(slices, requests) if s.sample)
         plan = IterationPlan(
             step=self.step, slices=tuple(slices), groups=layer_groups(slices, self.num_layers),
