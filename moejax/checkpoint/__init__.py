@@ -57,17 +57,17 @@ def check_fits_memory(cfg: ModelConfig, dtype: str | None, placements: Placement
     local = [d for d in devices if d.process_index == jax.process_index()]
     share = need * len(local) // len(devices)  # weights are split over the devices (at most evenly)
     if local[0].platform == "cpu":
-        free, where = _host_available_bytes(), "host memory available"
+        free, where = _host_available_bytes(), "of host memory is available"
     else:
         stats = local[0].memory_stats() or {}
         if "bytes_limit" not in stats:
             return
         free = (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * len(local)
-        where = f"free on {len(local)} {local[0].platform} device{'s' if len(local) > 1 else ''}"
+        where = f"is free on {len(local)} {local[0].platform} device{'s' if len(local) > 1 else ''}"
     if free is not None and share > free:
         raise ConfigError(f"{cfg.name} needs {share / 2**30:.1f} GiB for its weights "
                           f"({dtype or cfg.dtype}, {len(local)} of {len(devices)} devices on this process), "
-                          f"but {free / 2**30:.1f} GiB is {where}: use a smaller model, a layout over more "
+                          f"but {free / 2**30:.1f} GiB {where}: use a smaller model, a layout over more "
                           "devices or hosts, or simulate it (moejax simulate --model ... --hardware ...)")
 
 

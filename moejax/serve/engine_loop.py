@@ -122,12 +122,10 @@ class EngineLoop:
         if self._in_flight + len(requests) > self.capacity:
             raise QueueFull(self._in_flight, self.capacity, self.retry_after_s)
         loop = asyncio.get_running_loop()
-        streams = []
-        for ids, params in requests:
-            stream = RequestStream(next(self._ids), len(ids), loop)
-            self._in_flight += 1
-            self._commands.put(("add", stream.request_id, ids, params, stream))
-            streams.append(stream)
+        streams = [RequestStream(next(self._ids), len(ids), loop) for ids, _ in requests]
+        self._in_flight += len(requests)
+        # one command: the engine takes them together (the n choices of a request start at once)
+        self._commands.put(("add", [(s.request_id, ids, params, s) for s, (ids, params) in zip(streams, requests)]))
         return streams
 
     def abort(self, stream: RequestStream) -> None:
@@ -182,15 +180,15 @@ class EngineLoop:
             if command[0] == "stop":
                 return False
             if command[0] == "add":
-                _, rid, ids, params, stream = command
-                try:
-                    req = self.engine.add_request(ids, params, request_id=rid)
-                except RequestError as e:  # checked before submit; only a bug gets here
-                    if stream is not None:
-                        stream.put(Delta([], None, "error", str(e)))
-                    continue
-                self._live[rid] = _Live(req, stream)
-                self.metrics.prompt_tokens.inc(len(ids))
+                for rid, ids, params, stream in command[1]:
+                    try:
+                        req = self.engine.add_request(ids, params, request_id=rid)
+                    except RequestError as e:  # checked before submit; only a bug gets here
+                        if stream is not None:
+                            stream.put(Delta([], None, "error", str(e)))
+                        continue
+                    self._live[rid] = _Live(req, stream)
+                    self.metrics.prompt_tokens.inc(len(ids))
             elif command[0] == "abort":
                 live = self._live.get(command[1])
                 if live is not None:
@@ -260,7 +258,8 @@ class EngineLoop:
         from jax.experimental import multihost_utils
 
         if jax.process_index() == 0:
-            wire = [c[:3] + (dataclasses.asdict(c[3]),) if c[0] == "add" else c for c in commands]
+            wire = [("add", [(rid, ids, dataclasses.asdict(params)) for rid, ids, params, _ in c[1]])
+                    if c[0] == "add" else c for c in commands]
             payload = json.dumps(wire).encode()
         else:
             payload = b""
@@ -270,8 +269,8 @@ class EngineLoop:
         data = bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))[:n])
         if jax.process_index() == 0:
             return commands
-        return [("add", c[1], c[2], SamplingParams(**c[3]), None) if c[0] == "add" else tuple(c)
-                for c in json.loads(data)]
+        return [("add", [(rid, ids, SamplingParams(**params), None) for rid, ids, params in c[1]])
+                if c[0] == "add" else tuple(c) for c in json.loads(data)]
 
 
 def follow(engine: Engine, metrics: ServerMetrics) -> None:
