@@ -23,9 +23,9 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-token-ids {text!r}: expected comma-separated integers") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a preset or shipped checkpoint name, e.g. stdlib-moe (default {DEFAULT_MODEL})")
+def _add_model_args(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    p.add_argument("--model", default=default,
+                   help=f"a preset or shipped checkpoint name, e.g. stdlib-moe (default {default})")
     p.add_argument("--checkpoint", help="a HF or moejax checkpoint directory (overrides --model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute/param dtype (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
@@ -123,7 +123,11 @@ def _report(results: dict, title: str, json_path: str | None, ratio_to: str | No
     from moejax.engine.metrics import metrics_table
 
     runs = results["runs"] if "runs" in results else {results["policy"]: results}
-    Console().print(metrics_table(runs, title=title, ratio_to=ratio_to))
+    table = metrics_table(runs, title=title, ratio_to=ratio_to)
+    console = Console()
+    # piped, rich assumes 80 columns and would cut the run and ratio headers: print at the table's width
+    console.width = max(console.width, console.measure(table, options=console.options.update_width(1000)).maximum)
+    console.print(table)
     if json_path and jax.process_index() == 0:  # in a multi-host run every process has the same results
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
@@ -200,8 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: the shipped stdlib-moe)")
-    _add_model_args(srv)
-    srv.set_defaults(model=SERVE_MODEL)
+    _add_model_args(srv, default=SERVE_MODEL)
     srv.add_argument("--layout", help="a moejax.meshes layout preset or .toml, over all processes' devices")
     srv.add_argument("--policy", default="chunked", help="chunked, no_chunk or layered (name@budget allowed)")
     srv.add_argument("--host", default="127.0.0.1")

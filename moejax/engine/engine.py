@@ -192,15 +192,17 @@ class Engine:
                                      req.seed, kv, req.arrival_time, req.first_token_time))
         self.scheduler.release_handoff(req)
 
-    def run(self, arrivals: Sequence[Arrival], *, progress: bool = False,
+    def run(self, arrivals: Sequence[Arrival], *, progress: bool | str = False,
             on_step: Callable[[StepOutput], None] | None = None) -> list[Request]:
-        """Serve a workload: requests join at their arrival times (on this engine's clock, from now)."""
+        """Serve a workload: requests join at their arrival times (on this engine's clock, from now).
+        progress: show a progress bar (a string: its label)."""
         pending = sorted(arrivals, key=lambda a: a.arrival_s)
         t0 = self.clock.now()
         requests: list[Request] = []
         bar = _progress(len(pending)) if progress else None
         with bar or contextlib.nullcontext():
-            task = bar.add_task("requests", total=len(pending)) if bar else None
+            label = progress if isinstance(progress, str) else "requests"
+            task = bar.add_task(label, total=len(pending)) if bar else None
             i = 0
             while i < len(pending) or self.has_unfinished:
                 now = self.clock.now()
