@@ -116,10 +116,11 @@ class LLM:
                 self.engine.step()
             for r in requests:
                 if r.request_id in sent and (r.num_output_tokens > sent[r.request_id] or r.is_finished):
-                    yield self._delta(r, sent[r.request_id])
+                    delta = self._delta(r, sent[r.request_id])
                     sent[r.request_id] = r.num_output_tokens
-                    if r.is_finished:
+                    if delta.finished:  # decided before yielding: an abort during the yield gets its own delta
                         del sent[r.request_id]
+                    yield delta
 
     async def astream(self, prompts: Prompt | Sequence[Prompt],
                       params: SamplingParams | Sequence[SamplingParams] | None = None) -> AsyncIterator[TokenDelta]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import threading
 import time
 import uuid
@@ -345,11 +346,23 @@ def _event(payload: dict) -> str:
 
 def serve(llm: "LLM", *, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
           max_waiting: int = 64, log_level: str = "info") -> None:
-    """Serve `llm` until interrupted (uvicorn)."""
+    """Serve `llm` until SIGINT / SIGTERM, then return (uvicorn)."""
     import uvicorn
 
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal after shutting down; return instead, so that a multi-host
+            # process 0 reaches JAX's shutdown barrier with its followers rather than dying under them
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
     app = create_app(llm, model_name=model_name, max_waiting=max_waiting)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
 
 
 @contextlib.contextmanager
