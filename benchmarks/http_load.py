@@ -11,7 +11,9 @@ in-process side is `engine.run` (the engine's own clock); the HTTP side is measu
 (httpx, one connection per stream, SSE parsed) from sending a request to each token's chunk, so its
 times include the server's HTTP and detokenization work and the clients' own, on the same CPU. Every
 stream must end with finish_reason "length" and all its tokens: a lost or short stream fails the run.
-A warm-up serves the workload once each way first (compiling the shapes it needs).
+Warm-up: the workload is served each way, untimed, until a pass compiles nothing (at most
+--max-warmups passes): which shapes a server compiles depends on how arrivals fall into iterations.
+Compilations left in the timed rounds are reported with them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import jax
 import numpy as np
 
 from moejax import LLM, SamplingParams
+from moejax.engine.compiles import count_compilations
 from moejax.engine.engine import Arrival
 from moejax.serve.app import running_server
 
@@ -99,6 +102,7 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2, help="LLM / HTTP pairs, alternating")
     p.add_argument("--timeout", type=float, default=600, help="seconds a stream may take at most")
+    p.add_argument("--max-warmups", type=int, default=4, help="untimed passes at most")
     p.add_argument("--json", type=Path, default=OUT)
     args = p.parse_args()
 
@@ -107,15 +111,24 @@ def main() -> None:
     prompts = [rng.integers(1, llm.config.vocab_size, args.prompt_len).tolist() for _ in range(args.clients)]
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
     t0 = time.perf_counter()
-    in_process(llm, prompts, params)  # warm-up: compiles the shapes
-    rounds = []
+    rounds, warmups = [], []
     with running_server(llm, max_waiting=0) as url:
-        asyncio.run(over_http(url, prompts, args.output_len, args.timeout))  # warm-up over HTTP
+        # the server's engine thread idles while LLM runs the same engine from here, and vice versa
+        for _ in range(args.max_warmups):
+            with count_compilations() as compiled:
+                in_process(llm, prompts, params)
+                asyncio.run(over_http(url, prompts, args.output_len, args.timeout))
+            warmups.append(compiled.count)
+            print(f"warm-up pass: {compiled.count} compilations", flush=True)
+            if compiled.count == 0:
+                break
         warmup_s = time.perf_counter() - t0
         for i in range(args.rounds):
-            # the server's engine thread idles between rounds; LLM runs the same engine from here
-            llm_side = in_process(llm, prompts, params)
-            http_side = asyncio.run(over_http(url, prompts, args.output_len, args.timeout))
+            with count_compilations() as llm_compiled:
+                llm_side = in_process(llm, prompts, params)
+            with count_compilations() as http_compiled:
+                http_side = asyncio.run(over_http(url, prompts, args.output_len, args.timeout))
+            llm_side["compilations"], http_side["compilations"] = llm_compiled.count, http_compiled.count
             rounds.append({"llm": llm_side, "http": http_side})
             print(f"round {i}: LLM {llm_side['output_tokens_per_s']:.0f} tok/s, HTTP "
                   f"{http_side['output_tokens_per_s']:.0f} tok/s", flush=True)
@@ -133,7 +146,8 @@ def main() -> None:
                     "load_average_at_end": os.getloadavg()},
         "settings": {"model": "stdlib-moe", "dtype": llm.model.dtype.name, "clients": args.clients,
                      "prompt_len": args.prompt_len, "output_len": args.output_len, "rounds": args.rounds,
-                     "max_num_seqs": args.clients, "policy": "chunked", "warmup_s": warmup_s},
+                     "max_num_seqs": args.clients, "policy": "chunked", "warmup_s": warmup_s,
+                     "warmup_compilations": warmups},
         "rounds": rounds,
         "http_over_llm": {"output_tokens_per_s": ratio(("output_tokens_per_s",)),
                           "ttft_p50": ratio(("ttft_s", "p50")), "ttft_p99": ratio(("ttft_s", "p99")),

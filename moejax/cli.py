@@ -161,7 +161,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_serve_http(args: argparse.Namespace) -> int:
     from moejax import LLM
-    from moejax.serve import serve
+
+    try:
+        from moejax.serve import serve
+    except ImportError as e:
+        raise ValueError(f"moejax serve needs the 'serve' extra ({e.name} is missing): "
+                         "pip install 'moejax[serve]'") from None
     from moejax.serve.engine_loop import follow
     from moejax.serve.metrics import ServerMetrics
 

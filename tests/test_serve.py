@@ -76,6 +76,13 @@ def metric(server: str, name: str, **labels) -> float:
     return total
 
 
+def wait_until(condition, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == ["stdlib-moe"]
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
@@ -218,13 +225,18 @@ def test_disconnects_free_kv_and_a_full_server_is_429(client, server):
         assert full.value.response.headers["Retry-After"] == "1"
         aborted = metric(server, "moejax_requests_finished_total", finish_reason="abort")
         open_streams.close()  # the clients go away mid-stream
-    deadline = time.monotonic() + 30
-    while metric(server, "moejax_kv_blocks_used") or metric(server, "moejax_num_requests_running"):
-        assert time.monotonic() < deadline, "aborted requests kept their KV blocks"
-        time.sleep(0.1)
+    wait_until(lambda: not metric(server, "moejax_kv_blocks_used")
+               and not metric(server, "moejax_num_requests_running"),
+               "aborted requests kept their KV blocks")
     assert metric(server, "moejax_requests_finished_total", finish_reason="abort") \
         == aborted + MAX_NUM_SEQS
     assert client.completions.create(model="stdlib-moe", prompt="x", max_tokens=2).choices  # room again
+    with pytest.raises(httpx.ReadTimeout):  # a client of a non-streaming request gives up
+        httpx.post(f"{server}/v1/completions", timeout=1.0,
+                   json={"prompt": [SLOW, 9], "max_tokens": 80, "temperature": 0, "ignore_eos": True})
+    wait_until(lambda: metric(server, "moejax_requests_finished_total", finish_reason="abort")
+               == aborted + MAX_NUM_SEQS + 1 and not metric(server, "moejax_kv_blocks_used"),
+               "a non-streaming request went on after its client left")
 
 
 def test_engine_fault_is_a_500_for_its_request_only(client, server, reference):

@@ -82,3 +82,12 @@ def test_weights_too_big_are_refused_before_allocating(monkeypatch):
     with pytest.raises(ConfigError, match=r"tiny-qwen3-moe needs 0\.\d GiB for its weights \(float32, 1 of 1 devices "
                                           r"on this process\), but 0\.0 GiB of host memory is available"):
         load_model("tiny-qwen3-moe")
+
+
+def test_compare_table_is_whole_when_piped(capsys):
+    """Piped, rich assumes 80 columns; the table keeps its policy and ratio headers whole."""
+    assert main(["compare", "--policies", "chunked@512,chunked@256,layered", "--hardware", "h100x2",
+                 "--workload", "arxiv", "--rate", "1.3", "--num-requests", "6"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if "metric" in line)
+    for name in ("chunked@512", "chunked@256", "layered", "chunked@256/chunked@512", "layered/chunked@512"):
+        assert f" {name} " in header, header

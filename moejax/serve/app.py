@@ -312,11 +312,10 @@ async def _until_done_or_disconnected(response: _Response, raw: Request, loop: E
 
 
 def _release(response: _Response, loop: EngineLoop) -> None:
-    """The handler is done: abort what is unfinished (a disconnect, a fault) and free its places."""
+    """The handler is done: abort what is unfinished (a client gone, a fault in a sibling choice)."""
     for c in response.choices:
         if not c.done:
             loop.abort(c.stream)
-        loop.done(c.stream)
 
 
 async def _sse(response: _Response, loop: EngineLoop) -> AsyncIterator[str]:

@@ -97,7 +97,8 @@ class EngineLoop:
         self.multihost = jax.process_count() > 1
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._ids = itertools.count()
-        self._in_flight = 0  # touched only on the asyncio loop's thread
+        self._in_flight = 0  # submitted, not finished by the engine yet
+        self._in_flight_lock = threading.Lock()
         self._live: dict[int, _Live] = {}  # touched only on the engine thread
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # what stopped the loop, if anything did
@@ -119,11 +120,15 @@ class EngineLoop:
 
     def submit(self, requests: list[tuple[list[int], SamplingParams]]) -> list[RequestStream]:
         """Queue checked requests (all or none) -> their streams; QueueFull when there is no room."""
-        if self._in_flight + len(requests) > self.capacity:
-            raise QueueFull(self._in_flight, self.capacity, self.retry_after_s)
+        if len(requests) > self.capacity:  # would never fit: not a matter of retrying
+            raise RequestError(f"{len(requests)} choices (prompts x n) exceed what this server holds at once "
+                               f"({self.capacity})", param="n")
+        with self._in_flight_lock:
+            if self._in_flight + len(requests) > self.capacity:
+                raise QueueFull(self._in_flight, self.capacity, self.retry_after_s)
+            self._in_flight += len(requests)
         loop = asyncio.get_running_loop()
         streams = [RequestStream(next(self._ids), len(ids), loop) for ids, _ in requests]
-        self._in_flight += len(requests)
         # one command: the engine takes them together (the n choices of a request start at once)
         self._commands.put(("add", [(s.request_id, ids, params, s) for s, (ids, params) in zip(streams, requests)]))
         return streams
@@ -132,10 +137,6 @@ class EngineLoop:
         """Abort a request (a client went away, or its text hit a stop string); its KV is freed."""
         if not stream.finished:
             self._commands.put(("abort", stream.request_id))
-
-    def done(self, stream: RequestStream) -> None:
-        """A handler is done with a stream (its last delta read, or abandoned after abort)."""
-        self._in_flight -= 1
 
     # --- the engine thread ----------------------------------------------------------------------------
     def _serve_guarded(self) -> None:
@@ -184,8 +185,7 @@ class EngineLoop:
                     try:
                         req = self.engine.add_request(ids, params, request_id=rid)
                     except RequestError as e:  # checked before submit; only a bug gets here
-                        if stream is not None:
-                            stream.put(Delta([], None, "error", str(e)))
+                        self._finished(stream, Delta([], None, "error", str(e)))
                         continue
                     self._live[rid] = _Live(req, stream)
                     self.metrics.prompt_tokens.inc(len(ids))
@@ -206,8 +206,7 @@ class EngineLoop:
                 if live is not None:
                     self.engine.abort(rid)
                     self.metrics.finished("error")
-                    if live.stream is not None:
-                        live.stream.put(Delta([], None, "error", str(e)))
+                    self._finished(live.stream, Delta([], None, "error", str(e)))
             return
         self.metrics.iterations.inc()
         self.metrics.expert_bytes.inc(out.result.expert_bytes)
@@ -230,11 +229,20 @@ class EngineLoop:
             return
         logprobs = req.logprobs[live.sent:] if req.params.logprobs is not None else None
         live.sent = req.num_output_tokens
+        delta = Delta(new, logprobs, req.finish_reason if req.is_finished else None)
         if req.is_finished:
             del self._live[rid]
             self._observe(req)
-        if live.stream is not None:
-            live.stream.put(Delta(new, logprobs, req.finish_reason if req.is_finished else None))
+            self._finished(live.stream, delta)
+        elif live.stream is not None:
+            live.stream.put(delta)
+
+    def _finished(self, stream: RequestStream | None, last: Delta) -> None:
+        """A request's last delta: its place in the server is free again."""
+        with self._in_flight_lock:
+            self._in_flight -= 1
+        if stream is not None:
+            stream.put(last)
 
     def _observe(self, req: Request) -> None:
         self.metrics.finished(req.finish_reason)
