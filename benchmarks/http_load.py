@@ -4,6 +4,7 @@ ratios, measured in one run (rounds alternate: LLM, HTTP, LLM, HTTP, ...). Write
 
     .venv/bin/python benchmarks/http_load.py                       # 256 streams of stdlib-moe
     .venv/bin/python benchmarks/http_load.py --clients 32 --rounds 1   # quick
+    .venv/bin/python benchmarks/http_load.py --fuse                # whole iterations as one program
 
 Both sides serve the same requests with the same engine (one LLM: the server runs on its engine), all
 arriving at once, greedy with ignore_eos so every request produces exactly --output-len tokens. The
@@ -98,15 +99,19 @@ async def over_http(url: str, prompts: list[list[int]], output_len: int, timeout
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=256, help="concurrent streams (= requests)")
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--output-len", type=int, default=16)
+    p.add_argument("--fuse", action="store_true",
+                   help="run whole iterations as one program (default: layer by layer, whose one layer program "
+                        "compiles ~3x faster: on 2 shared cores compiling the shapes 256 streams need dominates)")
     p.add_argument("--rounds", type=int, default=2, help="LLM / HTTP pairs, alternating")
     p.add_argument("--timeout", type=float, default=600, help="seconds a stream may take at most")
-    p.add_argument("--max-warmups", type=int, default=4, help="untimed passes at most")
+    p.add_argument("--max-warmups", type=int, default=3, help="untimed passes at most")
     p.add_argument("--json", type=Path, default=OUT)
     args = p.parse_args()
 
-    llm = LLM("stdlib-moe", max_num_seqs=args.clients, max_model_len=args.prompt_len + args.output_len + 16)
+    llm = LLM("stdlib-moe", max_num_seqs=args.clients, max_model_len=args.prompt_len + args.output_len + 16,
+              fuse=args.fuse)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, llm.config.vocab_size, args.prompt_len).tolist() for _ in range(args.clients)]
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
@@ -146,7 +151,7 @@ def main() -> None:
                     "load_average_at_end": os.getloadavg()},
         "settings": {"model": "stdlib-moe", "dtype": llm.model.dtype.name, "clients": args.clients,
                      "prompt_len": args.prompt_len, "output_len": args.output_len, "rounds": args.rounds,
-                     "max_num_seqs": args.clients, "policy": "chunked", "warmup_s": warmup_s,
+                     "max_num_seqs": args.clients, "policy": "chunked", "fuse": args.fuse, "warmup_s": warmup_s,
                      "warmup_compilations": warmups},
         "rounds": rounds,
         "http_over_llm": {"output_tokens_per_s": ratio(("output_tokens_per_s",)),
