@@ -5,13 +5,15 @@ environment's `moejax` on PATH) in a scratch directory. HTML comments right abov
 
     <!-- not run: REASON -->         skipped, with the reason shown (kept for what needs a GPU, other
                                      hosts, or would rebuild the environment)
-    <!-- server: COMMAND --port P --> COMMAND runs in the background until /health on port P answers,
-                                     then the block runs against it, then the server is stopped
+    <!-- server: COMMAND --port P --> COMMAND runs in the background until /health answers, then the
+                                     block runs against it, then the server is stopped; port P is
+                                     replaced by a free one in both (the machine may have P taken)
 """
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,8 +46,13 @@ def environment() -> dict:
     return env
 
 
-def start_server(command: str, cwd: Path) -> subprocess.Popen:
-    port = int(re.search(r"--port (\d+)", command).group(1))
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(command: str, port: int, cwd: Path) -> subprocess.Popen:
     log = open(cwd / "server.log", "w")
     proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=environment(), stdout=log, stderr=log,
                             start_new_session=True)
@@ -70,7 +77,11 @@ def test_readme_has_runnable_blocks():
 @pytest.mark.slow
 @pytest.mark.parametrize("lang, code, server", blocks())
 def test_readme_block_runs(lang, code, server, tmp_path):
-    proc = start_server(server, tmp_path) if server else None
+    proc = None
+    if server:
+        readme_port, port = re.search(r"--port (\d+)", server).group(1), str(free_port())
+        code = re.sub(rf"\b{readme_port}\b", port, code)
+        proc = start_server(re.sub(rf"\b{readme_port}\b", port, server), int(port), tmp_path)
     try:
         argv = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
         run = subprocess.run(argv, cwd=tmp_path, env=environment(), capture_output=True, text=True,

@@ -5,10 +5,10 @@
     GET  /v1/models, /health, /metrics (Prometheus)
 
 Errors are OpenAI error objects {"error": {"message", "type", "param", "code"}}: 400 for a bad
-request (the field in `param`), 404 for an unknown model or route, 429 with Retry-After when the
-server is full, 500 only for an engine fault and only to the requests it touched (a stream already
-under way gets an error event instead). A client that disconnects aborts its requests, which frees
-their KV blocks.
+request (the field in `param`, `model` for a model not served here), 404 for an unknown route, 429
+with Retry-After when the server is full, 500 only for an engine fault and only to the requests it
+touched (a stream already under way gets an error event instead). A client that disconnects aborts
+its requests, which frees their KV blocks.
 """
 
 from __future__ import annotations
@@ -92,9 +92,11 @@ def create_app(llm: "LLM", *, model_name: str | None = None, max_waiting: int = 
         message = first.get("msg", "invalid request")
         if first.get("type") == "extra_forbidden":
             message = "not a field of this request"
-        # a union field (prompt, content, stop): every member failed; say which types it accepts
-        members = [e["loc"][2] for e in errors if len(e.get("loc", ())) > 2 and _param_of(e["loc"]) == param
-                   and isinstance(e["loc"][2], str) and not _param_of(e["loc"][:3]).endswith(e["loc"][2])]
+        # a union field (prompt, stop, ...): every member type failed (pydantic tags each error with
+        # the member after the field); say which types the field accepts
+        field = tuple(first.get("loc", ()))[:2]
+        members = [e["loc"][2] for e in errors if tuple(e["loc"][:2]) == field and len(e["loc"]) > 2
+                   and isinstance(e["loc"][2], str) and _param_of(tuple(e["loc"][:3])) == _param_of(field)]
         if len(set(members)) > 1:
             message = f"expected one of: {', '.join(dict.fromkeys(members))}"
         return error_response(400, f"{param}: {message}" if param else message, param)
