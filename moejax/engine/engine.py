@@ -87,6 +87,7 @@ class Engine:
         self.finished: list[Request] = []
         self.handoffs: list[Handoff] = []  # requests handed off after their prefill, with their KV
         self._next_id = 0
+        self._decode_step_s: float | None = None  # time per step of the last multi-step iteration
 
     # --- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None, *,
@@ -162,8 +163,11 @@ class Engine:
         return self.scheduler.has_unfinished
 
     # --- the loop -------------------------------------------------------------------------------------
-    def step(self) -> StepOutput:
-        plan = self.scheduler.schedule()
+    def step(self, until: float | None = None) -> StepOutput:
+        """One iteration. A decode-only iteration runs several decode steps in one go (up to the
+        executor's max_decode_steps); `until` (a time on this engine's clock, e.g. the next arrival)
+        bounds them to what is expected to finish by then, so that new requests do not wait."""
+        plan = self.scheduler.schedule(self._decode_steps(until))
         if plan.is_empty and self.scheduler.has_unfinished and not plan.released:
             raise RuntimeError("the scheduler planned nothing while requests are unfinished")
         try:
@@ -180,10 +184,24 @@ class Engine:
         self.finished.extend(finished)
         for req in list(self.scheduler.handed_off):
             self._hand_off(req)
+        if plan.decode_steps > 1:
+            produced = sum(len(t) for t in result.sampled_steps.values())
+            self._decode_step_s = result.elapsed_s / (produced / len(plan.slices))
         if not plan.is_empty:
-            self.steps.append(StepRecord(now, result.elapsed_s, plan.num_tokens, plan.num_prefill_tokens,
+            num_tokens = produced if plan.decode_steps > 1 else plan.num_tokens
+            self.steps.append(StepRecord(now, result.elapsed_s, num_tokens, plan.num_prefill_tokens,
                                          result.expert_bytes, result.energy_j))
         return StepOutput(plan, result, finished)
+
+    def _decode_steps(self, until: float | None) -> int:
+        """Decode steps the next iteration may run: the executor's most, or as many as the last
+        measured step time fits before `until`."""
+        most = self.executor.max_decode_steps
+        if until is None or most == 1:
+            return most
+        if self._decode_step_s is None:
+            return 1  # no measure yet: one step at a time until there is one
+        return max(1, min(most, int((until - self.clock.now()) / self._decode_step_s)))
 
     def _hand_off(self, req: Request) -> None:
         """Export a handed-off request's KV (all but its last token: the next engine computes that one)."""
@@ -213,7 +231,7 @@ class Engine:
                 if not self.has_unfinished:
                     self.clock.wait_until(t0 + pending[i].arrival_s)
                     continue
-                out = self.step()
+                out = self.step(until=t0 + pending[i].arrival_s if i < len(pending) else None)
                 if bar and out.finished:
                     bar.advance(task, len(out.finished))
                 if on_step:
