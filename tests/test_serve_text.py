@@ -33,12 +33,16 @@ def test_pieces_add_up_to_the_text(tokenizer, chunk):
     assert all("\ufffd" not in p for p in out)  # no piece ends inside a character
 
 
-@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("chunk", [1, 3, 8])
 @pytest.mark.parametrize("stop, before", [(["return"], "def join(a, b):\n    "), (["(a", "zz"], "def join"),
                                           (["é"], "def join(a, b):\n    return os.path.join(a, b)  # ")])
 def test_stop_strings_cut_the_text(tokenizer, chunk, stop, before):
     out, stream = pieces(tokenizer, stop, chunk)
     assert stream.stopped and "".join(out) == before
+    # the tokens kept end with the first one whose text completes a stop string, however many came
+    ids = tokenizer.encode(TEXT).ids
+    through = next(n for n in range(1, len(ids) + 1) if any(s in tokenizer.decode(ids[:n]) for s in stop))
+    assert stream.token_ids == ids[:through]
 
 
 def test_without_tokenizer_no_text():

@@ -201,15 +201,18 @@ class _Choice:
             self.finish_reason = "error"
             raise EngineFault(f"the engine failed on this request: {delta.error}")
         finished = delta.finish_reason is not None
+        before = len(self.text.token_ids)
         text = self.text.add(delta.token_ids, finished)
-        self.token_ids += delta.token_ids
-        self.logprobs += delta.logprobs or []
+        kept = len(self.text.token_ids) - before  # fewer than came when a stop string ended the text
+        token_ids, logprobs = delta.token_ids[:kept], (delta.logprobs or [])[:kept]
+        self.token_ids += token_ids
+        self.logprobs += logprobs
         if self.text.stopped:
             self.finish_reason = "stop"
             loop.abort(self.stream)
         elif finished:
             self.finish_reason = delta.finish_reason
-        return text, delta.token_ids, delta.logprobs or []
+        return text, token_ids, logprobs
 
     @property
     def done(self) -> bool:

@@ -11,7 +11,9 @@ REPLACEMENT = "\ufffd"  # what a byte-level BPE decodes an incomplete UTF-8 sequ
 class TextStream:
     """Tokens in, text out: `add(token_ids)` returns the text that is final, holding back a partial
     UTF-8 character and whatever could still become a stop string; a stop string ends the text before
-    it (`stopped`). Without a tokenizer the text stays empty (token ids only)."""
+    it (`stopped`) and the tokens after the one that completed it are dropped from `token_ids` (an
+    iteration of several decode steps may have made some). Without a tokenizer the text stays empty
+    (token ids only)."""
 
     def __init__(self, tokenizer, stop: list[str] = ()):
         self.tokenizer = tokenizer
@@ -31,6 +33,7 @@ class TextStream:
             hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
             if hits:
                 self.stopped = True
+                self._keep_through_stop(len(self.token_ids) - len(token_ids), start)
                 return self._send(full[:min(hits)])
         end = len(full)
         if not finished:
@@ -39,6 +42,15 @@ class TextStream:
             if self.stop:  # a suffix that starts a stop string may still complete it
                 end = min(end, max(len(self.text), len(full) - max(map(len, self.stop)) + 1))
         return self._send(full[:end])
+
+    def _keep_through_stop(self, before: int, start: int) -> None:
+        """Drop the tokens after the first of the new ones (past `before`) whose text completes a stop
+        string found from text position `start`."""
+        for n in range(before + 1, len(self.token_ids)):
+            text = self.tokenizer.decode(self.token_ids[:n])
+            if any(text.find(s, start) >= 0 for s in self.stop):
+                del self.token_ids[n:]
+                return
 
     def _send(self, upto: str) -> str:
         """The text past what was sent, up to `upto` (sent text never changes: only a held-back tail can)."""
