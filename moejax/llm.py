@@ -56,6 +56,11 @@ class LLM:
         self.engine = build(self.model, executor, seed=seed, **engine_options)
         self.last_stats: dict[str, float] = {}
 
+    def warmup(self, progress: bool = True) -> int:
+        """Compile ahead every program serving meets (Engine.warmup), with a progress bar; returns how
+        many were compiled. Afterwards generate / stream compile nothing for chunked policies."""
+        return self.engine.warmup(progress=progress)
+
     # --- requests ------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, param: str = "prompt") -> list[int]:
         if isinstance(prompt, str):

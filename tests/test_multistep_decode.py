@@ -71,3 +71,25 @@ def test_streaming_and_abort_at_iteration_granularity():
     assert by_request[0][-1].finished and by_request[0][-1].finish_reason == "abort"
     assert sum(len(d.token_ids) for d in by_request[0]) < 30
     assert sum(len(d.token_ids) for d in by_request[1]) == 30 and by_request[1][-1].finish_reason == "length"
+
+
+def test_warmup_compiles_what_serving_meets():
+    """After Engine.warmup, requests of any count and length within the limits compile nothing, and
+    the warm-up leaves no trace (no steps, no finished requests, ids from 0)."""
+    from moejax.engine.compiles import count_compilations
+
+    model = build_model(get_preset("tiny-qwen3-moe"), seed=5)
+    engine = build(model, max_model_len=64, block_size=4, num_blocks=256, max_num_seqs=8, token_budget=32,
+                   max_decode_steps=4)
+    assert engine.warmup() > 0
+    assert not engine.steps and not engine.finished
+    rng = np.random.default_rng(7)
+    with count_compilations() as compiled:
+        for batch in (1, 3, 8):
+            for _ in range(batch):
+                prompt = rng.integers(0, model.config.vocab_size, int(rng.integers(1, 40))).tolist()
+                engine.add_request(prompt, SamplingParams(max_tokens=int(rng.integers(1, 12)), ignore_eos=True))
+            while engine.has_unfinished:
+                engine.step()
+    assert compiled.count == 0
+    assert sorted(r.request_id for r in engine.finished) == list(range(12))

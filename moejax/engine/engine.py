@@ -210,6 +210,41 @@ class Engine:
                                      req.seed, kv, req.arrival_time, req.first_token_time))
         self.scheduler.release_handoff(req)
 
+    def warmup(self, *, progress: bool = False) -> int:
+        """Compile ahead what serving will meet, so that no request waits for a compiler: serve
+        throwaway requests shaped to meet every (tokens, requests) bucket pair of an iteration up to
+        the token budget and max_num_seqs (each pair one program), then their decode steps. Covers
+        what chunked and whole-prompt iterations need; a layered policy's layer groups meet further
+        shapes, compiled when first met. Returns the number of programs compiled."""
+        from moejax.engine.compiles import count_compilations
+        from moejax.engine.metadata import bucket
+
+        if self.scheduler.has_unfinished:
+            raise RuntimeError("warm up an engine before giving it requests")
+        cfg, steps = self.scheduler.config, self.executor.max_decode_steps
+        budget = min(cfg.token_budget, cfg.max_model_len - steps - 1)
+        token_buckets = [b for b in (8 << i for i in range(32)) if b <= bucket(budget)]
+        request_buckets = [b for b in (8 << i for i in range(32)) if b <= bucket(cfg.max_num_seqs)]
+        cells = [(t, r) for t in token_buckets for r in request_buckets if r <= t]
+        params = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
+        bar = _progress() if progress else None
+        with count_compilations() as compiled, bar or contextlib.nullcontext():
+            task = bar.add_task("compiling", total=len(cells)) if bar else None
+            for tokens, requests in cells:
+                n = min(requests, cfg.max_num_seqs, tokens)
+                total = min(tokens, budget)
+                for i in range(n):  # n prompts of `total` tokens in all: one iteration of that bucket
+                    length = total // n + (i < total % n)
+                    self.add_request([(7 * i + j) % self.config.vocab_size for j in range(length)], params)
+                while self.has_unfinished:
+                    self.step()
+                if bar:
+                    bar.advance(task)
+        self.steps.clear()
+        self.finished.clear()
+        self._next_id = 0
+        return compiled.count
+
     def run(self, arrivals: Sequence[Arrival], *, progress: bool | str = False,
             on_step: Callable[[StepOutput], None] | None = None) -> list[Request]:
         """Serve a workload: requests join at their arrival times (on this engine's clock, from now).
@@ -217,7 +252,7 @@ class Engine:
         pending = sorted(arrivals, key=lambda a: a.arrival_s)
         t0 = self.clock.now()
         requests: list[Request] = []
-        bar = _progress(len(pending)) if progress else None
+        bar = _progress() if progress else None
         with bar or contextlib.nullcontext():
             label = progress if isinstance(progress, str) else "requests"
             task = bar.add_task(label, total=len(pending)) if bar else None
@@ -252,7 +287,7 @@ class Engine:
         return summarize(requests, steps, slo)
 
 
-def _progress(total: int):
+def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     transient=True)

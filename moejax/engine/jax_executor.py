@@ -314,7 +314,7 @@ class JaxExecutor:
     def _sampling_inputs(self, plan: IterationPlan, offsets: dict[int, int]):
         """(rows of the last layer's output to sample from [R], the sampler's per-row columns)."""
         sampled_slices = [i for i, s in enumerate(plan.slices) if s.sample]
-        R = bucket(len(sampled_slices))
+        R = bucket(len(plan.block_tables))  # the requests' bucket, like the block tables: one bucket less to compile
         rows = [offsets[i] + plan.slices[i].num_tokens - 1 for i in sampled_slices]
         pad = R - len(rows)
         s = plan.sampling

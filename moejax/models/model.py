@@ -142,6 +142,8 @@ def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, max_steps
              (jnp.zeros((L, num_experts), jnp.int32), jnp.zeros((L,), jnp.int32)))
     _, _, kv, _, out, counts = jax.lax.while_loop(
         lambda c: (c[0] < num_steps) & ~jnp.all(c[3]), step, carry)
+    # Replicated, so every process of a multi-host mesh can read the tokens and counts.
+    out, counts = jax.tree.map(lambda a: constrain(a, (None,) * a.ndim, placement), (out, counts))
     return out, kv, counts
 
 
