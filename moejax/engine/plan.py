@@ -68,13 +68,16 @@ class IterationPlan:
     step: int
     slices: tuple[RowSlice, ...]
     groups: tuple[LayerGroup, ...]
-    block_tables: dict[int, tuple[int, ...]]  # request id -> its KV blocks (all layers share them)
+    block_tables: dict[int, tuple[int, ...]]  # request id -> its KV blocks (KV group 0's: all layers' when one group)
     sampling: tuple[SamplingRow, ...]  # in the order of the sampled slices
     released: tuple[int, ...] = ()  # requests whose executor-side state (kept hidden rows) can go
     num_layers: int = 0
     kv_shards: dict[int, int] = field(default_factory=dict)  # request id -> request shard owning its KV (if > 1)
     # (request id, its blocks, KV) to write before the iteration runs: requests prefilled elsewhere
     kv_imports: tuple[tuple[int, tuple[int, ...], "KVPayload"], ...] = ()
+    # Hybrid models: request id -> block tables of KV groups 1.. (sliding windows; -1: freed), for the
+    # requests of block_tables and kv_imports (engine/kv_cache.py)
+    group_block_tables: dict[int, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
