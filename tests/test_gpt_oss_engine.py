@@ -1,9 +1,10 @@
 """GPT-OSS on the engine with the window-aware KV cache (tiny-gpt-oss: window 16, blocks of 4).
 
-Greedy outputs equal the one-request reference for every policy, with requests outgrowing the window
-(their window blocks freed mid-request) in a cache small enough to preempt; in decode a request's
-window blocks stay within window / block_size + 1 while its full-attention blocks grow, and the bytes
-it holds in the real device cache are kv_bytes(cfg, n); the simulator prices KV the same way.
+Greedy outputs equal the one-request reference for every policy, one decode step per iteration and
+several, with requests outgrowing the window (their window blocks freed mid-request) in a cache small
+enough to preempt; in decode a request's window blocks stay within window / block_size + 1 while its
+full-attention blocks grow, and the bytes it holds in the real device cache are kv_bytes(cfg, n); the
+simulator prices KV the same way.
 
 Every engine here has one cache size (one set of compiled programs)."""
 
@@ -57,10 +58,10 @@ def serve(model, prompts, **options):
     (window,) = [g.window for g in kv_groups(cfg) if g.window is not None]
     block_bytes = device_block_bytes(engine)
     reqs = [engine.add_request(p, GREEDY) for p in prompts]
-    seen = {"freed_mid_request": False, "exact_steps": 0, "max_full_blocks": 0}
+    seen = {"freed_mid_request": False, "exact_steps": 0, "max_full_blocks": 0, "decode_steps": 0}
     last, decoding = {}, set()
     while engine.has_unfinished:
-        engine.step()
+        seen["decode_steps"] = max(seen["decode_steps"], engine.step().plan.decode_steps)
         for r in engine.scheduler.running:
             full, (win,) = r.block_ids, r.group_block_ids
             assert len(full) == len(win) and FREED not in full
@@ -73,22 +74,29 @@ def serve(model, prompts, **options):
                 assert held == kv_bytes(cfg, n, BS)
                 seen["exact_steps"] += 1
                 decoding.add(key)
-            elif not one_token:  # admitted, resumed or a prompt chunk: its span may be held until it allocates
+            elif not one_token:  # admitted, resumed, a prompt chunk or decode steps: held until it next allocates
                 decoding.discard(key)
             if key in decoding:
                 assert kv_bytes(cfg, n, BS) <= held <= kv_bytes(cfg, n, BS) + block_bytes[1]
                 assert len(live) <= window_blocks(window, BS) and len(full) == -(-n // BS)
-                seen["max_full_blocks"] = max(seen["max_full_blocks"], len(full))
+            seen["max_full_blocks"] = max(seen["max_full_blocks"], len(full))
     assert kv.num_free_blocks == kv.num_blocks  # nothing leaked
     return [r.output_token_ids for r in reqs], engine, seen
 
 
-@pytest.mark.parametrize("options", [dict(policy="chunked", token_budget=16), dict(policy="no_chunk", token_budget=64),
-                                     dict(policy="layered")], ids=["chunked", "no_chunk", "layered"])
+@pytest.mark.parametrize("options", [dict(policy="chunked", token_budget=16, max_decode_steps=1),
+                                     dict(policy="no_chunk", token_budget=64), dict(policy="layered")],
+                         ids=["chunked-one-step", "no_chunk", "layered"])
 def test_greedy_matches_reference_with_windows_freed_and_preemption(model, prompts, expected, options):
+    """One step per iteration: the held bytes are checked after every decode step; multi-step (8, the
+    default) frees window blocks as it reserves the steps ahead."""
     outputs, engine, seen = serve(model, prompts, **options)
     assert outputs == expected
-    assert seen["freed_mid_request"] and seen["exact_steps"] > 0
+    assert seen["freed_mid_request"]
+    if options.get("max_decode_steps") == 1:
+        assert seen["exact_steps"] > 0
+    else:
+        assert seen["decode_steps"] > 1
     assert seen["max_full_blocks"] > window_blocks(16, BS) + 1  # full-attention blocks outgrew the window's
     if options["policy"] != "layered":  # 20 blocks for requests of up to 14: some wait or get preempted
         assert sum(r.num_preemptions for r in engine.finished) > 0

@@ -1,8 +1,9 @@
 """Property tests of the scheduler and KV allocator with a fast fake executor: under random request
-streams, aborts, budgets and cache sizes, no block is leaked or owned twice, the token budget holds,
-and every request finishes (or is aborted) with exactly the tokens a non-preempted run would give.
-The same with a window-aware cache (a full-attention pool and a sliding-window pool): every key a
-slice's rows can see is in a live block, and the window pool alone can force preemption."""
+streams, aborts, budgets, cache sizes and multi-step decode, no block is leaked or owned twice, the
+token budget holds, and every request finishes (or is aborted) with exactly the tokens a
+non-preempted one-step run would give. The same with a window-aware cache (a full-attention pool and
+a sliding-window pool): every key a slice's rows can see is in a live block, and the window pool
+alone can force preemption."""
 
 import numpy as np
 import pytest
@@ -28,9 +29,10 @@ def next_token(context: tuple[int, ...]) -> int:
 class FakeExecutor:
     """Checks each plan against the KV state and answers like a model would."""
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, max_decode_steps: int = 1):
         self.config = CFG
         self.s = scheduler
+        self.max_decode_steps = max_decode_steps
         self.max_tokens_seen = 0
 
     def execute(self, plan):
@@ -46,14 +48,25 @@ class FakeExecutor:
         sampled = {}
         for sl in plan.slices:
             req = self.s.requests[sl.request_id]
-            end = sl.start + sl.num_tokens
+            end = sl.start + max(sl.num_tokens, plan.decode_steps)  # multi-step: KV reserved for every step
             assert len(plan.block_tables[sl.request_id]) * bs >= end
             for group, table in zip(kv.groups, tables[sl.request_id]):  # every key the rows see is live
                 assert FREED not in table[group.first_live_block(sl.start, bs):-(-end // bs)]
             assert tuple(req.token_ids[sl.start:sl.start + sl.num_tokens]) == sl.token_ids
             if sl.sample:
                 sampled[sl.request_id] = next_token(tuple(req.token_ids))
-        return StepResult(sampled, 0.001, 0.0)
+        if plan.decode_steps == 1:
+            return StepResult(sampled, 0.001, 0.0)
+        steps = {}  # as the device loop does: each token feeds the next, a row stops at a stop id or its limit
+        for sl, (stop_ids, left) in zip(plan.slices, plan.decode_limits):
+            ctx, out = list(self.s.requests[sl.request_id].token_ids), []
+            while len(out) < plan.decode_steps:
+                out.append(next_token(tuple(ctx)))
+                ctx.append(out[-1])
+                if out[-1] in stop_ids or len(out) >= left:
+                    break
+            steps[sl.request_id] = out
+        return StepResult({rid: t[0] for rid, t in steps.items()}, 0.001, 0.0, sampled_steps=steps)
 
 
 def expected_output(prompt, max_tokens):
@@ -63,10 +76,11 @@ def expected_output(prompt, max_tokens):
     return ctx[len(prompt):]
 
 
-def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, window=None, window_blocks=0) -> int:
+def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps=1, window=None,
+               window_blocks=0) -> int:
     """Serve `requests` (prompt length, max tokens, unused) checking every invariant after each
-    step; returns how many preemptions the stream caused. window: add a sliding-window KV group of
-    window_blocks blocks."""
+    step, decode-only iterations running up to `decode_steps` steps; returns how many preemptions
+    the stream caused. window: add a sliding-window KV group of window_blocks blocks."""
     block_size, max_len = 4, 64  # one request needs at most 16 blocks
     kv = KVCacheManager(num_blocks, block_size) if window is None else \
         KVCacheManager((num_blocks, window_blocks), block_size, windows=(None, window))
@@ -74,7 +88,7 @@ def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, window=
     budget = max(budget, max_len) if policy == "no_chunk" else budget
     sched = Scheduler(CFG, kv, make_policy(policy),
                       SchedulerConfig(max_num_seqs=max_seqs, token_budget=budget, max_model_len=max_len))
-    executor = FakeExecutor(sched)
+    executor = FakeExecutor(sched, decode_steps)
     engine = Engine(sched, executor, virtual_time=True)
     rng = np.random.default_rng(len(requests))
     reqs = []
@@ -109,9 +123,10 @@ def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, window=
 @given(policy=st.sampled_from(["chunked", "no_chunk"]),
        budget=st.integers(1, 64), max_seqs=st.integers(1, 6), num_blocks=st.integers(16, 60),
        requests=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 20), st.integers(0, 30)), min_size=1, max_size=12),
-       abort_at=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 11)), max_size=3))
-def test_scheduler_invariants(policy, budget, max_seqs, num_blocks, requests, abort_at):
-    run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at)
+       abort_at=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 11)), max_size=3),
+       decode_steps=st.sampled_from([1, 3, 8]))
+def test_scheduler_invariants(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps):
+    run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps)
 
 
 @pytest.mark.parametrize("policy", ["chunked", "no_chunk"])
@@ -120,6 +135,7 @@ def test_invariants_hold_through_preemption(policy):
     (the random streams above reach full caches only by chance)."""
     crowded = [(40, 20, 0)] * 6  # six requests of up to 15 blocks each into 24 blocks
     assert run_stream(policy, 64, 6, 24, crowded, []) > 0
+    assert run_stream(policy, 64, 6, 24, crowded, [], decode_steps=4) > 0
 
 
 @settings(max_examples=40, deadline=None)
@@ -127,10 +143,11 @@ def test_invariants_hold_through_preemption(policy):
        max_seqs=st.integers(1, 6), num_blocks=st.integers(16, 60), window=st.integers(1, 24),
        window_blocks=st.integers(16, 40),
        requests=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 20), st.integers(0, 30)), min_size=1, max_size=10),
-       abort_at=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 9)), max_size=3))
+       abort_at=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 9)), max_size=3),
+       decode_steps=st.sampled_from([1, 3, 8]))
 def test_scheduler_invariants_with_a_window_group(policy, budget, max_seqs, num_blocks, window, window_blocks,
-                                                  requests, abort_at):
-    run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, window, window_blocks)
+                                                  requests, abort_at, decode_steps):
+    run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps, window, window_blocks)
 
 
 @pytest.mark.parametrize("policy", ["chunked", "no_chunk"])
@@ -141,3 +158,4 @@ def test_window_pool_alone_forces_preemption(policy):
     crowded = [(1, 20, 0)] * 8  # 6 blocks each: 48 full-attention blocks
     assert run_stream(policy, 64, 8, 96, crowded, []) == 0
     assert run_stream(policy, 64, 8, 96, crowded, [], window=8, window_blocks=16) > 0
+    assert run_stream(policy, 64, 8, 96, crowded, [], 4, window=8, window_blocks=16) > 0

@@ -217,12 +217,18 @@ class KVCacheManager:
         return first, [b for b in table[:first] if b >= 0], max(0, total - max(len(table), first))
 
     def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
-        shard = self._shard(req)
-        for g, table in enumerate(self.tables(req)):
-            _, expired, new = self._plan(req, num_new_tokens, g, table)
-            if new > self.pools[g][shard].num_free + len(expired):
-                return False
-        return True
+        return self.can_allocate_all([req], num_new_tokens)
+
+    def can_allocate_all(self, requests: list[Request], num_new_tokens: int) -> bool:
+        """Whether every one of `requests` can grow by num_new_tokens in every KV group, allocated in
+        any order: each counts what it needs beyond its own expired window blocks."""
+        need: dict[tuple[int, int], int] = {}  # (group, shard) -> blocks
+        for r in requests:
+            shard = self._shard(r)
+            for g, table in enumerate(self.tables(r)):
+                _, expired, new = self._plan(r, num_new_tokens, g, table)
+                need[g, shard] = need.get((g, shard), 0) + max(0, new - len(expired))
+        return all(n <= self.pools[g][shard].num_free for (g, shard), n in need.items())
 
     def allocate(self, req: Request, num_new_tokens: int) -> None:
         """Blocks for req's next num_new_tokens tokens in every group; a window group first frees

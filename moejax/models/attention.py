@@ -49,6 +49,21 @@ class AttentionMetadata:
             return self.window_slots[window], self.window_tables[window]
         return self.slot_mapping, self.block_tables
 
+    def advance(self, steps: jax.Array, valid: jax.Array, block_size: int, num_slots: int) -> "AttentionMetadata":
+        """The metadata of decode rows `steps` tokens further on (traced, for multi-step decode): every
+        row one position later per step, its KV slot looked up in its block table (each window's in its
+        own); rows no longer `valid` become padding (slot past the cache, position 0)."""
+        positions = self.positions + steps
+
+        def slots(tables):
+            blocks = tables[self.seq_ids, jnp.minimum(positions // block_size, tables.shape[1] - 1)]
+            return jnp.where(valid, blocks * block_size + positions % block_size, num_slots)
+
+        return self.replace(
+            positions=jnp.where(valid, positions, 0), valid=valid, slot_mapping=slots(self.block_tables),
+            window_slots={w: slots(t) for w, t in self.window_tables.items()},
+            num_kv_blocks=(jnp.max(jnp.where(valid, positions, 0)) // block_size + 1).astype(jnp.int32))
+
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
