@@ -57,7 +57,8 @@ def measured_tiny_gpt_oss() -> dict:
 
     bs, prompt, new = 4, 100, 20
     model = build_model(get_preset("tiny-gpt-oss"), seed=0)
-    engine = build(model, max_model_len=128, block_size=bs, max_num_seqs=2, num_blocks=64)
+    # one decode step per iteration: the bytes are read after every token
+    engine = build(model, max_model_len=128, block_size=bs, max_num_seqs=2, num_blocks=64, max_decode_steps=1)
     ex = engine.executor
     block_bytes = [sum(ex.kv[i][0].nbytes + ex.kv[i][1].nbytes for i in g.layers) // n
                    for g, n in zip(ex.kv_groups, ex.group_num_blocks)]
@@ -112,7 +113,8 @@ def render(results: dict) -> str:
               "| tokens | blocks held (full, window) | bytes held on the device | kv_bytes in blocks |",
               "|---|---|---|---|"]
     for s in m["steps"]:
-        mark = "" if s["allocated"] else " (before its next allocation frees the oldest window block)"
+        mark = "" if s["device_bytes"] == s["kv_bytes_in_blocks"] else \
+            " (one window block more: freed at the request's next allocation)"
         lines.append(f"| {s['tokens']} | {tuple(s['blocks_per_group'])} | {s['device_bytes']:,} | "
                      f"{s['kv_bytes_in_blocks']:,}{mark} |")
     lines += ["", f"At the {len(exact)} steps that allocated a block the device bytes equal kv_bytes: "
