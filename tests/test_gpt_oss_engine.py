@@ -84,6 +84,7 @@ def serve(model, prompts, **options):
     return [r.output_token_ids for r in reqs], engine, seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options", [dict(policy="chunked", token_budget=16, max_decode_steps=1),
                                      dict(policy="no_chunk", token_budget=64), dict(policy="layered")],
                          ids=["chunked-one-step", "no_chunk", "layered"])
