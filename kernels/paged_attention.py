@@ -1,4 +1,4 @@
-"""Paged attention in plain jnp (a Pallas kernel can take its place later), two ways:
+"""Paged attention in plain jnp, two ways (and on XLA:CPU a native kernel, native_attention.py):
 
     rows   every token row gathers, CHUNK blocks at a time, the KV of its own sequence: one
            vectorised loop over KV blocks for all rows (what accelerators want from XLA). Cost:
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from . import native_attention
 
 TILE = 32  # rows per tile
 CHUNK = 8  # KV blocks read per loop step
@@ -111,10 +113,19 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
     block_tables: [S, max_blocks]; num_kv_blocks: [] blocks the longest row needs -> [T, H, hd].
     window: a row sees keys (position - window, position]; only the blocks holding them are read.
     sinks: [H] per-head logits that join the softmax denominator (GPT-OSS's attention sinks).
-    method: "rows" | "tiles" | "auto" (tiles when a tile holds a prompt chunk, else rows); default
-    auto on CPU, rows elsewhere."""
+    method: "rows" | "tiles" | "auto" (tiles when a tile holds a prompt chunk, else rows) | "native"
+    (native_attention.py: XLA:CPU only, no sinks); default native on CPU (auto where it cannot be
+    built, or with sinks), rows elsewhere."""
     q, k_cache, v_cache, positions, seq_ids, block_tables = map(
         jnp.asarray, (q, k_cache, v_cache, positions, seq_ids, block_tables))
+    if method is None and jax.default_backend() == "cpu":
+        method = "native" if sinks is None and native_attention.available() else "auto"
+    if method == "native":
+        if sinks is not None:
+            raise ValueError("paged_attention: the native CPU kernel has no attention sinks "
+                             "(method rows, tiles or auto)")
+        return native_attention.paged_attention(q, k_cache, v_cache, positions, seq_ids, block_tables,
+                                                scale=scale, window=window).astype(q.dtype)
     T, H, hd = q.shape
     kvh = k_cache.shape[2]
     qg = q.reshape(T, kvh, H // kvh, hd).astype(jnp.float32) * scale
@@ -122,7 +133,7 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
         if jnp.shape(sinks) != (H,):
             raise ValueError(f"paged_attention: sinks has shape {jnp.shape(sinks)}; expected ({H},), one per head")
         sinks = jnp.asarray(sinks, jnp.float32).reshape(kvh, H // kvh)
-    method = method or ("auto" if jax.default_backend() == "cpu" else "rows")
+    method = method or "rows"
 
     def rows(_):
         return _rows(qg, k_cache, v_cache, positions, block_tables[seq_ids], num_kv_blocks, window, sinks)
@@ -137,7 +148,7 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
     elif method == "auto":  # tiles pay off only if some tile holds a prompt's consecutive rows
         out = jax.lax.cond(_has_prompt_tile(positions, seq_ids), tiles, rows, None)
     else:
-        raise ValueError(f"paged_attention: unknown method {method!r} (rows, tiles, auto)")
+        raise ValueError(f"paged_attention: unknown method {method!r} (rows, tiles, auto, native)")
     return out.reshape(T, H, hd).astype(q.dtype)
 
 

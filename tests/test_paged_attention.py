@@ -1,10 +1,12 @@
 """Paged attention against a float64 numpy dense causal attention, on scattered block tables, with
 and without sliding windows and attention sinks."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moejax import kernels
+from moejax.kernels import native_attention
 
 
 def dense_reference(q, k_seq, v_seq, positions, window, sinks=None):
@@ -27,9 +29,13 @@ def dense_reference(q, k_seq, v_seq, positions, window, sinks=None):
     return out
 
 
-@pytest.mark.parametrize("method", ["rows", "tiles", "auto"])
-@pytest.mark.parametrize("H,KV,window,with_sinks", [(H, KV, w, False) for H, KV in [(4, 2), (4, 4), (6, 1)]
-                                                   for w in (None, 5)] + [(4, 2, None, True), (6, 1, 5, True)])
+# every method without sinks; sinks on the jnp methods (the native CPU kernel has none)
+CASES = [(H, KV, w, False, m) for H, KV in [(4, 2), (4, 4), (6, 1)] for w in (None, 5)
+         for m in ("rows", "tiles", "auto", "native")] + \
+        [(H, KV, w, True, m) for H, KV, w in [(4, 2, None), (6, 1, 5)] for m in ("rows", "tiles", "auto")]
+
+
+@pytest.mark.parametrize("H,KV,window,with_sinks,method", CASES)
 def test_paged_attention_matches_dense(H, KV, window, with_sinks, method):
     rng = np.random.default_rng([H, KV, window or 0, with_sinks])
     bs, nb, hd = 4, 24, 8
@@ -103,6 +109,28 @@ def test_windowed_rows_read_no_block_before_their_window(method, with_sinks):
         ref = dense_reference(q[mask].astype(np.float64), *(a.astype(np.float64) for a in dense[s]),
                               positions[mask], window, sinks)
         np.testing.assert_allclose(out[mask], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_native_matches_rows_in_bfloat16_on_decode_batches(window):
+    """The native CPU kernel (the default on CPU) against the jnp rows method on a decode batch of
+    bf16 rows: many sequences, scattered tables, a head size with a remainder past the vector width,
+    padding rows (position 0 of sequence 0) and a table entry past the pool (clamped by both)."""
+    assert native_attention.available()
+    rng = np.random.default_rng(3 + (window or 0))
+    bs, nb, H, KV, hd, S, width = 16, 400, 8, 2, 12, 37, 9
+    k_cache, v_cache = (jnp.asarray(rng.normal(size=(nb, bs, KV, hd)), jnp.bfloat16) for _ in range(2))
+    tables = rng.permutation(nb)[:S * width].reshape(S, width).astype(np.int32)
+    tables[5, 3] = nb + 4
+    positions = np.concatenate([rng.integers(0, width * bs, S), np.zeros(3, int)]).astype(np.int32)
+    seq_ids = np.concatenate([rng.permutation(S), np.zeros(3, int)]).astype(np.int32)
+    q = jnp.asarray(rng.normal(size=(len(positions), H, hd)), jnp.bfloat16)
+    args = (q, k_cache, v_cache, positions, seq_ids, tables, np.int32(positions.max() // bs + 1))
+    native = kernels.paged_attention(*args, scale=hd ** -0.5, window=window)  # the CPU default
+    rows = kernels.paged_attention(*args, scale=hd ** -0.5, window=window, method="rows")
+    assert native.dtype == rows.dtype == jnp.bfloat16
+    # both accumulate in float32 from the same bf16 inputs: apart by bf16 rounding of the output
+    np.testing.assert_allclose(np.asarray(native, np.float32), np.asarray(rows, np.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_write_kv_drops_padding_slots():
