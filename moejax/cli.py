@@ -174,6 +174,8 @@ def cmd_serve_http(args: argparse.Namespace) -> int:
                if v is not None}
     llm = LLM(args.checkpoint or args.model, dtype=args.dtype, seed=args.seed, layout=args.layout,
               policy=args.policy, max_num_seqs=args.max_num_seqs, token_budget=args.token_budget, **options)
+    if args.warmup:  # every process, in step (their engines run the same throwaway iterations)
+        llm.warmup(progress=jax.process_index() == 0)
     if jax.process_index() != 0:  # multi-host: process 0 serves HTTP, this one follows its requests
         follow(llm.engine, ServerMetrics(llm.config.name))
         return 0
@@ -222,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--token-budget", type=int, default=512, help="tokens per iteration (chunked: chunk size)")
     srv.add_argument("--num-blocks", type=int, help="KV cache blocks (default: as many as fit)")
     srv.add_argument("--log-level", default="info", help="uvicorn's log level")
+    srv.add_argument("--warmup", action="store_true",
+                     help="compile every program serving can meet before listening (minutes on CPU at the "
+                          "default sizes), so that no request waits for a compiler")
     srv.set_defaults(func=cmd_serve_http)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)

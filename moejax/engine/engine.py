@@ -228,6 +228,7 @@ class Engine:
         cells = [(t, r) for t in token_buckets for r in request_buckets if r <= t]
         params = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
         bar = _progress() if progress else None
+        before = (len(self.steps), len(self.finished), self._next_id)
         with count_compilations() as compiled, bar or contextlib.nullcontext():
             task = bar.add_task("compiling", total=len(cells)) if bar else None
             for tokens, requests in cells:
@@ -240,9 +241,8 @@ class Engine:
                     self.step()
                 if bar:
                     bar.advance(task)
-        self.steps.clear()
-        self.finished.clear()
-        self._next_id = 0
+        del self.steps[before[0]:], self.finished[before[1]:]  # the throwaway requests leave no trace
+        self._next_id = before[2]
         return compiled.count
 
     def run(self, arrivals: Sequence[Arrival], *, progress: bool | str = False,
