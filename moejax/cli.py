@@ -11,6 +11,8 @@ import numpy as np
 
 from moejax.config import DEFAULT_MODEL
 
+SERVE_MODEL = "stdlib-moe"  # a shipped trained checkpoint with a tokenizer and chat template: real text
+
 # Prompts for the embedded default model (it has no tokenizer): four lengths, fixed ids.
 DEFAULT_PROMPTS = [[(7 * i + 3 * n) % 500 + 1 for i in range(n)] for n in (5, 12, 23, 40)]
 
@@ -22,9 +24,9 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-token-ids {text!r}: expected comma-separated integers") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a preset or shipped checkpoint name, e.g. stdlib-moe (default {DEFAULT_MODEL})")
+def _add_model_args(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    p.add_argument("--model", default=default,
+                   help=f"a preset or shipped checkpoint name, e.g. stdlib-moe (default {default})")
     p.add_argument("--checkpoint", help="a HF or moejax checkpoint directory (overrides --model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute/param dtype (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
@@ -159,7 +161,11 @@ def _report(results: dict, title: str, json_path: str | None, ratio_to: str | No
     from moejax.engine.metrics import metrics_table
 
     runs = results["runs"] if "runs" in results else {results["policy"]: results}
-    Console().print(metrics_table(runs, title=title, ratio_to=ratio_to))
+    table = metrics_table(runs, title=title, ratio_to=ratio_to)
+    console = Console()
+    # piped, rich assumes 80 columns and would cut the run and ratio headers: print at the table's width
+    console.width = max(console.width, console.measure(table, options=console.options.update_width(1000)).maximum)
+    console.print(table)
     if json_path and jax.process_index() == 0:  # in a multi-host run every process has the same results
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
@@ -218,6 +224,31 @@ def cmd_train_predictor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_http(args: argparse.Namespace) -> int:
+    from moejax import LLM
+
+    try:
+        from moejax.serve import serve
+    except ImportError as e:
+        raise ValueError(f"moejax serve needs the 'serve' extra ({e.name} is missing): "
+                         "pip install 'moejax[serve]'") from None
+    from moejax.serve.engine_loop import follow
+    from moejax.serve.metrics import ServerMetrics
+
+    options = {k: v for k, v in (("max_model_len", args.max_model_len), ("num_blocks", args.num_blocks))
+               if v is not None}
+    llm = LLM(args.checkpoint or args.model, dtype=args.dtype, seed=args.seed, layout=args.layout,
+              policy=args.policy, max_num_seqs=args.max_num_seqs, token_budget=args.token_budget, **options)
+    if args.warmup:  # every process, in step (their engines run the same throwaway iterations)
+        llm.warmup(progress=jax.process_index() == 0)
+    if jax.process_index() != 0:  # multi-host: process 0 serves HTTP, this one follows its requests
+        follow(llm.engine, ServerMetrics(llm.config.name))
+        return 0
+    serve(llm, host=args.host, port=args.port, model_name=args.served_model_name, max_waiting=args.max_waiting,
+          log_level=args.log_level)
+    return 0
+
+
 def kernels_benchmark():
     from moejax.kernels import benchmark
 
@@ -244,6 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print {'outputs': [...]} as JSON")
     _add_offload_args(g, simulated=False)
     g.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: the shipped stdlib-moe)")
+    _add_model_args(srv, default=SERVE_MODEL)
+    srv.add_argument("--layout", help="a moejax.meshes layout preset or .toml, over all processes' devices")
+    srv.add_argument("--policy", default="chunked", help="chunked, no_chunk or layered (name@budget allowed)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", help="the model's name in the API (default: the model's)")
+    srv.add_argument("--max-model-len", type=int, help="prompt + output tokens of one request")
+    srv.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
+    srv.add_argument("--max-waiting", type=int, default=256,
+                     help="requests queued beyond --max-num-seqs before answering 429")
+    srv.add_argument("--token-budget", type=int, default=512, help="tokens per iteration (chunked: chunk size)")
+    srv.add_argument("--num-blocks", type=int, help="KV cache blocks (default: as many as fit)")
+    srv.add_argument("--log-level", default="info", help="uvicorn's log level")
+    srv.add_argument("--warmup", action="store_true",
+                     help="compile every program serving can meet before listening (minutes on CPU at the "
+                          "default sizes), so that no request waits for a compiler")
+    srv.set_defaults(func=cmd_serve_http)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     kern = bench.add_parser("kernels", help="expert GEMM kernels against ragged_dot, peers and the roofline")

@@ -79,10 +79,10 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
     arrivals = [Arrival(r.arrival_s, p, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
                 for r, p in zip(requests, prompts)]
     if hardware is None and warmup:  # the same arrivals once, untimed: compiles the shapes they need
-        engine.run(arrivals)
+        engine.run(arrivals, progress="warm-up (untimed, compiling)" if progress else False)
         engine = make_engine()
     with count_compilations() as compiled:
-        served = engine.run(arrivals, progress=progress)
+        served = engine.run(arrivals, progress="timed run" if progress else False)
     metrics = engine.metrics(served, slo)
     if hardware is None:
         metrics["num_compilations"] = compiled.count

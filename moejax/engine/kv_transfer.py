@@ -2,8 +2,9 @@
 
 A prefill engine finishes a request marked `handoff` after its first token, exporting the KV of its
 prompt (every layer, or a range of layers while it prefills); a decode engine admits the request
-with that KV (`Engine.add_prefilled`) and continues from its next token. Payloads are checked on
-import: a payload of another model or with other shapes is rejected with what differs.
+with that KV (`Engine.add_prefilled`) and continues from its next token. A sliding-window layer
+exports only what the next token can see (kind "window": the last window - 1 tokens). Payloads are
+checked on import: a payload of another model or with other shapes is rejected with what differs.
 """
 
 from __future__ import annotations
@@ -27,10 +28,19 @@ def kv_layout(cfg: ModelConfig, dtype) -> dict:
             "head_dim": cfg.head_dim, "dtype": jnp.dtype(dtype).name, "sliding_windows": list(cfg.sliding_windows)}
 
 
+def layer_kv_state(cfg: ModelConfig, layer: int, num_tokens: int) -> tuple[str, int]:
+    """(kind, tokens) of what a payload holds for `layer` of a request with num_tokens computed
+    tokens: "paged", all of them; "window" (a sliding-window layer), the last min(num_tokens,
+    window - 1): every key the next token attends to besides its own."""
+    window = cfg.sliding_windows[layer]
+    return ("paged", num_tokens) if window is None else ("window", min(num_tokens, window - 1))
+
+
 @dataclass(frozen=True)
 class LayerKVState:
-    """One layer's state of one request. kind "paged": arrays k, v, each [num_tokens, KV heads, head_dim]
-    (other kinds -- windowed, recurrent -- carry their own arrays)."""
+    """One layer's state of one request. kind "paged": arrays k, v, each [num_tokens, KV heads, head_dim];
+    kind "window": the same arrays for the request's last tokens only (`layer_kv_state`); other kinds
+    (recurrent) carry their own arrays."""
 
     kind: str
     arrays: dict[str, object]  # name -> jax.Array or numpy array
@@ -66,11 +76,12 @@ class KVPayload:
         if tuple(self.layers) != tuple(range(cfg.num_layers)):
             raise KVTransferError(f"KV payload holds layers {list(self.layers)}; importing needs all "
                                   f"{cfg.num_layers} layers of {cfg.name!r}")
-        want = (num_tokens, cfg.num_kv_heads, cfg.head_dim)
         for layer, state in zip(self.layers, self.states):
-            if state.kind != "paged" or set(state.arrays) != {"k", "v"}:
+            kind, tokens = layer_kv_state(cfg, layer, num_tokens)
+            if state.kind != kind or set(state.arrays) != {"k", "v"}:
                 raise KVTransferError(f"KV payload layer {layer}: kind {state.kind!r} with arrays "
-                                      f"{sorted(state.arrays)}; expected 'paged' with k and v")
+                                      f"{sorted(state.arrays)}; expected {kind!r} with k and v")
+            want = (tokens, cfg.num_kv_heads, cfg.head_dim)
             for name, a in state.arrays.items():
                 if tuple(a.shape) != want or jnp.dtype(a.dtype) != jnp.dtype(dtype):
                     raise KVTransferError(f"KV payload layer {layer} {name}: shape {list(a.shape)} "
