@@ -46,9 +46,12 @@ class FakeExecutor:
                     owners[b] = rid
         self.max_tokens_seen = max(self.max_tokens_seen, plan.num_tokens)
         sampled = {}
-        for sl in plan.slices:
+        # multi-step: KV reserved for every step a request may still take (decode_limits: in slice order)
+        steps = ([min(plan.decode_steps, left) for _, left in plan.decode_limits] if plan.decode_steps > 1
+                 else [1] * len(plan.slices))
+        for sl, reserved in zip(plan.slices, steps):
             req = self.s.requests[sl.request_id]
-            end = sl.start + max(sl.num_tokens, plan.decode_steps)  # multi-step: KV reserved for every step
+            end = sl.start + max(sl.num_tokens, reserved)
             assert len(plan.block_tables[sl.request_id]) * bs >= end
             for group, table in zip(kv.groups, tables[sl.request_id]):  # every key the rows see is live
                 assert FREED not in table[group.first_live_block(sl.start, bs):-(-end // bs)]

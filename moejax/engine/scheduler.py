@@ -231,8 +231,8 @@ class Scheduler:
             steps //= 2
         if steps <= 1:
             return 1, ()
-        for r in requests:
-            self.kv.allocate(r, steps)
+        for r, left in zip(requests, remaining):  # no slot past what a request may still produce
+            self.kv.allocate(r, min(steps, left))
         return steps, tuple((r.params.stop_token_ids + (() if r.params.ignore_eos else eos), left)
                             for r, left in zip(requests, remaining))
 
