@@ -107,13 +107,19 @@ def _whole_model(io_def, layer_defs, head, placement, num_experts, activation, i
                  expert_states, kv, token_ids, meta, rows, head_args):
     """Every layer in one program: embed -> layers -> logits of `rows` -> head(logits, *head_args)."""
     io = nnx.merge(io_def, io_state)
-    x = io.embed_tokens(token_ids)
+    x, new_kv, counts = _all_layers(layer_defs, placement, num_experts, activation, layer_states, expert_states,
+                                    io.embed_tokens(token_ids), kv, meta)
+    return head(io.logits(jnp.take(x, rows, axis=0)), *head_args), new_kv, counts
+
+
+def _all_layers(layer_defs, placement, num_experts, activation, layer_states, expert_states, x, kv, meta):
+    """x through every layer -> (x, new KV per layer, tokens per expert [L, E])."""
     new_kv, counts = [], []
     for graphdef, state, experts, layer_kv in zip(layer_defs, layer_states, expert_states, kv):
         x, layer_kv, c = _layer_step(graphdef, placement, num_experts, activation, state, experts, x, layer_kv, meta)
         new_kv.append(layer_kv)
         counts.append(c)
-    return head(io.logits(jnp.take(x, rows, axis=0)), *head_args), new_kv, jnp.stack(counts)
+    return x, new_kv, jnp.stack(counts)
 
 
 def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, activation, max_steps, io_state,
@@ -133,15 +139,10 @@ def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, activatio
         j, tokens, kv, done, out, counts = carry
         valid = meta.valid & ~done
         m = meta.advance(j, valid, block_size, num_slots)
-        x = io.embed_tokens(tokens)
-        new_kv, layer_counts = [], []
-        for graphdef, state, experts, layer_kv in zip(layer_defs, layer_states, expert_states, kv):
-            x, layer_kv, c = _layer_step(graphdef, placement, num_experts, activation, state, experts, x, layer_kv, m)
-            new_kv.append(layer_kv)
-            layer_counts.append(c)
+        x, new_kv, layer_counts = _all_layers(layer_defs, placement, num_experts, activation, layer_states,
+                                              expert_states, io.embed_tokens(tokens), kv, m)
         sampled = sampler(io.logits(x), temperature, top_k, top_p, seeds, output_index + j)
         stop = jnp.any(sampled[:, None] == stop_ids, axis=1) | (j + 1 >= remaining)
-        layer_counts = jnp.stack(layer_counts)
         return (j + 1, jnp.where(valid, sampled, tokens), new_kv, done | (valid & stop),
                 out.at[j].set(jnp.where(valid, sampled, -1)),
                 (counts[0] + layer_counts, counts[1] + (layer_counts > 0).sum(axis=1)))
