@@ -10,7 +10,8 @@
 
 Both attend causally (up to and including the row's own position), optionally within a sliding
 window, with an online softmax over blocks so memory stays O(rows x block_size). Loop bounds are
-traced scalars: growing contexts never recompile.
+traced scalars: growing contexts never recompile. The loops take any paged caches and a function
+turning their gathered blocks into keys and values: MLA's latent cache (latent_attention.py) reuses them.
 """
 
 from __future__ import annotations
@@ -22,25 +23,34 @@ TILE = 32  # rows per tile
 CHUNK = 8  # KV blocks read per loop step
 
 
+def write_rows(cache: jax.Array, rows: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+    """Scatter new rows [T, ...] into a paged cache [num_blocks, block_size, ...] at their flat slots
+    [T] (block * block_size + offset); out-of-range slots (padding rows) are dropped."""
+    cache = jnp.asarray(cache)
+    flat = cache.reshape(-1, *cache.shape[2:])
+    return flat.at[slot_mapping].set(rows.astype(cache.dtype), mode="drop").reshape(cache.shape)
+
+
 def write_kv(k_cache: jax.Array, v_cache: jax.Array, k: jax.Array, v: jax.Array,
              slot_mapping: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Scatter new rows into the caches. caches: [num_blocks, block_size, KV, hd]; k, v: [T, KV, hd];
-    slot_mapping: [T] flat slot (block * block_size + offset); out-of-range slots (padding) are dropped."""
-    k_cache, v_cache = jnp.asarray(k_cache), jnp.asarray(v_cache)
-    nb, bs, kvh, hd = k_cache.shape
-    flat = (nb * bs, kvh, hd)
-    k_cache = k_cache.reshape(flat).at[slot_mapping].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.reshape(flat).at[slot_mapping].set(v.astype(v_cache.dtype), mode="drop")
-    return k_cache.reshape(nb, bs, kvh, hd), v_cache.reshape(nb, bs, kvh, hd)
+    """Scatter new rows into the caches. caches: [num_blocks, block_size, KV, hd]; k, v: [T, KV, hd]."""
+    return write_rows(k_cache, k, slot_mapping), write_rows(v_cache, v, slot_mapping)
+
+
+def _f32(*gathered):
+    """A GQA cache's gathered blocks as they are attended: (keys, values) in fp32."""
+    return tuple(g.astype(jnp.float32) for g in gathered)
 
 
 def _online_softmax(qg, positions, window, num_steps, step_kv):
     """Attention of rows qg: [R, KV, g, hd] (pre-scaled, fp32) at `positions` [R] over keys
-    0 .. num_steps*n-1, step j's n keys/values given by step_kv(j) -> ([R or 1, n, KV, hd] x 2)."""
-    R, kvh, g, hd = qg.shape
+    0 .. num_steps*n-1, step j's n keys [R or 1, n, KV, hd] and values [R or 1, n, KV, dv] given by
+    step_kv(j) (values may be narrower or wider than keys: MLA) -> [R, KV, g, dv]."""
+    R, kvh, g, _ = qg.shape
+    dv = jax.eval_shape(step_kv, jnp.int32(0))[1].shape[-1]
 
     def visit(j, carry):
-        m, l, acc = carry  # running max [R, KV, g], denominator [R, KV, g], numerator [R, KV, g, hd]
+        m, l, acc = carry  # running max [R, KV, g], denominator [R, KV, g], numerator [R, KV, g, dv]
         k, v = step_kv(j)
         bs = k.shape[1]
         shared = k.shape[0] == 1  # one sequence's keys for all rows: contract without copying them per row
@@ -61,21 +71,48 @@ def _online_softmax(qg, positions, window, num_steps, step_kv):
     # A row's first visible key lies in the blocks visited, so m becomes finite there; starting from
     # a large finite value keeps exp(m - m_new) defined before it.
     init = (jnp.full((R, kvh, g), -1e30, jnp.float32), jnp.zeros((R, kvh, g), jnp.float32),
-            jnp.zeros((R, kvh, g, hd), jnp.float32))
+            jnp.zeros((R, kvh, g, dv), jnp.float32))
     _, l, acc = jax.lax.fori_loop(0, num_steps, visit, init)
     return acc / jnp.maximum(l, 1e-30)[..., None]
 
 
-def _rows(qg, k_cache, v_cache, positions, tables, num_blocks, window):
-    """tables: [R, max_blocks], each row's own block table. CHUNK blocks per step: fewer, larger loop
-    steps (a loop step costs far more than its few small ops on short decode contexts)."""
-    R, bs = tables.shape[0], k_cache.shape[1]
+def _rows(qg, caches, to_kv, positions, tables, num_blocks, window):
+    """Every row over its own sequence's blocks. caches: paged arrays [num_blocks, block_size, ...];
+    to_kv(*their gathered blocks [R, n, ...]) -> (keys, values); tables: [R, max_blocks], each row's
+    own block table. CHUNK blocks per step: fewer, larger loop steps (a loop step costs far more
+    than its few small ops on short decode contexts)."""
+    R, bs = tables.shape[0], caches[0].shape[1]
     last = tables.shape[1] - 1
 
     def step_kv(j):  # blocks past a table's end only hold keys past every row here: masked
         blocks = tables[:, jnp.minimum(j * CHUNK + jnp.arange(CHUNK), last)]  # [R, CHUNK]
-        return tuple(c[blocks].reshape(R, CHUNK * bs, *c.shape[2:]).astype(jnp.float32) for c in (k_cache, v_cache))
+        return to_kv(*(c[blocks].reshape(R, CHUNK * bs, *c.shape[2:]) for c in caches))
     return _online_softmax(qg, positions, window, -(-num_blocks // CHUNK), step_kv)
+
+
+def _sequence(qg, caches, to_kv, table, positions, num_blocks, window):
+    """Rows of one sequence (block table [max_blocks]): its blocks read once for all of them."""
+    bs, last = caches[0].shape[1], table.shape[0] - 1
+
+    def step_kv(j):  # blocks past the table end only hold keys past these rows: masked
+        blocks = table[jnp.minimum(j * CHUNK + jnp.arange(CHUNK), last)]
+        return to_kv(*(c[blocks].reshape(1, CHUNK * bs, *c.shape[2:]) for c in caches))
+    return _online_softmax(qg, positions, window, -(-num_blocks // CHUNK), step_kv)
+
+
+def _by_tile(per_tile, xs, positions, seq_ids):
+    """per_tile(xs_t, positions_t, seq_ids_t) -> [TILE, ...] on tiles of TILE consecutive rows, one
+    tile at a time; xs: a tree of [T, ...] row arrays -> [T, ...] (padded rows: position 0, sequence 0)."""
+    T = positions.shape[0]
+    pad = -T % TILE
+    tiles = (T + pad) // TILE
+
+    def as_tiles(a):
+        return jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape(tiles, TILE, *a.shape[1:])
+
+    out = jax.lax.map(lambda args: per_tile(*args), (jax.tree.map(as_tiles, xs), as_tiles(positions),
+                                                     as_tiles(seq_ids)))
+    return out.reshape(tiles * TILE, *out.shape[2:])[:T]
 
 
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,
@@ -93,7 +130,7 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
     method = method or ("auto" if jax.default_backend() == "cpu" else "rows")
 
     def rows(_):
-        return _rows(qg, k_cache, v_cache, positions, block_tables[seq_ids], num_kv_blocks, window)
+        return _rows(qg, (k_cache, v_cache), _f32, positions, block_tables[seq_ids], num_kv_blocks, window)
 
     def tiles(_):
         return _tiles(qg, k_cache, v_cache, positions, seq_ids, block_tables, window)
@@ -118,31 +155,13 @@ def _has_prompt_tile(positions: jax.Array, seq_ids: jax.Array) -> jax.Array:
 
 
 def _tiles(qg, k_cache, v_cache, positions, seq_ids, block_tables, window):
-    T = qg.shape[0]
-    bs = k_cache.shape[1]
-    pad = -T % TILE
-    qg, positions, seq_ids = (jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in (qg, positions, seq_ids))
-    tiles = (T + pad) // TILE
+    caches, bs = (k_cache, v_cache), k_cache.shape[1]
 
-    def one_tile(args):
-        q_t, pos_t, seq_t = args
+    def one_tile(q_t, pos_t, seq_t):
         blocks_needed = jnp.max(pos_t) // bs + 1
+        return jax.lax.cond(  # one sequence: its blocks once for the tile; mixed (decode rows): per row
+            jnp.all(seq_t == seq_t[0]),
+            lambda _: _sequence(q_t, caches, _f32, block_tables[seq_t[0]], pos_t, blocks_needed, window),
+            lambda _: _rows(q_t, caches, _f32, pos_t, block_tables[seq_t], blocks_needed, window), None)
 
-        def shared(_):  # one sequence: its blocks, read once for the whole tile, CHUNK at a time
-            table = block_tables[seq_t[0]]
-            last = table.shape[0] - 1
-
-            def step_kv(j):  # blocks past the table end only hold keys past the tile: masked
-                blocks = table[jnp.minimum(j * CHUNK + jnp.arange(CHUNK), last)]
-                return tuple(c[blocks].reshape(1, CHUNK * bs, *c.shape[2:]).astype(jnp.float32)
-                             for c in (k_cache, v_cache))
-            return _online_softmax(q_t, pos_t, window, -(-blocks_needed // CHUNK), step_kv)
-
-        def mixed(_):
-            return _rows(q_t, k_cache, v_cache, pos_t, block_tables[seq_t], blocks_needed, window)
-
-        return jax.lax.cond(jnp.all(seq_t == seq_t[0]), shared, mixed, None)
-
-    out = jax.lax.map(one_tile, (qg.reshape(tiles, TILE, *qg.shape[1:]), positions.reshape(tiles, TILE),
-                                 seq_ids.reshape(tiles, TILE)))
-    return out.reshape(tiles * TILE, *out.shape[2:])[:T]
+    return _by_tile(one_tile, qg, positions, seq_ids)
