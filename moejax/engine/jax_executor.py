@@ -27,6 +27,7 @@ from moejax.engine.metadata import attention_metadata, bucket, pad_tokens, to_de
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.engine.sampling import sample
 from moejax.engine.traffic import layer_stats, routed_expert_bytes
+from moejax.models.decoder import cache_layouts
 from moejax.models.model import Model
 
 
@@ -36,19 +37,16 @@ def _scatter_rows(pool: jax.Array, x: jax.Array, src: jax.Array, dst: jax.Array)
 
 
 @jax.jit
-def _read_kv(kv: list, slots: jax.Array) -> jax.Array:
-    """Every layer's K and V at flat cache slots [n] -> [L, 2, n, KV, hd]."""
-    return jnp.stack([jnp.stack([c.reshape(-1, *c.shape[2:])[slots] for c in layer]) for layer in kv])
+def _read_kv(kv: list, slots: jax.Array) -> list:
+    """Every layer's cache arrays at flat cache slots [n] -> per layer a tuple of [n, ...]."""
+    return [tuple(c.reshape(-1, *c.shape[2:])[slots] for c in layer) for layer in kv]
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def _write_kv(kv: list, slots: jax.Array, values: jax.Array) -> list:
-    """values [L, 2, n, KV, hd] into every layer's cache at flat slots [n] (out of range: dropped)."""
-    out = []
-    for layer, v in zip(kv, values):
-        out.append(tuple(c.reshape(-1, *c.shape[2:]).at[slots].set(x.astype(c.dtype), mode="drop").reshape(c.shape)
-                         for c, x in zip(layer, v)))
-    return out
+def _write_kv(kv: list, slots: jax.Array, values: list) -> list:
+    """values (per layer a tuple of [n, ...]) into every layer's cache at flat slots [n] (out of range: dropped)."""
+    return [tuple(c.reshape(-1, *c.shape[2:]).at[slots].set(x.astype(c.dtype), mode="drop").reshape(c.shape)
+                  for c, x in zip(layer, v)) for layer, v in zip(kv, values)]
 
 
 class HiddenStash:
@@ -148,19 +146,20 @@ class JaxExecutor:
                       constant_values=self.num_blocks * self.block_size).astype(np.int32)
 
     def export_kv(self, block_ids: tuple[int, ...], num_tokens: int) -> KVPayload:
-        """The KV of a request's first num_tokens tokens in `block_ids`, every layer, on the host."""
-        values = np.asarray(_read_kv(self.kv, to_device(self._slots(block_ids, num_tokens), self._replicated)))
+        """The KV of a request's first num_tokens tokens in `block_ids`, every layer, on the host: per
+        layer the arrays its attention caches (k, v; MLA: latent, k_rope)."""
+        values = jax.device_get(_read_kv(self.kv, to_device(self._slots(block_ids, num_tokens), self._replicated)))
         cfg = self.config
-        states = tuple(LayerKVState("paged", {"k": values[i, 0, :num_tokens], "v": values[i, 1, :num_tokens]})
-                       for i in range(cfg.num_layers))
+        states = tuple(LayerKVState(layout.kind, {a.name: x[:num_tokens] for a, x in zip(layout.arrays, layer)})
+                       for layout, layer in zip(cache_layouts(cfg), values))
         return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(range(cfg.num_layers)), states)
 
     def import_kv(self, block_ids: tuple[int, ...], payload: KVPayload) -> None:
         """Write a payload's KV into `block_ids` (checked against this model first)."""
         payload.check(self.config, self.model.dtype, payload.num_tokens)
         n, pad = payload.num_tokens, bucket(payload.num_tokens) - payload.num_tokens
-        values = np.stack([np.stack([np.pad(np.asarray(s.arrays[name]), ((0, pad), (0, 0), (0, 0)))
-                                     for name in ("k", "v")]) for s in payload.states])
+        values = [tuple(np.pad(np.asarray(s.arrays[a.name]), [(0, pad)] + [(0, 0)] * len(a.shape))
+                        for a in layout.arrays) for s, layout in zip(payload.states, cache_layouts(self.config))]
         self.kv[:] = _write_kv(self.kv, to_device(self._slots(block_ids, n), self._replicated),
                                to_device(values, self._replicated))
 

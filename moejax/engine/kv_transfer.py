@@ -15,6 +15,7 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.engine.sampling import SamplingParams
+from moejax.models.decoder import cache_layouts
 
 
 class KVTransferError(ValueError):
@@ -29,8 +30,9 @@ def kv_layout(cfg: ModelConfig, dtype) -> dict:
 
 @dataclass(frozen=True)
 class LayerKVState:
-    """One layer's state of one request. kind "paged": arrays k, v, each [num_tokens, KV heads, head_dim]
-    (other kinds -- windowed, recurrent -- carry their own arrays)."""
+    """One layer's state of one request, as its attention's cache layout declares it (LayerCache):
+    kind "paged": k, v, each [num_tokens, KV heads, head_dim]; kind "latent" (MLA): latent
+    [num_tokens, kv_lora_rank] and k_rope [num_tokens, qk_rope_head_dim]."""
 
     kind: str
     arrays: dict[str, object]  # name -> jax.Array or numpy array
@@ -66,14 +68,17 @@ class KVPayload:
         if tuple(self.layers) != tuple(range(cfg.num_layers)):
             raise KVTransferError(f"KV payload holds layers {list(self.layers)}; importing needs all "
                                   f"{cfg.num_layers} layers of {cfg.name!r}")
-        want = (num_tokens, cfg.num_kv_heads, cfg.head_dim)
+        layouts = cache_layouts(cfg)
         for layer, state in zip(self.layers, self.states):
-            if state.kind != "paged" or set(state.arrays) != {"k", "v"}:
+            layout = layouts[layer]
+            names = [a.name for a in layout.arrays]
+            if state.kind != layout.kind or set(state.arrays) != set(names):
                 raise KVTransferError(f"KV payload layer {layer}: kind {state.kind!r} with arrays "
-                                      f"{sorted(state.arrays)}; expected 'paged' with k and v")
-            for name, a in state.arrays.items():
+                                      f"{sorted(state.arrays)}; expected {layout.kind!r} with {' and '.join(names)}")
+            for spec in layout.arrays:
+                a, want = state.arrays[spec.name], (num_tokens, *spec.shape)
                 if tuple(a.shape) != want or jnp.dtype(a.dtype) != jnp.dtype(dtype):
-                    raise KVTransferError(f"KV payload layer {layer} {name}: shape {list(a.shape)} "
+                    raise KVTransferError(f"KV payload layer {layer} {spec.name}: shape {list(a.shape)} "
                                           f"{jnp.dtype(a.dtype).name}; expected {list(want)} {jnp.dtype(dtype).name}")
 
 

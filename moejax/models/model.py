@@ -36,7 +36,7 @@ from moejax import kernels
 from moejax.config import ModelConfig
 from moejax.meshes.placement import Placement, Placements, constrain
 from moejax.models.attention import AttentionMetadata, LayerKV
-from moejax.models.decoder import CausalLM
+from moejax.models.decoder import CausalLM, cache_layouts
 from moejax.models.layers import ExpertParam
 from moejax.models.moe import expert_counts, routed_experts
 
@@ -254,14 +254,17 @@ class Model:
         return self.combine(i, h, y, self.experts(y, ids, weights, self.expert_weights(i))), kv, ids
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKV]:
-        """Zeroed paged KV cache: per layer (k, v), each [num_blocks, block_size, KV, head_dim]; under a
-        placement, blocks are split by request shard and heads by head shard."""
-        c = self.config
-        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        """Zeroed paged KV cache: per layer the arrays its attention declares (`cache_layouts`), each
+        [num_blocks, block_size, *per-token shape] -- GQA: k, v [.., KV, head_dim]; MLA: latent [.., r],
+        k_rope [.., rope]. Under a placement, blocks are split by request shard, heads by head shard."""
         p = self.placements.attention
-        device = None if p is None else p.sharding(("batch", None, "kv_heads", None))
-        return [(jnp.zeros(shape, self.dtype, device=device), jnp.zeros(shape, self.dtype, device=device))
-                for _ in range(c.num_layers)]
+
+        def zeros(a, shape):
+            device = None if p is None else p.sharding(("batch", None, *a.axes))
+            return jnp.zeros(shape, self.dtype, device=device)
+
+        return [tuple(zeros(a, (num_blocks, block_size, *a.shape)) for a in layer.arrays)
+                for layer in cache_layouts(self.config)]
 
     def params(self) -> nnx.State:
         """All parameters as one state tree: {"io", "layers": {i}, "experts": {i}} (saving / inspection)."""

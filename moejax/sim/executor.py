@@ -19,6 +19,7 @@ from moejax.engine import traffic
 from moejax.engine.kv_cache import kv_block_bytes
 from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout
 from moejax.engine.plan import IterationPlan, StepResult
+from moejax.models.decoder import cache_layouts
 from moejax.sim.cost_model import Calibration, CostModel
 from moejax.sim.hardware import Hardware, get_hardware
 from moejax.sim.pricing import ExpectedPricer
@@ -51,9 +52,9 @@ class SimExecutor:
 
     def export_kv(self, block_ids: tuple[int, ...], num_tokens: int) -> KVPayload:
         cfg = self.config
-        shape = jax.ShapeDtypeStruct((num_tokens, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
-        return KVPayload(cfg.name, kv_layout(cfg, cfg.dtype), num_tokens, tuple(range(cfg.num_layers)),
-                         tuple(LayerKVState("paged", {"k": shape, "v": shape}) for _ in range(cfg.num_layers)))
+        return KVPayload(cfg.name, kv_layout(cfg, cfg.dtype), num_tokens, tuple(range(cfg.num_layers)), tuple(
+            LayerKVState(layout.kind, {a.name: jax.ShapeDtypeStruct((num_tokens, *a.shape), cfg.dtype)
+                                       for a in layout.arrays}) for layout in cache_layouts(cfg)))
 
     def execute(self, plan: IterationPlan) -> StepResult:
         cfg = self.config
