@@ -75,10 +75,22 @@ class IterationPlan:
     kv_shards: dict[int, int] = field(default_factory=dict)  # request id -> request shard owning its KV (if > 1)
     # (request id, its blocks, KV) to write before the iteration runs: requests prefilled elsewhere
     kv_imports: tuple[tuple[int, tuple[int, ...], "KVPayload"], ...] = ()
+    # Multi-step decode: every slice is a decode and runs up to `decode_steps` steps in one go, each
+    # step's token feeding the next; per sampled slice, (stop token ids, tokens it may still produce).
+    decode_steps: int = 1
+    decode_limits: tuple[tuple[tuple[int, ...], int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.slices)
+
+    def as_steps(self, produced: dict[int, int]) -> "IterationPlan":
+        """A multi-step decode plan as the rows it ran: each request's slice covering the `produced`
+        tokens it computed (for traffic accounting)."""
+        slices = tuple(s._replace(token_ids=s.token_ids * produced[s.request_id],
+                                  context_len=s.start + produced[s.request_id]) for s in self.slices)
+        return IterationPlan(self.step, slices, self.groups, self.block_tables, self.sampling, self.released,
+                             self.num_layers, self.kv_shards, self.kv_imports, self.decode_steps, self.decode_limits)
 
     @property
     def num_decode_tokens(self) -> int:
@@ -134,12 +146,13 @@ class StepResult:
     """What an executor reports for one plan. Per-layer traffic (`layer_stats`) is computed only when
     someone reads it: the engine loop needs just the routed-expert bytes."""
 
-    sampled: dict[int, int]  # request id -> new token
+    sampled: dict[int, int]  # request id -> new token (a multi-step plan: its first)
     elapsed_s: float  # wall time (real executors) or modelled time (simulator)
     expert_bytes: float  # routed-expert weight bytes the iteration had to read
     stats: Callable[[], LayerStats] | LayerStats | None = None  # the stats, or how to compute them
     energy_j: float = 0.0
     extra: dict = field(default_factory=dict)
+    sampled_steps: dict[int, list[int]] | None = None  # multi-step plans: every token, in order
 
     @cached_property
     def layer_stats(self) -> LayerStats:
