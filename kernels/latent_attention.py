@@ -72,7 +72,8 @@ def paged_latent_attention(q_nope: jax.Array, q_rope: jax.Array, latent_cache: j
     rope_cache: [num_blocks, block_size, rope]; w_uk: [r, H, nope], w_uv: [r, H, v] (kv_b_proj per
     head); positions, seq_ids: [T]; block_tables: [S, max_blocks]; num_kv_blocks: [] -> [T, H, v].
     form: "absorbed" | "naive" | "auto" (naive for prompt tiles where naive_is_cheaper, else absorbed);
-    method as paged_attention's ("rows" has no tiles: auto is then absorbed)."""
+    method: paged_attention's jnp methods, "rows" | "tiles" | "auto" (the native CPU kernel reads k/v
+    caches only); default auto on CPU, rows elsewhere ("rows" has no tiles: form auto is then absorbed)."""
     if form not in FORMS:
         raise ValueError(f"paged_latent_attention: unknown form {form!r} ({', '.join(FORMS)})")
     q_nope, q_rope, latent_cache, rope_cache, positions, seq_ids, block_tables = map(

@@ -31,12 +31,18 @@ def _linear_index(axes: tuple[str, ...]) -> jax.Array:
 
 
 def attention(placement: Placement | None, attend: Callable, q, k, v, k_cache, v_cache, positions, slot_mapping,
-              seq_ids, block_tables, num_kv_blocks):
-    """attend(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks)
-    -> (out, k_cache, v_cache), run per (request shard, head shard)."""
+              seq_ids, block_tables, num_kv_blocks, *head_params):
+    """attend(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks,
+    *head_params) -> (out, k_cache, v_cache), run per (request shard, head shard); head_params: [H]
+    per-query-head parameters (attention sinks), split with the heads."""
+    n = len(head_params)
+
+    def attend_paged(q, k, v, *rest):  # rest: head_params, caches, meta -> attend's order
+        return attend(q, k, v, *rest[n:], *rest[:n])
+
     rows, heads, kv = ("batch", "q_heads", None), ("batch", "kv_heads", None), ("batch", None, "kv_heads", None)
-    return paged(placement, attend, (q, k, v), (rows, heads, heads), (k_cache, v_cache), (kv, kv), rows,
-                 (positions, slot_mapping, seq_ids, block_tables, num_kv_blocks))
+    return paged(placement, attend_paged, (q, k, v, *head_params), (rows, heads, heads, *[("q_heads",)] * n),
+                 (k_cache, v_cache), (kv, kv), rows, (positions, slot_mapping, seq_ids, block_tables, num_kv_blocks))
 
 
 def paged(placement: Placement | None, attend: Callable, inputs: tuple, in_axes: tuple, caches: tuple,
@@ -63,24 +69,25 @@ def paged(placement: Placement | None, attend: Callable, inputs: tuple, in_axes:
                  placement=placement)(*inputs, *caches, *meta)
 
 
-def experts(placement: Placement | None, moe: Callable, x, ids, weights, w_gate_up, w_down, slot_of):
-    """moe(x, ids, weights, w_gate_up, w_down, slot_of) -> out [T, D], run with the buffer's slots split
-    over `expert` and rows over `batch` -> out [T, D]. slot_of: [E] slot of each expert (-1: not in
-    the buffer; None: slot e holds expert e); ids outside [0, E) reach no slot."""
+def experts(placement: Placement | None, moe: Callable, x, ids, weights, w_gate_up, w_down, slot_of, *biases):
+    """moe(x, ids, weights, w_gate_up, w_down, slot_of, *biases) -> out [T, D], run with the buffer's slots
+    split over `expert` and rows over `batch` -> out [T, D]. slot_of: [E] slot of each expert (-1: not in
+    the buffer; None: slot e holds expert e); ids outside [0, E) reach no slot. biases: per-slot arrays
+    [S, ...] (biased experts' b_gate_up, b_down), split with the slots."""
     if placement is None or placement.shards("expert") == 1 and placement.shards("batch") == 1:
-        return moe(x, ids, weights, w_gate_up, w_down, slot_of)
+        return moe(x, ids, weights, w_gate_up, w_down, slot_of, *biases)
     if slot_of is None:  # the buffer holds every expert in order; each shard shifts the map to its slots
         slot_of = jnp.arange(w_gate_up.shape[0], dtype=jnp.int32)
     batch_axes, expert_axes = placement.axes("batch"), placement.axes("expert")
     shared = tuple(a for a in batch_axes if a in expert_axes)  # axes splitting both rows and experts
     expert_only = tuple(a for a in expert_axes if a not in shared)
 
-    def per_shard(x, ids, weights, w_gate_up, w_down, slot_of):
+    def per_shard(x, ids, weights, w_gate_up, w_down, slot_of, *biases):
         if shared:  # gather the rows of this expert group
             x, ids, weights = (jax.lax.all_gather(a, shared, tiled=True) for a in (x, ids, weights))
         first = _linear_index(expert_axes) * w_gate_up.shape[0]  # this shard's first slot
         local_slot = jnp.where((slot_of >= first) & (slot_of < first + w_gate_up.shape[0]), slot_of - first, -1)
-        out = moe(x, ids, weights, w_gate_up, w_down, local_slot).astype(jnp.float32)
+        out = moe(x, ids, weights, w_gate_up, w_down, local_slot, *biases).astype(jnp.float32)
         if shared:
             out = jax.lax.psum_scatter(out, shared, scatter_dimension=0, tiled=True)
         if expert_only:
@@ -89,5 +96,5 @@ def experts(placement: Placement | None, moe: Callable, x, ids, weights, w_gate_
 
     return local(per_shard,
                  in_axes=(("batch", None), ("batch", None), ("batch", None), ("expert", None, None),
-                          ("expert", None, None), (None,)),
-                 out_axes=("batch", None), placement=placement)(x, ids, weights, w_gate_up, w_down, slot_of)
+                          ("expert", None, None), (None,), *[("expert", None)] * len(biases)),
+                 out_axes=("batch", None), placement=placement)(x, ids, weights, w_gate_up, w_down, slot_of, *biases)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 QKNorm = Literal["none", "per_head", "full"]
 
 # Architectures whose weights moejax can load and run (HF `model_type` values).
-EXECUTABLE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+EXECUTABLE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3")
 
 
 class ConfigError(ValueError):
@@ -93,6 +93,7 @@ class ModelConfig:
     o_bias: bool = False
     qk_norm: QKNorm = "none"  # per_head: RMSNorm over head_dim (Qwen3); full: over the projection (OLMoE)
     clip_qkv: float | None = None  # OLMoE clamps q, k, v to [-c, c]
+    attention_sinks: bool = False  # GPT-OSS: a learned logit per head joins each softmax denominator
     # Attention window per layer (None = full attention); hybrid models mix both.
     sliding_windows: tuple[int | None, ...] = ()
     # MoE
@@ -100,6 +101,12 @@ class ModelConfig:
     num_experts_per_tok: int = 0  # top-k
     moe_intermediate_size: int = 0  # F
     norm_topk_prob: bool = True  # renormalise the top-k softmax probabilities to sum to 1
+    router_bias: bool = False  # GPT-OSS: the router's logits have a bias
+    expert_bias: bool = False  # GPT-OSS: routed experts' gate/up and down projections have biases
+    # GPT-OSS's clamped SwiGLU in the routed experts (None: plain SwiGLU): gate <= limit,
+    # |up| <= limit, (up + 1) * gate * sigmoid(alpha * gate)
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE shared expert; 0 = none
     shared_expert_gate: bool = False  # sigmoid(x @ w) scales the shared expert (Qwen2-MoE)
     dense_intermediate_size: int = 0  # MLP width of the non-MoE layers
@@ -151,8 +158,9 @@ class ModelConfig:
         return 4 if self.dtype == "float32" else 2
 
     def expert_params(self) -> int:
-        """Parameters of one routed expert (SwiGLU: gate, up, down)."""
-        return 3 * self.hidden_size * self.moe_intermediate_size
+        """Parameters of one routed expert (SwiGLU: gate, up, down; and their biases)."""
+        D, F = self.hidden_size, self.moe_intermediate_size
+        return 3 * D * F + (2 * F + D if self.expert_bias else 0)
 
     def kv_elems_per_token(self, layer: int) -> int:
         """K+V elements one token keeps in the cache of `layer`."""
@@ -237,9 +245,15 @@ def validate(cfg: ModelConfig) -> None:
         need(cfg.num_kv_heads == cfg.num_heads, "num_kv_heads",
              f"must equal num_heads={cfg.num_heads} under MLA (every head reads the one latent), "
              f"got {cfg.num_kv_heads}")
-        for f in ("qkv_bias", "o_bias", "clip_qkv"):
+        for f in ("qkv_bias", "o_bias", "clip_qkv", "attention_sinks"):
             need(not getattr(cfg, f), f, "is a grouped-query attention option; MLA has none")
+        need(all(w is None for w in cfg.sliding_windows), "sliding_windows",
+             "MLA attends over the whole context (no sliding windows)")
         need(cfg.qk_norm == "none", "qk_norm", "is a grouped-query attention option; MLA has none")
+    for i, w in enumerate(cfg.sliding_windows):
+        need(w is None or w > 0, "sliding_windows", f"layer {i}: a window must be positive (None: full attention), got {w}")
+    if cfg.swiglu_limit is not None:
+        need(cfg.swiglu_limit > 0, "swiglu_limit", f"must be positive, got {cfg.swiglu_limit}")
 
 
 # --- HF config.json ------------------------------------------------------------------------------
@@ -314,6 +328,19 @@ def from_hf_config(hf: dict, name: str = "checkpoint") -> ModelConfig:
         if not hf.get("use_sliding_window", False):
             types = ["full_attention"] * num_layers
         windows = tuple(int(window) if t == "sliding_attention" and window else None for t in types)
+    elif arch == "gpt_oss":
+        # GPT-OSS alternates sliding (even layers, by default) and full attention (`layer_types`).
+        types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                          for i in range(num_layers)]
+        if len(types) != num_layers:
+            raise ConfigError(f"config.json: layer_types has {len(types)} entries for {num_layers} layers")
+        unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+        if unknown:
+            raise ConfigError(f"config.json: layer_types: unsupported layer types {unknown} "
+                              "(gpt_oss: sliding_attention, full_attention)")
+        if "sliding_attention" in types and not window:
+            raise ConfigError("config.json: layer_types has sliding_attention layers but sliding_window is not set")
+        windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
     elif arch == "olmoe":
         windows = (None,) * num_layers
     else:
@@ -331,6 +358,11 @@ def from_hf_config(hf: dict, name: str = "checkpoint") -> ModelConfig:
     else:
         moe_layers = (True,) * num_layers
 
+    quant = (hf.get("quantization_config") or {}).get("quant_method")
+    if quant:
+        raise ConfigError(f"config.json: quantization_config.quant_method {quant!r}: quantised checkpoints are not "
+                          "supported; dequantise them first (for GPT-OSS's MXFP4 experts: transformers' "
+                          "Mxfp4Config(dequantize=True), then save_pretrained)")
     eos = hf.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     if arch.startswith("deepseek"):
@@ -380,6 +412,12 @@ def _quirks(hf: dict, arch: str) -> dict[str, Any]:
         "olmoe": dict(
             qkv_bias=bool(hf.get("attention_bias", False)), o_bias=bool(hf.get("attention_bias", False)),
             qk_norm="full", clip_qkv=hf.get("clip_qkv"), norm_topk_prob=bool(hf.get("norm_topk_prob", False))),
+        # GPT-OSS's router takes the softmax over its k largest (biased) logits: the renormalised
+        # top-k of the full softmax, i.e. norm_topk_prob.
+        "gpt_oss": dict(
+            qkv_bias=bool(hf.get("attention_bias", True)), o_bias=bool(hf.get("attention_bias", True)),
+            attention_sinks=True, norm_topk_prob=True, router_bias=True, expert_bias=True,
+            swiglu_limit=float(hf.get("swiglu_limit", 7.0)), swiglu_alpha=float(hf.get("swiglu_alpha", 1.702))),
     }[arch]
 
 
@@ -461,6 +499,20 @@ def _deepseek(name, arch, V, D, L, H, q_lora, E, K, F, shared, dense_F, first_de
         router_fp32=True, dtype=dtype, bos_token_id=bos, eos_token_ids=() if eos is None else (eos,))
 
 
+def _gpt_oss(name, L, E, K=4, D=2880, H=64, KV=8, F=2880, window=128, **kw) -> ModelConfig:
+    """GPT-OSS (published configs): sliding-window (even layers) / full attention with sinks, YaRN
+    RoPE, biased router and experts, clamped SwiGLU."""
+    return ModelConfig(name=name, architecture="gpt_oss", vocab_size=kw.pop("vocab_size", 201088), hidden_size=D,
+                       num_layers=L, num_heads=H, num_kv_heads=KV, head_dim=kw.pop("head_dim", 64),
+                       max_position=kw.pop("max_position", 131072), rms_norm_eps=1e-5,
+                       rope=kw.pop("rope", RopeConfig(theta=150000.0, kind="yarn", factor=32.0,
+                                                      original_max_position=4096, truncate=False)),
+                       sliding_windows=tuple(window if i % 2 == 0 else None for i in range(L)),
+                       qkv_bias=True, o_bias=True, attention_sinks=True, num_experts=E, num_experts_per_tok=K,
+                       moe_intermediate_size=F, norm_topk_prob=True, router_bias=True, expert_bias=True,
+                       swiglu_limit=7.0, swiglu_alpha=1.702, eos_token_ids=kw.pop("eos_token_ids", (200002,)), **kw)
+
+
 PRESETS: dict[str, ModelConfig] = {}
 
 
@@ -494,17 +546,8 @@ _register(
                 num_layers=16, num_heads=16, num_kv_heads=16, head_dim=128, max_position=4096,
                 rms_norm_eps=1e-5, qk_norm="full", num_experts=64, num_experts_per_tok=8,
                 moe_intermediate_size=1024, norm_topk_prob=False),
-    # Simulator-only shapes: attention kinds moejax does not execute yet.
-    ModelConfig(name="gpt-oss-20b", architecture="gpt_oss", vocab_size=201088, hidden_size=2880,
-                num_layers=24, num_heads=64, num_kv_heads=8, head_dim=64, max_position=131072,
-                sliding_windows=tuple(128 if i % 2 == 0 else None for i in range(24)),
-                qkv_bias=True, o_bias=True, num_experts=32, num_experts_per_tok=4,
-                moe_intermediate_size=2880),
-    ModelConfig(name="gpt-oss-120b", architecture="gpt_oss", vocab_size=201088, hidden_size=2880,
-                num_layers=36, num_heads=64, num_kv_heads=8, head_dim=64, max_position=131072,
-                sliding_windows=tuple(128 if i % 2 == 0 else None for i in range(36)),
-                qkv_bias=True, o_bias=True, num_experts=128, num_experts_per_tok=4,
-                moe_intermediate_size=2880),
+    _gpt_oss("gpt-oss-20b", L=24, E=32),
+    _gpt_oss("gpt-oss-120b", L=36, E=128),
     # DeepSeek (MLA, shared experts, first-k dense layers, grouped routing), from their published configs.
     _deepseek("deepseek-v2-lite", "deepseek_v2", V=102400, D=2048, L=27, H=16, q_lora=None, E=64, K=6, F=1408,
               shared=2, dense_F=10944, first_dense=1, scale=1.0, yarn=(0.707, 0.707), bos=100000, eos=100001),
@@ -531,6 +574,9 @@ _register(
                 qkv_bias=True, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,
                 norm_topk_prob=False, shared_expert_intermediate_size=128, shared_expert_gate=True,
                 dense_intermediate_size=256, moe_layers=(True, False, True, True), dtype="float32"),
+    # GPT-OSS's structure at a tiny size; a 16-token window so that engine tests' requests outgrow it.
+    _gpt_oss("tiny-gpt-oss", L=4, E=8, K=2, D=128, H=4, KV=2, F=64, window=16, vocab_size=512, head_dim=32,
+             max_position=2048, eos_token_ids=(), dtype="float32"),
     ModelConfig(name="tiny-olmoe", architecture="olmoe", vocab_size=512, hidden_size=128, num_layers=4,
                 num_heads=4, num_kv_heads=4, head_dim=32, max_position=2048, rms_norm_eps=1e-5,
                 qk_norm="full", num_experts=16, num_experts_per_tok=4, moe_intermediate_size=64,

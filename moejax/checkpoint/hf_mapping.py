@@ -9,6 +9,10 @@ loader stream each device's shard straight from the memory-mapped files.
         Qwen/OLMoE model.layers.N.mlp.experts.M.{gate,up,down}_proj.weight
     fused layout (transformers >= 5, save_original_format=False):
         model.layers.N.mlp.experts.gate_up_proj [E, 2F, D], model.layers.N.mlp.experts.down_proj [E, D, F]
+    GPT-OSS (its own layout: fused, [in, out], gate and up interleaved column by column, biased):
+        model.layers.N.mlp.experts.gate_up_proj [E, D, 2F], ..._bias [E, 2F], down_proj [E, F, D],
+        down_proj_bias [E, D]; model.layers.N.mlp.router.{weight [E, D], bias [E]};
+        model.layers.N.self_attn.sinks [H]
 
 DeepSeek's latent attention maps its own projections (q_proj or q_a_proj / q_a_layernorm / q_b_proj,
 kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), its router's e_score_correction_bias and its
@@ -141,7 +145,28 @@ class Concat:
         return stacked.read(get, (slice(0, 1), *index))[0]
 
 
-Source = Transposed | Direct | StackedExperts | FusedExperts | Concat
+@dataclass(frozen=True)
+class Interleaved:
+    """param[..., :F] = tensor[..., 0::2], param[..., F:] = tensor[..., 1::2]: GPT-OSS stores gate and up
+    columns interleaved ([E, D, 2F] weights, [E, 2F] biases); moejax keeps them as gate | up halves."""
+
+    name: str
+
+    def names(self) -> list[str]:
+        return [self.name]
+
+    def expected_shapes(self, shape):
+        return {self.name: shape}
+
+    def read(self, get: Reader, index: Index) -> np.ndarray:
+        *lead, out_sl = index
+        width = get(self.name).shape[-1]
+        cols = np.asarray(range(*out_sl.indices(width)))
+        half = width // 2
+        return get(self.name)[tuple(lead)][..., np.where(cols < half, 2 * cols, 2 * (cols - half) + 1)]
+
+
+Source = Transposed | Direct | StackedExperts | FusedExperts | Concat | Interleaved
 
 
 def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
@@ -171,7 +196,11 @@ def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
         if cfg.qk_norm != "none":
             src[f"{me}.attn.q_norm.weight"] = Direct(f"{hf}.self_attn.q_norm.weight")
             src[f"{me}.attn.k_norm.weight"] = Direct(f"{hf}.self_attn.k_norm.weight")
-        if cfg.moe_layers[i]:
+        if cfg.attention_sinks:
+            src[f"{me}.attn.sinks"] = Direct(f"{hf}.self_attn.sinks")
+        if cfg.architecture == "gpt_oss":
+            src.update(_gpt_oss_moe_sources(f"{hf}.mlp", me, f"experts.{i}"))
+        elif cfg.moe_layers[i]:
             src.update(_moe_sources(cfg, names, hf, me, f"experts.{i}"))
         else:
             src.update(_mlp_sources(f"{hf}.mlp", f"{me}.mlp"))
@@ -223,6 +252,15 @@ def _moe_sources(cfg: ModelConfig, names: set[str], hf_layer: str, me: str, expe
     if cfg.shared_expert_gate:
         src[f"{me}.shared_gate"] = Transposed(f"{block}.shared_expert_gate.weight")
     return src
+
+
+def _gpt_oss_moe_sources(block: str, me: str, experts: str) -> dict[str, Source]:
+    """GPT-OSS's biased router and experts (its expert weights are [in, out] already: no transpose)."""
+    return {f"{me}.router.w": Transposed(f"{block}.router.weight"), f"{me}.router.b": Direct(f"{block}.router.bias"),
+            f"{experts}.w_gate_up": Interleaved(f"{block}.experts.gate_up_proj"),
+            f"{experts}.b_gate_up": Interleaved(f"{block}.experts.gate_up_proj_bias"),
+            f"{experts}.w_down": Direct(f"{block}.experts.down_proj"),
+            f"{experts}.b_down": Direct(f"{block}.experts.down_proj_bias")}
 
 
 # Tensors a checkpoint may carry that the model recomputes or does not need.

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from moejax.engine.engine import Engine
 from moejax.engine.executor import Executor
-from moejax.engine.kv_cache import KVCacheManager
+from moejax.engine.kv_cache import KVCacheManager, kv_groups
 from moejax.engine.layered import WithinTarget
 from moejax.engine.policies import make_policy, parse_policy, policy_options
 from moejax.engine.scheduler import Scheduler, SchedulerConfig
@@ -32,7 +32,7 @@ class Built:
     """What an executor factory returns."""
 
     executor: Executor
-    num_blocks: int  # KV blocks the executor holds
+    num_blocks: int | tuple[int, ...]  # KV blocks the executor holds: per KV group (kv_cache.kv_groups), or one count
     max_model_len: int  # as the caller gave it, or the executor's default
     kv_shards: int = 1  # request shards the blocks are split over (data parallelism)
     virtual_time: bool = False  # the executor models time instead of taking it
@@ -92,9 +92,10 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
             chosen_options["choose_layers"] = WithinTarget(built.executor.pricer, target_s=target_s)
     chosen = make_policy(name, **chosen_options)
     built.executor.attach(chosen)
-    scheduler = Scheduler(built.executor.config, KVCacheManager(built.num_blocks, block_size, num_shards=built.kv_shards),
-                          chosen, SchedulerConfig(max_num_seqs=max_num_seqs, token_budget=token_budget,
-                                                  max_model_len=built.max_model_len))
+    windows = [g.window for g in kv_groups(built.executor.config)]
+    kv = KVCacheManager(built.num_blocks, block_size, num_shards=built.kv_shards, windows=windows)
+    scheduler = Scheduler(built.executor.config, kv, chosen, SchedulerConfig(
+        max_num_seqs=max_num_seqs, token_budget=token_budget, max_model_len=built.max_model_len))
     return Engine(scheduler, built.executor, virtual_time=built.virtual_time, seed=seed)
 
 

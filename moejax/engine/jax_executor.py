@@ -6,8 +6,12 @@ metadata, run the group's layers. Row counts are padded to power-of-two buckets,
 compiles nothing. Everything is dispatched asynchronously; the only host sync is reading the sampled
 tokens and the per-layer expert counts at the end.
 
-KV hand-off: `export_kv` reads one request's KV out of its blocks (every layer, one program, one
-transfer to the host) as a KVPayload; plans carry payloads to import into a request's blocks.
+KV hand-off: `export_kv` reads one request's KV out of its blocks (every layer; one program per KV
+group, one transfer to the host) as a KVPayload; plans carry payloads to import into a request's blocks.
+
+Hybrid models (sliding-window and full-attention layers) keep a pool of blocks per KV group
+(kv_cache.kv_groups): the window layers' caches are smaller, and each iteration's attention metadata
+carries every group's block tables.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.engine.kv_cache import kv_block_bytes, kv_capacity
-from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout
+from moejax.engine.kv_cache import group_blocks, kv_groups, kv_pool_blocks
+from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout, layer_kv_state
 from moejax.engine.metadata import attention_metadata, bucket, pad_tokens, to_device
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.engine.sampling import sample
@@ -38,13 +42,14 @@ def _scatter_rows(pool: jax.Array, x: jax.Array, src: jax.Array, dst: jax.Array)
 
 @jax.jit
 def _read_kv(kv: list, slots: jax.Array) -> list:
-    """Every layer's cache arrays at flat cache slots [n] -> per layer a tuple of [n, ...]."""
+    """Each given layer's cache arrays at flat cache slots [n] -> per layer a tuple of [n, ...]."""
     return [tuple(c.reshape(-1, *c.shape[2:])[slots] for c in layer) for layer in kv]
 
 
 @partial(jax.jit, donate_argnums=(0,))
 def _write_kv(kv: list, slots: jax.Array, values: list) -> list:
-    """values (per layer a tuple of [n, ...]) into every layer's cache at flat slots [n] (out of range: dropped)."""
+    """values (per layer a tuple of [n, ...]) into each given layer's cache at flat slots [n] (out of
+    range: dropped)."""
     return [tuple(c.reshape(-1, *c.shape[2:]).at[slots].set(x.astype(c.dtype), mode="drop").reshape(c.shape)
                   for c, x in zip(layer, v)) for layer, v in zip(kv, values)]
 
@@ -112,9 +117,10 @@ class JaxExecutor:
 
     pricer = None  # no cost model: it measures
 
-    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int, fuse: bool = True,
-                 max_decode_steps: int = 8):
-        """fuse: run iterations whose slices all cross every layer as one compiled program (else layer by
+    def __init__(self, model: Model, num_blocks: int | tuple[int, ...], block_size: int, max_model_len: int,
+                 fuse: bool = True, max_decode_steps: int = 8):
+        """num_blocks: blocks of each KV group (kv_cache.kv_groups), or one count for every group.
+        fuse: run iterations whose slices all cross every layer as one compiled program (else layer by
         layer, as every other iteration runs). max_decode_steps: the most decode steps one program runs
         (decode-only iterations; 1 = one step per iteration)."""
         self.fuse = fuse
@@ -123,12 +129,18 @@ class JaxExecutor:
         self.config = model.config
         self.kv_dtype = model.dtype
         self.max_model_len = max_model_len
-        self.num_blocks = num_blocks
+        self.kv_groups = kv_groups(model.config)
+        self.group_num_blocks = (num_blocks,) * len(self.kv_groups) if isinstance(num_blocks, int) else num_blocks
+        self.num_blocks = max(self.group_num_blocks)  # a padding row's slot lies past every pool
         self.block_size = block_size
         placement = model.placement  # attention and experts on one mesh (refused otherwise)
         self.row_shards = placement.shards("batch") if placement else 1
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
-        self.kv = model.init_kv_cache(num_blocks, block_size)
+        per_layer = [0] * model.config.num_layers
+        for group, n in zip(self.kv_groups, self.group_num_blocks):
+            for i in group.layers:
+                per_layer[i] = n
+        self.kv = model.init_kv_cache(per_layer, block_size)
         self._sharding = placement.sharding if placement else None
         # Inputs with no layout axis (token ids, row indices, sampling columns) are replicated. In one
         # process they stay uncommitted and jit places them; on a mesh over several processes (one per
@@ -141,47 +153,65 @@ class JaxExecutor:
         self.stash.reserve(policy.max_kept_rows(self.max_model_len))
 
     # --- KV hand-off ----------------------------------------------------------------------------------
-    def _slots(self, block_ids: tuple[int, ...], num_tokens: int) -> np.ndarray:
-        """Flat cache slots of tokens 0 .. num_tokens-1, padded to a bucket with an out-of-range slot."""
-        t = np.arange(num_tokens)
+    def _slots(self, block_ids: tuple[int, ...], first: int, num_tokens: int) -> np.ndarray:
+        """Flat cache slots of tokens first .. num_tokens-1, padded to a bucket with an out-of-range slot."""
+        t = np.arange(first, num_tokens)
         slots = np.asarray(block_ids, np.int64)[t // self.block_size] * self.block_size + t % self.block_size
-        return np.pad(slots, (0, bucket(num_tokens) - num_tokens),
+        return np.pad(slots, (0, bucket(len(t)) - len(t)),
                       constant_values=self.num_blocks * self.block_size).astype(np.int32)
 
-    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int) -> KVPayload:
-        """The KV of a request's first num_tokens tokens in `block_ids`, every layer, on the host: per
-        layer the arrays its attention caches (k, v; MLA: latent, k_rope)."""
-        values = jax.device_get(_read_kv(self.kv, to_device(self._slots(block_ids, num_tokens), self._replicated)))
-        cfg = self.config
-        states = tuple(LayerKVState(layout.kind, {a.name: x[:num_tokens] for a, x in zip(layout.arrays, layer)})
-                       for layout, layer in zip(cache_layouts(cfg), values))
-        return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(range(cfg.num_layers)), states)
+    def _group_spans(self, tables: tuple[tuple[int, ...], ...], num_tokens: int):
+        """(layers, block table, first token, token count) of each KV group's part of a payload."""
+        for group, table in zip(self.kv_groups, tables):
+            _, n = layer_kv_state(self.config, group.layers[0], num_tokens)
+            yield group.layers, table, num_tokens - n, n
 
-    def import_kv(self, block_ids: tuple[int, ...], payload: KVPayload) -> None:
-        """Write a payload's KV into `block_ids` (checked against this model first)."""
+    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int,
+                  group_block_ids: tuple[tuple[int, ...], ...] = ()) -> KVPayload:
+        """The KV of a request's first num_tokens tokens in its blocks (`block_ids`, and the other
+        KV groups' tables for a hybrid model), every layer, on the host: per layer the arrays its
+        attention caches (k, v; MLA: latent, k_rope); a sliding-window layer's only for the last
+        tokens its next token sees."""
+        cfg = self.config
+        spans = list(self._group_spans((block_ids, *group_block_ids), num_tokens))
+        values = jax.device_get([_read_kv([self.kv[i] for i in layers], to_device(
+            self._slots(table, first, num_tokens), self._replicated)) for layers, table, first, _ in spans])
+        states = [None] * cfg.num_layers
+        for (layers, _, _, n), group_values in zip(spans, values):
+            for i, arrays in zip(layers, group_values):
+                layout, _ = layer_kv_state(cfg, i, num_tokens)
+                states[i] = LayerKVState(layout.kind, {a.name: np.asarray(x)[:n] for a, x in zip(layout.arrays, arrays)})
+        return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(range(cfg.num_layers)),
+                         tuple(states))
+
+    def import_kv(self, block_ids: tuple[int, ...], payload: KVPayload,
+                  group_block_ids: tuple[tuple[int, ...], ...] = ()) -> None:
+        """Write a payload's KV into a request's blocks (checked against this model first)."""
         payload.check(self.config, self.model.dtype, payload.num_tokens)
-        n, pad = payload.num_tokens, bucket(payload.num_tokens) - payload.num_tokens
-        values = [tuple(np.pad(np.asarray(s.arrays[a.name]), [(0, pad)] + [(0, 0)] * len(a.shape))
-                        for a in layout.arrays) for s, layout in zip(payload.states, cache_layouts(self.config))]
-        self.kv[:] = _write_kv(self.kv, to_device(self._slots(block_ids, n), self._replicated),
-                               to_device(values, self._replicated))
+        spans = list(self._group_spans((block_ids, *group_block_ids), payload.num_tokens))
+        layouts = cache_layouts(self.config)
+        for layers, table, first, n in spans:
+            pad = bucket(n) - n
+            values = [tuple(np.pad(np.asarray(payload.states[i].arrays[a.name]), [(0, pad)] + [(0, 0)] * len(a.shape))
+                            for a in layouts[i].arrays) for i in layers]
+            written = _write_kv([self.kv[i] for i in layers],
+                                to_device(self._slots(table, first, payload.num_tokens), self._replicated),
+                                to_device(values, self._replicated))
+            for i, layer_kv in zip(layers, written):
+                self.kv[i] = layer_kv
 
     def execute(self, plan: IterationPlan) -> StepResult:
         t0 = time.perf_counter()
         for rid in plan.released:
             self.stash.release(rid)
         for rid, block_ids, payload in plan.kv_imports:
-            self.import_kv(block_ids, payload)
+            self.import_kv(block_ids, payload, plan.group_block_tables.get(rid, ()))
         L, E = self.config.num_layers, max(self.config.num_experts, 1)
         if not plan.slices:
             return self._result(plan, {}, np.zeros((L, E), np.int64), t0)
 
         seq_of = {rid: i for i, rid in enumerate(plan.block_tables)}
-        tables = np.zeros((len(seq_of), self.max_blocks_per_seq), np.int32)
-        for rid, i in seq_of.items():
-            blocks = plan.block_tables[rid]
-            tables[i, :len(blocks)] = blocks
-
+        tables = self._tables(plan, seq_of)
         if plan.decode_steps > 1:
             return self._run_decode_steps(plan, seq_of, tables, t0)
         whole = plan.groups[0]
@@ -193,15 +223,35 @@ class JaxExecutor:
         sampled = {row.request_id: int(t) for row, t in zip(plan.sampling, host_tokens)}
         return self._result(plan, sampled, expert_tokens, t0)
 
-    def _run_decode_steps(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray, t0: float):
+    def _tables(self, plan: IterationPlan, seq_of: dict[int, int]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """The block tables of the plan's requests [S, max_blocks] (KV group 0), and of the other KV
+        groups' (one per window); freed entries (-1) point at block 0, never read."""
+        groups = [(None, plan.block_tables)] + [
+            (g.window, {rid: plan.group_block_tables[rid][j] for rid in seq_of})
+            for j, g in enumerate(self.kv_groups[1:])]
+        out = []
+        for _, per_request in groups:
+            tables = np.zeros((len(seq_of), self.max_blocks_per_seq), np.int32)
+            for rid, i in seq_of.items():
+                blocks = per_request[rid]
+                tables[i, :len(blocks)] = blocks
+            out.append(np.maximum(tables, 0))
+        return out[0], {w: t for (w, _), t in zip(groups[1:], out[1:])}
+
+    def _meta(self, row_map: "RowMap", tables, once: bool = False):
+        block_tables, window_tables = tables
+        return attention_metadata(row_map.positions, row_map.seq_ids, block_tables, self.block_size,
+                                  self.num_blocks, valid=row_map.valid, sharding=self._sharding, once=once,
+                                  window_tables=window_tables)
+
+    def _run_decode_steps(self, plan: IterationPlan, seq_of: dict[int, int], tables, t0: float):
         """A decode-only plan run for plan.decode_steps steps in one program (Model.decode_steps)."""
         row_map = self._row_map(plan, plan.groups[0].slices, seq_of)
         R = len(row_map.valid)
         token_ids = np.zeros(R, np.int32)
         order = np.array([row_map.offsets[i] for i in range(len(plan.slices))])  # slice -> its row
         token_ids[order] = [s.token_ids[0] for s in plan.slices]
-        meta = attention_metadata(row_map.positions, row_map.seq_ids, tables, self.block_size, self.num_blocks,
-                                  valid=row_map.valid, sharding=self._sharding, once=True)
+        meta = self._meta(row_map, tables, once=True)
         stops = bucket(max(len(ids) for ids, _ in plan.decode_limits), minimum=1)
         stop_ids, remaining = np.full((R, stops), -1, np.int32), np.ones(R, np.int32)
         for row, (ids, left) in zip(order, plan.decode_limits):
@@ -221,18 +271,17 @@ class JaxExecutor:
         result.sampled_steps = steps
         return result
 
-    def _run_whole_model(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray):
+    def _run_whole_model(self, plan: IterationPlan, seq_of: dict[int, int], tables):
         """Every slice crosses every layer: one compiled program from tokens to sampled tokens."""
         row_map = self._row_map(plan, plan.groups[0].slices, seq_of)
         token_ids = np.zeros(len(row_map.valid), np.int32)
         for i, s in enumerate(plan.slices):
             token_ids[row_map.offsets[i]:row_map.offsets[i] + s.num_tokens] = s.token_ids
-        meta = attention_metadata(row_map.positions, row_map.seq_ids, tables, self.block_size, self.num_blocks,
-                                  valid=row_map.valid, sharding=self._sharding, once=True)
+        meta = self._meta(row_map, tables, once=True)
         rows, columns = self._sampling_inputs(plan, row_map.offsets)
         return self.model.forward_all(to_device(token_ids, self._replicated), self.kv, meta, rows, sample, *columns)
 
-    def _run_groups(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray):
+    def _run_groups(self, plan: IterationPlan, seq_of: dict[int, int], tables):
         """Group by group through the layers, hidden rows carried, embedded or kept between iterations."""
         L = self.config.num_layers
         counts = jnp.zeros((L, max(self.config.num_experts, 1)), jnp.int32)  # layers no slice crosses: zeros
@@ -241,8 +290,7 @@ class JaxExecutor:
             row_map = self._row_map(plan, group.slices, seq_of)
             x = self._group_rows(plan, group.slices, row_map, x, offsets)
             offsets = row_map.offsets
-            meta = attention_metadata(row_map.positions, row_map.seq_ids, tables, self.block_size, self.num_blocks,
-                                      valid=row_map.valid, sharding=self._sharding)
+            meta = self._meta(row_map, tables)
             x, group_counts = self.run_layers(x, meta, group.layer_start, group.layer_end)
             counts = counts.at[group.layer_start:group.layer_end].set(jnp.stack(group_counts))
             for i in group.slices:  # slices stopping here before the last layer keep their rows
@@ -346,18 +394,18 @@ def default_kv_budget() -> int:
 
 
 def kv_blocks_for(model: Model, *, max_num_seqs: int, max_model_len: int, block_size: int,
-                  num_blocks: int | None, kv_budget_bytes: int | None) -> tuple[int, int]:
-    """(KV blocks, request shards): `num_blocks`, else as many as fit `kv_budget_bytes` (default: free
-    device memory) but no more than max_num_seqs full requests; a multiple of the request shards."""
+                  num_blocks: int | None, kv_budget_bytes: int | None) -> tuple[tuple[int, ...], int]:
+    """(KV blocks of each KV group, request shards). The full-attention layers get `num_blocks`, else
+    as many as fit `kv_budget_bytes` (default: free device memory) with the window groups' pools
+    (kv_cache.group_blocks) but no more than max_num_seqs full requests; multiples of the request shards."""
     attention = model.placements.attention
     shards = attention.shards("batch") if attention else 1
-    if num_blocks is None:
-        wanted = max_num_seqs * math.ceil(max_model_len / block_size)
-        budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget()
-        cfg = model.config
-        num_blocks = min(wanted, kv_capacity(cfg, block_size, min(budget, wanted * kv_block_bytes(cfg, block_size))))
-        num_blocks = max(shards, num_blocks - num_blocks % shards)
-    return num_blocks, shards
+    sizes = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_shards=shards)
+    if num_blocks is not None:
+        return group_blocks(model.config, block_size, num_blocks, **sizes), shards
+    budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget()
+    return kv_pool_blocks(model.config, block_size, budget, max_full_blocks=max_num_seqs * math.ceil(
+        max_model_len / block_size), **sizes), shards
 
 
 def resolve_model(model, *, layout=None, dtype: str | None = None, seed: int = 0) -> Model:

@@ -2,8 +2,9 @@
 
 A prefill engine finishes a request marked `handoff` after its first token, exporting the KV of its
 prompt (every layer, or a range of layers while it prefills); a decode engine admits the request
-with that KV (`Engine.add_prefilled`) and continues from its next token. Payloads are checked on
-import: a payload of another model or with other shapes is rejected with what differs.
+with that KV (`Engine.add_prefilled`) and continues from its next token. A sliding-window layer
+exports only what the next token can see (kind "window": the last window - 1 tokens). Payloads are
+checked on import: a payload of another model or with other shapes is rejected with what differs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.engine.sampling import SamplingParams
-from moejax.models.decoder import cache_layouts
+from moejax.models.attention import LayerCache
+from moejax.models.decoder import cache_layout
 
 
 class KVTransferError(ValueError):
@@ -28,11 +30,21 @@ def kv_layout(cfg: ModelConfig, dtype) -> dict:
             "head_dim": cfg.head_dim, "dtype": jnp.dtype(dtype).name, "sliding_windows": list(cfg.sliding_windows)}
 
 
+def layer_kv_state(cfg: ModelConfig, layer: int, num_tokens: int) -> tuple[LayerCache, int]:
+    """(cache layout, tokens) of what a payload holds for `layer` of a request with num_tokens computed
+    tokens: the arrays its attention caches (the layout's kind names them) for all of them; for a
+    sliding-window layer (kind "window"), the last min(num_tokens, window - 1): every key the next
+    token attends to besides its own."""
+    window = cfg.sliding_windows[layer]
+    return cache_layout(cfg, layer), num_tokens if window is None else min(num_tokens, window - 1)
+
+
 @dataclass(frozen=True)
 class LayerKVState:
     """One layer's state of one request, as its attention's cache layout declares it (LayerCache):
-    kind "paged": k, v, each [num_tokens, KV heads, head_dim]; kind "latent" (MLA): latent
-    [num_tokens, kv_lora_rank] and k_rope [num_tokens, qk_rope_head_dim]."""
+    kind "paged": k, v, each [num_tokens, KV heads, head_dim]; kind "window": the same arrays for the
+    request's last tokens only (`layer_kv_state`); kind "latent" (MLA): latent [num_tokens,
+    kv_lora_rank] and k_rope [num_tokens, qk_rope_head_dim]."""
 
     kind: str
     arrays: dict[str, object]  # name -> jax.Array or numpy array
@@ -68,15 +80,14 @@ class KVPayload:
         if tuple(self.layers) != tuple(range(cfg.num_layers)):
             raise KVTransferError(f"KV payload holds layers {list(self.layers)}; importing needs all "
                                   f"{cfg.num_layers} layers of {cfg.name!r}")
-        layouts = cache_layouts(cfg)
         for layer, state in zip(self.layers, self.states):
-            layout = layouts[layer]
+            layout, tokens = layer_kv_state(cfg, layer, num_tokens)
             names = [a.name for a in layout.arrays]
             if state.kind != layout.kind or set(state.arrays) != set(names):
                 raise KVTransferError(f"KV payload layer {layer}: kind {state.kind!r} with arrays "
                                       f"{sorted(state.arrays)}; expected {layout.kind!r} with {' and '.join(names)}")
             for spec in layout.arrays:
-                a, want = state.arrays[spec.name], (num_tokens, *spec.shape)
+                a, want = state.arrays[spec.name], (tokens, *spec.shape)
                 if tuple(a.shape) != want or jnp.dtype(a.dtype) != jnp.dtype(dtype):
                     raise KVTransferError(f"KV payload layer {layer} {spec.name}: shape {list(a.shape)} "
                                           f"{jnp.dtype(a.dtype).name}; expected {list(want)} {jnp.dtype(dtype).name}")

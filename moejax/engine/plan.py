@@ -16,7 +16,7 @@ cost model).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -68,13 +68,16 @@ class IterationPlan:
     step: int
     slices: tuple[RowSlice, ...]
     groups: tuple[LayerGroup, ...]
-    block_tables: dict[int, tuple[int, ...]]  # request id -> its KV blocks (all layers share them)
+    block_tables: dict[int, tuple[int, ...]]  # request id -> its KV blocks (KV group 0's: all layers' when one group)
     sampling: tuple[SamplingRow, ...]  # in the order of the sampled slices
     released: tuple[int, ...] = ()  # requests whose executor-side state (kept hidden rows) can go
     num_layers: int = 0
     kv_shards: dict[int, int] = field(default_factory=dict)  # request id -> request shard owning its KV (if > 1)
     # (request id, its blocks, KV) to write before the iteration runs: requests prefilled elsewhere
     kv_imports: tuple[tuple[int, tuple[int, ...], "KVPayload"], ...] = ()
+    # Hybrid models: request id -> block tables of KV groups 1.. (sliding windows; -1: freed), for the
+    # requests of block_tables and kv_imports (engine/kv_cache.py)
+    group_block_tables: dict[int, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     # Multi-step decode: every slice is a decode and runs up to `decode_steps` steps in one go, each
     # step's token feeding the next; per sampled slice, (stop token ids, tokens it may still produce).
     decode_steps: int = 1
@@ -89,8 +92,7 @@ class IterationPlan:
         tokens it computed (for traffic accounting)."""
         slices = tuple(s._replace(token_ids=s.token_ids * produced[s.request_id],
                                   context_len=s.start + produced[s.request_id]) for s in self.slices)
-        return IterationPlan(self.step, slices, self.groups, self.block_tables, self.sampling, self.released,
-                             self.num_layers, self.kv_shards, self.kv_imports, self.decode_steps, self.decode_limits)
+        return replace(self, slices=slices)
 
     @property
     def num_decode_tokens(self) -> int:

@@ -25,6 +25,9 @@ class Request:
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose KV is written in every layer
     block_ids: tuple[int, ...] = ()  # immutable: plans share it instead of copying it every iteration
+    # Hybrid models (sliding-window and full-attention layers): the block tables of KV groups 1.. (block_ids is
+    # group 0's), indexed by logical block, -1 where a window's expired block was freed (engine/kv_cache.py)
+    group_block_ids: tuple[tuple[int, ...], ...] = ()
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "handoff" (continued by another engine)
     handoff: bool = False  # after its first token, hand the request and its KV to another engine
     first_token_time: float | None = None

@@ -86,7 +86,7 @@ class Scheduler:
         self._prefilled: dict[int, KVPayload] = {}  # waiting requests whose prompt KV is given
         self._imports: list[tuple[int, tuple[int, ...], KVPayload]] = []
         blocks_per_seq = -(-config.max_model_len // kv.block_size)
-        if blocks_per_seq > kv.blocks_per_shard:
+        if blocks_per_seq > kv.blocks_per_shard:  # a window group too: a prompt is written before it attends
             raise ValueError(f"the KV cache holds {kv.blocks_per_shard} blocks of {kv.block_size} tokens per request "
                              f"shard, fewer than one request of max_model_len={config.max_model_len} needs "
                              f"({blocks_per_seq})")
@@ -205,12 +205,15 @@ class Scheduler:
         sampling = tuple(SamplingRow(r.request_id, r.params.temperature, r.params.top_p, r.params.top_k, r.seed,
                                      len(r.token_ids) - len(r.prompt_token_ids))
                          for s, r in zip(slices, requests) if s.sample)
+        hybrid = len(self.kv.groups) > 1
         plan = IterationPlan(
             step=self.step, slices=tuple(slices), groups=layer_groups(slices, self.num_layers),
             block_tables={r.request_id: r.block_ids for r in requests},
             sampling=sampling, released=tuple(self._released), num_layers=self.num_layers,
             kv_shards={r.request_id: self.kv.shard_of(r) for r in requests} if len(self.kv.shards) > 1 else {},
-            kv_imports=tuple(self._imports), decode_steps=steps, decode_limits=limits)
+            kv_imports=tuple(self._imports), decode_steps=steps, decode_limits=limits,
+            group_block_tables={r.request_id: r.group_block_ids for r in requests + [
+                self.requests[rid] for rid, _, _ in self._imports]} if hybrid else {})
         self._released, self._imports = [], []
         return plan
 

@@ -29,9 +29,14 @@ def attention_class(cfg: ModelConfig) -> type[Attention] | type[MultiHeadLatentA
     return Attention if cfg.mla is None else MultiHeadLatentAttention
 
 
+def cache_layout(cfg: ModelConfig, layer: int) -> LayerCache:
+    """What `layer`'s attention keeps per token in the paged KV cache."""
+    return attention_class(cfg).cache_layout(cfg, layer)
+
+
 def cache_layouts(cfg: ModelConfig) -> list[LayerCache]:
     """What each layer's attention keeps per token in the paged KV cache."""
-    return [attention_class(cfg).cache_layout(cfg, i) for i in range(cfg.num_layers)]
+    return [cache_layout(cfg, i) for i in range(cfg.num_layers)]
 
 
 class DecoderLayer(nnx.Module):

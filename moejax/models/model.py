@@ -24,7 +24,7 @@ under `placements.experts`. Colocated, both are one placement and a layer (or a 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import jax
@@ -38,10 +38,12 @@ from moejax.meshes.placement import Placement, Placements, constrain
 from moejax.models.attention import AttentionMetadata, LayerKV
 from moejax.models.decoder import CausalLM, cache_layouts
 from moejax.models.layers import ExpertParam
-from moejax.models.moe import expert_counts, routed_experts
+from moejax.models.moe import expert_activation, expert_counts, routed_experts
 
 ROWS = ("batch", None)  # hidden [T, D]: rows split by request under data parallelism
-ExpertBuffer = tuple[jax.Array, jax.Array]  # (w_gate_up [S, D, 2F], w_down [S, F, D])
+# (w_gate_up [S, D, 2F], w_down [S, F, D]), biased experts (GPT-OSS): + (b_gate_up [S, 2F], b_down [S, D])
+ExpertBuffer = tuple[jax.Array, ...]
+EXPERT_ARRAYS = ("w_gate_up", "w_down", "b_gate_up", "b_down")  # a buffer's arrays, in order
 
 
 def _attend(graphdef, placement, state, x, kv, meta):
@@ -66,13 +68,19 @@ def _require_resident(ids: np.ndarray, slot_of: np.ndarray) -> None:
                          "(slot -1): the executor must load them before the experts run")
 
 
-def _experts(placement, check, y, ids, weights, w_gate_up, w_down, slot_of):
+def _buffer(experts) -> ExpertBuffer:
+    """A layer's routed-expert state as a buffer holding expert e in slot e."""
+    return tuple(experts[name][...] for name in EXPERT_ARRAYS if name in experts)
+
+
+def _experts(placement, check, activation, y, ids, weights, buffer, slot_of):
     if check and slot_of is not None:
         jax.debug.callback(_require_resident, ids, slot_of)
-    return routed_experts(y, ids, weights, w_gate_up, w_down, slot_of, placement)
+    w_gate_up, w_down, *biases = buffer
+    return routed_experts(y, ids, weights, w_gate_up, w_down, slot_of, placement, *biases, activation=activation)
 
 
-def _layer_step(graphdef, placement, num_experts, state, experts, x, kv, meta):
+def _layer_step(graphdef, placement, num_experts, activation, state, experts, x, kv, meta):
     """One colocated layer: attend -> route -> all experts -> combine -> (x, kv, tokens per expert [E])."""
     layer = nnx.merge(graphdef, state)
     x = constrain(x, ROWS, placement)
@@ -80,7 +88,8 @@ def _layer_step(graphdef, placement, num_experts, state, experts, x, kv, meta):
     y, weights, ids = layer.route(h, meta.valid)
     if ids is None:
         return constrain(layer.combine(h, y, None), ROWS, placement), kv, jnp.zeros((num_experts,), jnp.int32)
-    routed = routed_experts(y, ids, weights, experts["w_gate_up"][...], experts["w_down"][...], None, placement)
+    w_gate_up, w_down, *biases = _buffer(experts)
+    routed = routed_experts(y, ids, weights, w_gate_up, w_down, None, placement, *biases, activation=activation)
     return constrain(layer.combine(h, y, routed), ROWS, placement), kv, expert_counts(ids, num_experts)
 
 
@@ -94,21 +103,21 @@ def _gather_rows(graphdef, placement, state, x_prev, token_ids, extra, rows):
     return constrain(jnp.take(jnp.concatenate(parts), rows, axis=0), ROWS, placement)
 
 
-def _whole_model(io_def, layer_defs, head, placement, num_experts, io_state, layer_states, expert_states, kv,
-                 token_ids, meta, rows, head_args):
+def _whole_model(io_def, layer_defs, head, placement, num_experts, activation, io_state, layer_states,
+                 expert_states, kv, token_ids, meta, rows, head_args):
     """Every layer in one program: embed -> layers -> logits of `rows` -> head(logits, *head_args)."""
     io = nnx.merge(io_def, io_state)
     x = io.embed_tokens(token_ids)
     new_kv, counts = [], []
     for graphdef, state, experts, layer_kv in zip(layer_defs, layer_states, expert_states, kv):
-        x, layer_kv, c = _layer_step(graphdef, placement, num_experts, state, experts, x, layer_kv, meta)
+        x, layer_kv, c = _layer_step(graphdef, placement, num_experts, activation, state, experts, x, layer_kv, meta)
         new_kv.append(layer_kv)
         counts.append(c)
     return head(io.logits(jnp.take(x, rows, axis=0)), *head_args), new_kv, jnp.stack(counts)
 
 
-def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, max_steps, io_state, layer_states,
-                  expert_states, kv, token_ids, meta, num_steps, sampling, stop_ids, remaining):
+def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, activation, max_steps, io_state,
+                  layer_states, expert_states, kv, token_ids, meta, num_steps, sampling, stop_ids, remaining):
     """Up to `num_steps` decode steps of rows that each hold one sequence's last token, in one program:
     embed -> layers -> logits -> sampler -> the next step's input, KV appended each step. A row stops
     after the token that is one of its stop ids, or when `remaining` tokens are out; stopped rows
@@ -116,7 +125,7 @@ def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, max_steps
     stopped; (tokens per expert summed over the steps [L, E], experts activated summed over the steps [L]))."""
     io = nnx.merge(io_def, io_state)
     block_size = kv[0][0].shape[1]
-    num_slots = kv[0][0].shape[0] * block_size
+    num_slots = max(k.shape[0] for k, _ in kv) * block_size  # past every layer's cache (window pools are smaller)
     temperature, top_k, top_p, seeds, output_index = sampling
     R = token_ids.shape[0]
 
@@ -127,7 +136,7 @@ def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, max_steps
         x = io.embed_tokens(tokens)
         new_kv, layer_counts = [], []
         for graphdef, state, experts, layer_kv in zip(layer_defs, layer_states, expert_states, kv):
-            x, layer_kv, c = _layer_step(graphdef, placement, num_experts, state, experts, x, layer_kv, m)
+            x, layer_kv, c = _layer_step(graphdef, placement, num_experts, activation, state, experts, x, layer_kv, m)
             new_kv.append(layer_kv)
             layer_counts.append(c)
         sampled = sampler(io.logits(x), temperature, top_k, top_p, seeds, output_index + j)
@@ -166,6 +175,7 @@ class Model:
         first_of: dict = {}
         self.layer_kind = [first_of.setdefault(g, i) for i, g in enumerate(self.layer_defs)]
         self.check_experts = os.environ.get("MOEJAX_DEBUG", "") not in ("", "0")  # see experts()
+        self.expert_activation = expert_activation(config)
         self._fns: dict[tuple, Callable] = {}
 
     @property
@@ -226,21 +236,26 @@ class Model:
         return fn(self.layer_states[i], h, valid)
 
     def expert_weights(self, i: int) -> ExpertBuffer:
-        """MoE layer i's routed experts as a buffer holding expert e in slot e."""
+        """MoE layer i's routed experts as a buffer holding expert e in slot e: (w_gate_up, w_down), and
+        (b_gate_up, b_down) after them for biased experts."""
         state = self.expert_states[i]
         if state is None:
             raise ValueError(f"layer {i} of {self.config.name} is dense: it has no routed experts")
-        return state["w_gate_up"][...], state["w_down"][...]
+        return _buffer(state)
 
     def experts(self, y: jax.Array, ids: jax.Array, weights: jax.Array, buffer: ExpertBuffer,
                 slot_of: jax.Array | None = None) -> jax.Array:
         """Routed experts of rows y [T, D] (ids / weights [T, K]) computed with the experts of `buffer`
-        ([S, D, 2F], [S, F, D]); slot_of [E] names each expert's slot or -1 (None: slot e is expert e).
-        Every expert a valid row needs must be in the buffer; with MOEJAX_DEBUG=1 a missing one is an
-        error (checked on the host, so only in debug mode)."""
+        ([S, D, 2F], [S, F, D], and for biased experts [S, 2F], [S, D]); slot_of [E] names each expert's
+        slot or -1 (None: slot e is expert e). Every expert a valid row needs must be in the buffer;
+        with MOEJAX_DEBUG=1 a missing one is an error (checked on the host, so only in debug mode)."""
+        want = EXPERT_ARRAYS[:4 if self.config.expert_bias else 2]
+        if len(buffer) != len(want):
+            raise ValueError(f"expert buffer of {len(buffer)} arrays; {self.config.name}'s experts need "
+                             f"{len(want)}: {', '.join(want)}")
         fn = self._fn(("experts", slot_of is None, self.check_experts), lambda: jax.jit(
-            partial(_experts, self.placements.experts, self.check_experts)))
-        return fn(y, ids, weights, *buffer, slot_of)
+            partial(_experts, self.placements.experts, self.check_experts, self.expert_activation)))
+        return fn(y, ids, weights, tuple(buffer), slot_of)
 
     def combine(self, i: int, h: jax.Array, y: jax.Array, routed: jax.Array | None) -> jax.Array:
         """Layer i's output from its attention output h, normed rows y and routed-expert output."""
@@ -254,8 +269,8 @@ class Model:
         """One decoder layer as one program: -> (x [T, D], new layer KV, tokens per expert [E])."""
         kind = self.layer_kind[i]
         fn = self._fn(("layer", kind), lambda: jax.jit(
-            partial(_layer_step, self.layer_defs[kind], self.placement, max(self.config.num_experts, 1)),
-            donate_argnums=(3,)))
+            partial(_layer_step, self.layer_defs[kind], self.placement, max(self.config.num_experts, 1),
+                    self.expert_activation), donate_argnums=(3,)))
         return fn(self.layer_states[i], self.expert_states[i], x, kv, meta)
 
     def forward_all(self, token_ids: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata, rows: jax.Array,
@@ -266,7 +281,7 @@ class Model:
         -> (head's output, tokens per expert [L, E])."""
         fn = self._fn(("whole", head), lambda: jax.jit(
             partial(_whole_model, self.io_def, tuple(self.layer_defs), head, self.placement,
-                    max(self.config.num_experts, 1)), donate_argnums=(3,)))
+                    max(self.config.num_experts, 1), self.expert_activation), donate_argnums=(3,)))
         out, kv_caches[:], counts = fn(self.io_state, self.layer_states, self.expert_states, kv_caches, token_ids,
                                        meta, rows, head_args)
         return out, counts
@@ -283,7 +298,7 @@ class Model:
         activated [L]), both summed over the steps)."""
         fn = self._fn(("decode_steps", sampler, max_steps), lambda: jax.jit(
             partial(_decode_steps, self.io_def, tuple(self.layer_defs), sampler, self.placement,
-                    max(self.config.num_experts, 1), max_steps), donate_argnums=(3,)))
+                    max(self.config.num_experts, 1), self.expert_activation, max_steps), donate_argnums=(3,)))
         out, kv_caches[:], counts = fn(self.io_state, self.layer_states, self.expert_states, kv_caches, token_ids,
                                        meta, num_steps, sampling, stop_ids, remaining)
         return out, counts
@@ -310,18 +325,23 @@ class Model:
             return self.combine(i, h, y, None), kv, jnp.full((x.shape[0], 1), -1, jnp.int32)
         return self.combine(i, h, y, self.experts(y, ids, weights, self.expert_weights(i))), kv, ids
 
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKV]:
+    def init_kv_cache(self, num_blocks: int | Sequence[int], block_size: int) -> list[LayerKV]:
         """Zeroed paged KV cache: per layer the arrays its attention declares (`cache_layouts`), each
         [num_blocks, block_size, *per-token shape] -- GQA: k, v [.., KV, head_dim]; MLA: latent [.., r],
-        k_rope [.., rope]. Under a placement, blocks are split by request shard, heads by head shard."""
+        k_rope [.., rope]. num_blocks: one count for every layer, or one per layer (a window-aware cache
+        gives window layers fewer). Under a placement, blocks are split by request shard, heads by head shard."""
+        c = self.config
+        per_layer = [num_blocks] * c.num_layers if isinstance(num_blocks, int) else list(num_blocks)
+        if len(per_layer) != c.num_layers:
+            raise ValueError(f"init_kv_cache: {len(per_layer)} block counts for {c.num_layers} layers")
         p = self.placements.attention
 
         def zeros(a, shape):
             device = None if p is None else p.sharding(("batch", None, *a.axes))
             return jnp.zeros(shape, self.dtype, device=device)
 
-        return [tuple(zeros(a, (num_blocks, block_size, *a.shape)) for a in layer.arrays)
-                for layer in cache_layouts(self.config)]
+        return [tuple(zeros(a, (n, block_size, *a.shape)) for a in layer.arrays)
+                for n, layer in zip(per_layer, cache_layouts(c))]
 
     def params(self) -> nnx.State:
         """All parameters as one state tree: {"io", "layers": {i}, "experts": {i}} (saving / inspection)."""

@@ -63,13 +63,24 @@ def route(router_logits: jax.Array, routing: Routing, score_bias: jax.Array | No
     return weights * routing.scaling, ids.astype(jnp.int32)
 
 
+def expert_activation(cfg: ModelConfig) -> kernels.reference.Activation:
+    """The routed experts' gated activation: SwiGLU, or GPT-OSS's clamped SwiGLU."""
+    if cfg.swiglu_limit is None:
+        return "silu"
+    return kernels.ClampedSwiGLU(alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+
+
 def routed_experts(y: jax.Array, ids: jax.Array, weights: jax.Array, w_gate_up: jax.Array, w_down: jax.Array,
-                   slot_of: jax.Array | None, placement: Placement | None) -> jax.Array:
+                   slot_of: jax.Array | None, placement: Placement | None, *biases: jax.Array,
+                   activation: kernels.reference.Activation = "silu") -> jax.Array:
     """y: [T, D] normed rows, ids / weights: [T, K] (id E: a padding row), an expert buffer w_gate_up:
-    [S, D, 2F], w_down: [S, F, D] and its slot map slot_of: [E] (None: slot e holds expert e) ->
-    [T, D], the weighted sum of each row's experts. Every expert a row needs must be in the buffer."""
-    return sharded_ops.experts(placement, lambda *a: kernels.moe_ffn(*a)[0], y, ids, weights, w_gate_up,
-                               w_down, slot_of)
+    [S, D, 2F], w_down: [S, F, D] (biased experts: also b_gate_up [S, 2F], b_down [S, D]) and its slot
+    map slot_of: [E] (None: slot e holds expert e) -> [T, D], the weighted sum of each row's experts.
+    Every expert a row needs must be in the buffer."""
+    def moe(x, ids, weights, w_gate_up, w_down, slot_of, b_gate_up=None, b_down=None):
+        return kernels.moe_ffn(x, ids, weights, w_gate_up, w_down, slot_of, activation=activation,
+                               b_gate_up=b_gate_up, b_down=b_down)[0]
+    return sharded_ops.experts(placement, moe, y, ids, weights, w_gate_up, w_down, slot_of, *biases)
 
 
 def expert_counts(ids: jax.Array, num_experts: int) -> jax.Array:
@@ -82,6 +93,7 @@ class Router(nnx.Module):
         D, E = cfg.hidden_size, cfg.num_experts
         self.num_experts, self.routing, self.fp32 = E, Routing.from_config(cfg), cfg.router_fp32
         self.w = param(init_normal(rngs, (D, E), D, dtype), "embed", None)  # [D, E]
+        self.b = param(init_normal(rngs, (E,), 4, dtype), None) if cfg.router_bias else None  # [E] (GPT-OSS)
         # [E] fp32 (DeepSeek-V3's e_score_correction_bias): shifts which experts are chosen, not their weights
         self.score_bias = param(init_normal(rngs, (E,), 16, jnp.float32), None) if cfg.router_score_bias else None
 
@@ -90,15 +102,21 @@ class Router(nnx.Module):
         get id E, which reaches no expert)."""
         w = self.w[...]
         logits = y.astype(jnp.float32) @ w.astype(jnp.float32) if self.fp32 else y @ w
+        if self.b is not None:
+            logits = logits + self.b[...]
         weights, ids = route(logits, self.routing, None if self.score_bias is None else self.score_bias[...])
         return weights, jnp.where(valid[:, None], ids, self.num_experts)
 
 
 class RoutedExperts(nnx.Module):
     """One MoE layer's routed experts, kept apart from its layer (CausalLM.experts) so that executors
-    can hold them elsewhere: w_gate_up [E, D, 2F] (gate | up), w_down [E, F, D]."""
+    can hold them elsewhere: w_gate_up [E, D, 2F] (gate | up), w_down [E, F, D]; biased experts
+    (GPT-OSS) also b_gate_up [E, 2F] (gate | up) and b_down [E, D]."""
 
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         D, E, F = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
         self.w_gate_up = expert_param(init_normal(rngs, (E, D, 2 * F), D, dtype), "expert", "embed", "expert_mlp")
         self.w_down = expert_param(init_normal(rngs, (E, F, D), F, dtype), "expert", "expert_mlp", "embed")
+        if cfg.expert_bias:
+            self.b_gate_up = expert_param(init_normal(rngs, (E, 2 * F), 4, dtype), "expert", "expert_mlp")
+            self.b_down = expert_param(init_normal(rngs, (E, D), 4, dtype), "expert", "embed")

@@ -21,7 +21,7 @@ class _Sequence:
         self.model, self.block_size = model, block_size
         attention = model.placements.attention
         self.shards = attention.shards("batch") if attention else 1
-        nb = math.ceil(max_len / block_size)
+        nb = bucket(math.ceil(max_len / block_size))  # a bucket: prompts of other lengths reuse the compiled layers
         self.num_blocks = nb * self.shards
         self.tables = np.arange(nb, dtype=np.int32)[None]
         self.kv = model.init_kv_cache(self.num_blocks, block_size)

@@ -16,10 +16,9 @@ import numpy as np
 
 from moejax.config import ModelConfig, get_preset
 from moejax.engine import traffic
-from moejax.engine.kv_cache import kv_block_bytes
-from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout
+from moejax.engine.kv_cache import kv_pool_blocks
+from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout, layer_kv_state
 from moejax.engine.plan import IterationPlan, StepResult
-from moejax.models.decoder import cache_layouts
 from moejax.sim.cost_model import Calibration, CostModel
 from moejax.sim.hardware import Hardware, get_hardware
 from moejax.sim.pricing import ExpectedPricer
@@ -51,11 +50,15 @@ class SimExecutor:
     def attach(self, policy) -> None:
         pass  # nothing kept between iterations
 
-    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int) -> KVPayload:
+    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int,
+                  group_block_ids: tuple[tuple[int, ...], ...] = ()) -> KVPayload:
         cfg = self.config
-        return KVPayload(cfg.name, kv_layout(cfg, cfg.dtype), num_tokens, tuple(range(cfg.num_layers)), tuple(
-            LayerKVState(layout.kind, {a.name: jax.ShapeDtypeStruct((num_tokens, *a.shape), cfg.dtype)
-                                       for a in layout.arrays}) for layout in cache_layouts(cfg)))
+        states = []
+        for layer in range(cfg.num_layers):
+            layout, n = layer_kv_state(cfg, layer, num_tokens)
+            states.append(LayerKVState(layout.kind, {a.name: jax.ShapeDtypeStruct((n, *a.shape), cfg.dtype)
+                                                     for a in layout.arrays}))
+        return KVPayload(cfg.name, kv_layout(cfg, cfg.dtype), num_tokens, tuple(range(cfg.num_layers)), tuple(states))
 
     def execute(self, plan: IterationPlan) -> StepResult:
         cfg = self.config
@@ -76,7 +79,8 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
            hardware: str | Hardware, routing: str | RoutingModel = "correlated", routing_params: dict | None = None,
            calibration: Calibration | None = None, memory_fraction: float = 0.9):
     """A SimExecutor for `model` (a preset name, a ModelConfig or a Model: only its config counts) on
-    `hardware`; KV capacity is what the hardware's memory holds after the weights. routing_params:
+    `hardware`; KV capacity is what the hardware's memory holds after the weights (sliding-window
+    layers: a smaller pool, as the JAX executor sizes it, kv_cache.kv_pool_blocks). routing_params:
     e.g. {"affinity": 5.0} for "correlated" (see make_routing)."""
     from moejax.engine.factory import Built
 
@@ -89,5 +93,6 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
     if free <= 0:
         raise ValueError(f"{cfg.name} ({traffic.model_bytes(cfg) / 1e9:.1f} GB of weights) does not fit "
                          f"{executor.hardware.name} ({executor.hardware.memory_bytes / 1e9:.0f} GB)")
-    num_blocks = int(free // kv_block_bytes(cfg, block_size))
-    return Built(executor, num_blocks, max_model_len or cfg.max_position, virtual_time=True)
+    max_model_len = max_model_len or cfg.max_position
+    num_blocks = kv_pool_blocks(cfg, block_size, int(free), max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    return Built(executor, num_blocks, max_model_len, virtual_time=True)
