@@ -19,6 +19,9 @@ QKNorm = Literal["none", "per_head", "full"]
 EXECUTABLE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3")
 
 
+DTYPES = ("float32", "bfloat16", "float16")  # parameter / compute dtypes a model can run in
+
+
 class ConfigError(ValueError):
     """A model config is malformed or unsupported; the message names the offending field."""
 
@@ -214,7 +217,7 @@ def validate(cfg: ModelConfig) -> None:
     if cfg.rope.kind in ("llama3", "yarn"):
         need(cfg.rope.original_max_position is not None, "rope.original_max_position",
              f"required for RoPE type {cfg.rope.kind!r}")
-    need(cfg.dtype in ("float32", "bfloat16", "float16"), "dtype", f"unsupported dtype {cfg.dtype!r}")
+    need(cfg.dtype in DTYPES, "dtype", f"unsupported dtype {cfg.dtype!r}")
     need(cfg.router_scoring in ("softmax", "sigmoid"), "router_scoring",
          f"unknown scoring {cfg.router_scoring!r} (softmax, sigmoid)")
     need(cfg.router_group_score in ("max", "top2_sum"), "router_group_score",
@@ -318,7 +321,7 @@ def from_hf_config(hf: dict, name: str = "checkpoint") -> ModelConfig:
     num_experts = int(_require(hf, "num_local_experts", "num_experts", "n_routed_experts"))
     head_dim = int(_first(hf, "head_dim", default=hidden // num_heads))
     dtype = str(_first(hf, "dtype", "torch_dtype", default="bfloat16")).replace("torch.", "")
-    if dtype not in ("float32", "bfloat16", "float16"):
+    if dtype not in DTYPES:
         raise ConfigError(f"config.json: dtype {dtype!r} is not supported (float32, bfloat16, float16)")
 
     window = _first(hf, "sliding_window")
@@ -592,6 +595,12 @@ _register(
 )
 
 DEFAULT_MODEL = "tiny-qwen3-moe"
+
+
+def check_dtype(dtype) -> None:
+    """A dtype to run a model in: None (the checkpoint's) or one of DTYPES."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not supported: use one of {', '.join(DTYPES)} (or None: the model's)")
 
 
 def get_preset(name: str) -> ModelConfig:

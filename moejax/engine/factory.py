@@ -43,6 +43,8 @@ Factory = Callable[..., Built]
 EXECUTORS: dict[str, str | Factory] = {
     "jax": "moejax.engine.jax_executor:create",
     "sim": "moejax.sim.executor:create",
+    "offload": "moejax.offload.executor:create",  # routed experts in host memory, a device expert cache
+    "sim-offload": "moejax.offload.sim:create",  # the same, priced on a cost model's host link
 }
 
 
@@ -71,6 +73,10 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
     routing, routing_params, calibration, memory_fraction); an option neither takes is an error."""
     name, overrides = parse_policy(policy)
     token_budget = overrides.get("token_budget", token_budget)
+    for field, value, least in (("token_budget", token_budget, 1), ("max_num_seqs", max_num_seqs, 1),
+                                ("block_size", block_size, 1), ("max_model_len", max_model_len or 2, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{field}={value!r}: must be an integer >= {least}")
     factory = _factory(executor)
     executor_takes = set(inspect.signature(factory).parameters) - set(_SIZES)
     policy_takes = policy_options(name) | ({"tbt_target_s"} if name == "layered-adaptive" else set())

@@ -29,7 +29,7 @@ from moejax.engine.kv_cache import group_blocks, kv_groups, kv_pool_blocks
 from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout, layer_kv_state
 from moejax.engine.metadata import attention_metadata, bucket, pad_tokens, to_device
 from moejax.engine.plan import IterationPlan, StepResult
-from moejax.engine.sampling import sample
+from moejax.engine.sampling import TokenLogprobs, sample, sample_with_logprobs
 from moejax.engine.traffic import layer_stats, routed_expert_bytes
 from moejax.models.decoder import cache_layouts
 from moejax.models.model import Model
@@ -215,13 +215,18 @@ class JaxExecutor:
         if plan.decode_steps > 1:
             return self._run_decode_steps(plan, seq_of, tables, t0)
         whole = plan.groups[0]
+        head = sample_with_logprobs if any(r.logprobs for r in plan.sampling) else sample
         if self.fuse and len(plan.groups) == 1 and (whole.layer_start, whole.layer_end) == (0, L):
-            tokens, counts = self._run_whole_model(plan, seq_of, tables)
+            out, counts = self._run_whole_model(plan, seq_of, tables, head)
         else:
-            tokens, counts = self._run_groups(plan, seq_of, tables)
-        host_tokens, expert_tokens = jax.device_get((tokens, counts))
+            out, counts = self._run_groups(plan, seq_of, tables, head)
+        out, expert_tokens = jax.device_get((out, counts))
+        host_tokens = out if head is sample else out[0]
         sampled = {row.request_id: int(t) for row, t in zip(plan.sampling, host_tokens)}
-        return self._result(plan, sampled, expert_tokens, t0)
+        result = self._result(plan, sampled, expert_tokens, t0)
+        if head is sample_with_logprobs:
+            result.logprobs = _logprobs_of(plan, *out[1:])
+        return result
 
     def _tables(self, plan: IterationPlan, seq_of: dict[int, int]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
         """The block tables of the plan's requests [S, max_blocks] (KV group 0), and of the other KV
@@ -271,7 +276,7 @@ class JaxExecutor:
         result.sampled_steps = steps
         return result
 
-    def _run_whole_model(self, plan: IterationPlan, seq_of: dict[int, int], tables):
+    def _run_whole_model(self, plan: IterationPlan, seq_of: dict[int, int], tables, head):
         """Every slice crosses every layer: one compiled program from tokens to sampled tokens."""
         row_map = self._row_map(plan, plan.groups[0].slices, seq_of)
         token_ids = np.zeros(len(row_map.valid), np.int32)
@@ -279,9 +284,9 @@ class JaxExecutor:
             token_ids[row_map.offsets[i]:row_map.offsets[i] + s.num_tokens] = s.token_ids
         meta = self._meta(row_map, tables, once=True)
         rows, columns = self._sampling_inputs(plan, row_map.offsets)
-        return self.model.forward_all(to_device(token_ids, self._replicated), self.kv, meta, rows, sample, *columns)
+        return self.model.forward_all(to_device(token_ids, self._replicated), self.kv, meta, rows, head, *columns)
 
-    def _run_groups(self, plan: IterationPlan, seq_of: dict[int, int], tables):
+    def _run_groups(self, plan: IterationPlan, seq_of: dict[int, int], tables, head):
         """Group by group through the layers, hidden rows carried, embedded or kept between iterations."""
         L = self.config.num_layers
         counts = jnp.zeros((L, max(self.config.num_experts, 1)), jnp.int32)  # layers no slice crosses: zeros
@@ -301,7 +306,7 @@ class JaxExecutor:
             if s.layer_end == L:
                 self.stash.release(s.request_id)
         rows, columns = self._sampling_inputs(plan, offsets)
-        return sample(self.model.logits(x, rows), *columns), counts
+        return head(self.model.logits(x, rows), *columns), counts
 
     def run_layers(self, x: jax.Array, meta, start: int, end: int) -> tuple[jax.Array, list[jax.Array]]:
         """Layers [start, end) on hidden rows x -> (x, tokens per expert per layer). The one place an
@@ -375,6 +380,12 @@ class JaxExecutor:
         distinct = (expert_tokens > 0).sum(axis=1) if distinct is None else distinct
         return StepResult(sampled, time.perf_counter() - t0, routed_expert_bytes(cfg, distinct),
                           stats=lambda: layer_stats(cfg, plan, expert_tokens=expert_tokens, distinct_experts=distinct))
+
+
+def _logprobs_of(plan: IterationPlan, chosen: np.ndarray, top_ids: np.ndarray, top_logprobs: np.ndarray) -> dict:
+    """The sampler's log-probability outputs ([R], [R, K], [R, K] on the host) of the rows that asked."""
+    return {row.request_id: TokenLogprobs(float(chosen[i]), tuple(top_ids[i].tolist()), tuple(top_logprobs[i].tolist()))
+            for i, row in enumerate(plan.sampling) if row.logprobs}
 
 
 # --- construction (moejax.engine.build(..., "jax")) ------------------------------------------------------

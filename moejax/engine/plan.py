@@ -24,6 +24,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from moejax.engine.kv_transfer import KVPayload
+    from moejax.engine.sampling import TokenLogprobs
 
 
 class RowSlice(NamedTuple):  # a NamedTuple: hundreds are made per iteration, it must be cheap
@@ -61,6 +62,7 @@ class SamplingRow(NamedTuple):
     top_k: int
     seed: int
     output_index: int  # index of the token being drawn in the request's output
+    logprobs: bool = False  # also report log-probabilities (SamplingParams.logprobs)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class StepResult:
     energy_j: float = 0.0
     extra: dict = field(default_factory=dict)
     sampled_steps: dict[int, list[int]] | None = None  # multi-step plans: every token, in order
+    logprobs: dict[int, "TokenLogprobs"] = field(default_factory=dict)  # request id -> for rows that asked
 
     @cached_property
     def layer_stats(self) -> LayerStats:

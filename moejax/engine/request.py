@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from moejax.engine.sampling import SamplingParams
+from moejax.engine.sampling import SamplingParams, TokenLogprobs
 
 
 class Status(enum.Enum):
@@ -34,6 +34,7 @@ class Request:
     token_times: list[float] = field(default_factory=list)  # when each output token was produced
     finish_time: float | None = None
     num_preemptions: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per output token, when params.logprobs is set
 
     def __post_init__(self):
         if not self.token_ids:

@@ -200,10 +200,12 @@ class Scheduler:
         slices = self.policy.schedule(self)
         requests = [self.requests[s.request_id] for s in slices]
         steps, limits = 1, ()
-        if max_decode_steps > 1 and slices and all(s.is_decode for s in slices):
+        # one step at a time while a request wants logprobs (the multi-step program returns tokens only)
+        if max_decode_steps > 1 and slices and all(s.is_decode for s in slices) \
+                and not any(r.params.logprobs is not None for r in requests):
             steps, limits = self._decode_steps(requests, max_decode_steps)
         sampling = tuple(SamplingRow(r.request_id, r.params.temperature, r.params.top_p, r.params.top_k, r.seed,
-                                     len(r.token_ids) - len(r.prompt_token_ids))
+                                     len(r.token_ids) - len(r.prompt_token_ids), r.params.logprobs is not None)
                          for s, r in zip(slices, requests) if s.sample)
         hybrid = len(self.kv.groups) > 1
         plan = IterationPlan(

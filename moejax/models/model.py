@@ -317,13 +317,15 @@ class Model:
         return x, counts
 
     def layer_routing(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
-        """Layer i in steps, also returning each row's chosen experts -> (x, new layer KV, expert ids
-        [T, K]; -1 in a dense layer). For recording routing traces; the serving path never pays for it."""
+        """Layer i in steps, also returning each row's chosen experts and the rows the router saw ->
+        (x, new layer KV, expert ids [T, K] (-1 in a dense layer), h [T, D]: x + attention, the
+        router's input before its norm). For recording routing traces and predictor features; the
+        serving path never pays for it."""
         h, kv = self.attend(i, x, kv, meta)
         y, weights, ids = self.route(i, h, meta.valid)
         if ids is None:
-            return self.combine(i, h, y, None), kv, jnp.full((x.shape[0], 1), -1, jnp.int32)
-        return self.combine(i, h, y, self.experts(y, ids, weights, self.expert_weights(i))), kv, ids
+            return self.combine(i, h, y, None), kv, jnp.full((x.shape[0], 1), -1, jnp.int32), h
+        return self.combine(i, h, y, self.experts(y, ids, weights, self.expert_weights(i))), kv, ids, h
 
     def init_kv_cache(self, num_blocks: int | Sequence[int], block_size: int) -> list[LayerKV]:
         """Zeroed paged KV cache: per layer the arrays its attention declares (`cache_layouts`), each
