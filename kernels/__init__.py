@@ -1,4 +1,5 @@
-"""moejax.kernels: the fused expert computation behind one entry point, and paged attention.
+"""moejax.kernels: the fused expert computation behind one entry point, and paged attention (over
+per-head K/V, or over MLA's latent cache).
 
     route (in the model) -> moe_ffn: group rows by expert -> expert FFN (grouped GEMMs) -> combine
 
@@ -35,7 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from . import reference
-from .paged_attention import paged_attention, write_kv
+from .latent_attention import paged_latent_attention
+from .paged_attention import paged_attention, write_kv, write_rows
 from .permute import group_of_sorted_rows, permute, sort_by_expert, unpermute_combine
 from .reference import ClampedSwiGLU
 
@@ -203,4 +205,4 @@ def _check_ffn_weights(x, w_gate_up, w_down, activation, b_gate_up=None, b_down=
 
 __all__ = ["BACKENDS", "ClampedSwiGLU", "backend_for", "platform_backend", "use_backend", "grouped_matmul",
            "expert_ffn", "moe_ffn", "slot_ids", "sort_by_expert", "permute", "unpermute_combine",
-           "paged_attention", "write_kv"]
+           "paged_attention", "paged_latent_attention", "write_kv", "write_rows"]

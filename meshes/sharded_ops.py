@@ -2,7 +2,9 @@
 
 attention   rows and KV blocks are split by request (`batch`), heads by `q_heads`/`kv_heads`. Each
             shard writes and reads only its own blocks: block tables hold global block ids, a shard
-            subtracts the first id of its range. No communication.
+            subtracts the first id of its range. No communication. (`paged`: any attention whose
+            caches and inputs name their logical axes, e.g. MLA's latent cache, kept whole per
+            head shard.)
 
 experts     rows split by `batch`, expert slots by `expert`. Where the two share mesh axes (DP-attention
             + EP over the same devices) a shard gathers the rows of its expert group, computes the
@@ -33,25 +35,38 @@ def attention(placement: Placement | None, attend: Callable, q, k, v, k_cache, v
     """attend(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks,
     *head_params) -> (out, k_cache, v_cache), run per (request shard, head shard); head_params: [H]
     per-query-head parameters (attention sinks), split with the heads."""
-    if placement is None or placement.mesh.size == 1:
-        return attend(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks,
-                      *head_params)
-    batch_axes = placement.axes("batch")
+    n = len(head_params)
 
-    def per_shard(q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks,
-                  *head_params):
-        nb, bs = k_cache.shape[:2]
-        first = _linear_index(batch_axes) * nb  # global id of this shard's first block
-        local_tables = jnp.clip(block_tables - first, 0, nb - 1)  # other shards' tables: never read
-        return attend(q, k, v, k_cache, v_cache, positions, slot_mapping - first * bs, seq_ids, local_tables,
-                      num_kv_blocks, *head_params)
+    def attend_paged(q, k, v, *rest):  # rest: head_params, caches, meta -> attend's order
+        return attend(q, k, v, *rest[n:], *rest[:n])
 
     rows, heads, kv = ("batch", "q_heads", None), ("batch", "kv_heads", None), ("batch", None, "kv_heads", None)
-    return local(per_shard,
-                 in_axes=(rows, heads, heads, kv, kv, ("batch",), ("batch",), ("batch",), (None, None), None,
-                          *[("q_heads",)] * len(head_params)),
-                 out_axes=(rows, kv, kv), placement=placement)(
-        q, k, v, k_cache, v_cache, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks, *head_params)
+    return paged(placement, attend_paged, (q, k, v, *head_params), (rows, heads, heads, *[("q_heads",)] * n),
+                 (k_cache, v_cache), (kv, kv), rows, (positions, slot_mapping, seq_ids, block_tables, num_kv_blocks))
+
+
+def paged(placement: Placement | None, attend: Callable, inputs: tuple, in_axes: tuple, caches: tuple,
+          cache_axes: tuple, out_axes: tuple, meta: tuple):
+    """Any attention over paged caches, run per (request shard, head shard):
+    attend(*inputs, *caches, positions, slot_mapping, seq_ids, block_tables, num_kv_blocks) -> (out, *caches),
+    inputs / caches / out split by their logical axes (rows and cache blocks over `batch`).
+    meta: (positions, slot_mapping, seq_ids, block_tables, num_kv_blocks) with global block ids."""
+    if placement is None or placement.mesh.size == 1:
+        return attend(*inputs, *caches, *meta)
+    batch_axes = placement.axes("batch")
+    n_in, n_caches = len(inputs), len(caches)
+
+    def per_shard(*args):
+        inputs, caches = args[:n_in], args[n_in:n_in + n_caches]
+        positions, slot_mapping, seq_ids, block_tables, num_kv_blocks = args[n_in + n_caches:]
+        nb, bs = caches[0].shape[:2]
+        first = _linear_index(batch_axes) * nb  # global id of this shard's first block
+        local_tables = jnp.clip(block_tables - first, 0, nb - 1)  # other shards' tables: never read
+        return attend(*inputs, *caches, positions, slot_mapping - first * bs, seq_ids, local_tables, num_kv_blocks)
+
+    meta_axes = (("batch",), ("batch",), ("batch",), (None, None), None)
+    return local(per_shard, in_axes=(*in_axes, *cache_axes, *meta_axes), out_axes=(out_axes, *cache_axes),
+                 placement=placement)(*inputs, *caches, *meta)
 
 
 def experts(placement: Placement | None, moe: Callable, x, ids, weights, w_gate_up, w_down, slot_of, *biases):

@@ -13,10 +13,15 @@ loader stream each device's shard straight from the memory-mapped files.
         model.layers.N.mlp.experts.gate_up_proj [E, D, 2F], ..._bias [E, 2F], down_proj [E, F, D],
         down_proj_bias [E, D]; model.layers.N.mlp.router.{weight [E, D], bias [E]};
         model.layers.N.self_attn.sinks [H]
+
+DeepSeek's latent attention maps its own projections (q_proj or q_a_proj / q_a_layernorm / q_b_proj,
+kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), its router's e_score_correction_bias and its
+`shared_experts`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -176,8 +181,13 @@ def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
         hf, me = f"model.layers.{i}", f"layers.{i}"
         src[f"{me}.input_norm.weight"] = Direct(f"{hf}.input_layernorm.weight")
         src[f"{me}.post_attn_norm.weight"] = Direct(f"{hf}.post_attention_layernorm.weight")
-        for proj, ours in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "o")):
-            src[f"{me}.attn.w_{ours}"] = Transposed(f"{hf}.self_attn.{proj}_proj.weight")
+        if cfg.mla is not None:
+            src.update(_mla_sources(cfg, f"{hf}.self_attn", f"{me}.attn"))
+            projections = ("o",)
+        else:
+            projections = ("q", "k", "v", "o")
+        for proj in projections:
+            src[f"{me}.attn.w_{proj}"] = Transposed(f"{hf}.self_attn.{proj}_proj.weight")
         if cfg.qkv_bias:
             for p in "qkv":
                 src[f"{me}.attn.b_{p}"] = Direct(f"{hf}.self_attn.{p}_proj.bias")
@@ -194,6 +204,22 @@ def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
             src.update(_moe_sources(cfg, names, hf, me, f"experts.{i}"))
         else:
             src.update(_mlp_sources(f"{hf}.mlp", f"{me}.mlp"))
+    return src
+
+
+def _mla_sources(cfg: ModelConfig, hf: str, me: str) -> dict[str, Source]:
+    """DeepSeek's latent attention: q (direct or LoRA), kv down-projection with the rope key, kv up."""
+    src: dict[str, Source] = {
+        f"{me}.w_kv_a": Transposed(f"{hf}.kv_a_proj_with_mqa.weight"),
+        f"{me}.kv_a_norm.weight": Direct(f"{hf}.kv_a_layernorm.weight"),
+        f"{me}.w_kv_b": Transposed(f"{hf}.kv_b_proj.weight"),
+    }
+    if cfg.mla.q_lora_rank is None:
+        src[f"{me}.w_q"] = Transposed(f"{hf}.q_proj.weight")
+    else:
+        src[f"{me}.w_q_a"] = Transposed(f"{hf}.q_a_proj.weight")
+        src[f"{me}.q_a_norm.weight"] = Direct(f"{hf}.q_a_layernorm.weight")
+        src[f"{me}.w_q_b"] = Transposed(f"{hf}.q_b_proj.weight")
     return src
 
 
@@ -218,8 +244,11 @@ def _moe_sources(cfg: ModelConfig, names: set[str], hf_layer: str, me: str, expe
         src[f"{experts}.w_gate_up"] = StackedExperts(tuple(f"{block}.experts.{e}.{gate}.weight" for e in range(E)),
                                                      tuple(f"{block}.experts.{e}.{up}.weight" for e in range(E)))
         src[f"{experts}.w_down"] = StackedExperts(tuple(f"{block}.experts.{e}.{down}.weight" for e in range(E)))
+    if cfg.router_score_bias:
+        src[f"{me}.router.score_bias"] = Direct(f"{block}.gate.e_score_correction_bias")
     if cfg.shared_expert_intermediate_size:
-        src.update(_mlp_sources(f"{block}.shared_expert", f"{me}.shared_expert"))
+        shared = "shared_experts" if cfg.architecture.startswith("deepseek") else "shared_expert"
+        src.update(_mlp_sources(f"{block}.{shared}", f"{me}.shared_expert"))
     if cfg.shared_expert_gate:
         src[f"{me}.shared_gate"] = Transposed(f"{block}.shared_expert_gate.weight")
     return src
@@ -236,3 +265,12 @@ def _gpt_oss_moe_sources(block: str, me: str, experts: str) -> dict[str, Source]
 
 # Tensors a checkpoint may carry that the model recomputes or does not need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def ignored(cfg: ModelConfig, name: str) -> bool:
+    """Whether a checkpoint tensor is one moejax does not need: recomputed buffers, and DeepSeek-V3's
+    multi-token-prediction module(s) stored as the layers after the last (transformers skips them too)."""
+    if name.endswith(IGNORED_SUFFIXES):
+        return True
+    extra_layer = re.match(r"model\.layers\.(\d+)\.", name)
+    return cfg.architecture == "deepseek_v3" and extra_layer is not None and int(extra_layer[1]) >= cfg.num_layers

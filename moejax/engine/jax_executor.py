@@ -31,6 +31,7 @@ from moejax.engine.metadata import attention_metadata, bucket, pad_tokens, to_de
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.engine.sampling import TokenLogprobs, sample, sample_with_logprobs
 from moejax.engine.traffic import layer_stats, routed_expert_bytes
+from moejax.models.decoder import cache_layouts
 from moejax.models.model import Model
 
 
@@ -40,19 +41,17 @@ def _scatter_rows(pool: jax.Array, x: jax.Array, src: jax.Array, dst: jax.Array)
 
 
 @jax.jit
-def _read_kv(kv: list, slots: jax.Array) -> jax.Array:
-    """Each given layer's K and V at flat cache slots [n] -> [L, 2, n, KV, hd]."""
-    return jnp.stack([jnp.stack([c.reshape(-1, *c.shape[2:])[slots] for c in layer]) for layer in kv])
+def _read_kv(kv: list, slots: jax.Array) -> list:
+    """Each given layer's cache arrays at flat cache slots [n] -> per layer a tuple of [n, ...]."""
+    return [tuple(c.reshape(-1, *c.shape[2:])[slots] for c in layer) for layer in kv]
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def _write_kv(kv: list, slots: jax.Array, values: jax.Array) -> list:
-    """values [L, 2, n, KV, hd] into each given layer's cache at flat slots [n] (out of range: dropped)."""
-    out = []
-    for layer, v in zip(kv, values):
-        out.append(tuple(c.reshape(-1, *c.shape[2:]).at[slots].set(x.astype(c.dtype), mode="drop").reshape(c.shape)
-                         for c, x in zip(layer, v)))
-    return out
+def _write_kv(kv: list, slots: jax.Array, values: list) -> list:
+    """values (per layer a tuple of [n, ...]) into each given layer's cache at flat slots [n] (out of
+    range: dropped)."""
+    return [tuple(c.reshape(-1, *c.shape[2:]).at[slots].set(x.astype(c.dtype), mode="drop").reshape(c.shape)
+                  for c, x in zip(layer, v)) for layer, v in zip(kv, values)]
 
 
 class HiddenStash:
@@ -170,16 +169,18 @@ class JaxExecutor:
     def export_kv(self, block_ids: tuple[int, ...], num_tokens: int,
                   group_block_ids: tuple[tuple[int, ...], ...] = ()) -> KVPayload:
         """The KV of a request's first num_tokens tokens in its blocks (`block_ids`, and the other
-        KV groups' tables for a hybrid model), every layer, on the host; a sliding-window layer's
-        only for the last tokens its next token sees."""
+        KV groups' tables for a hybrid model), every layer, on the host: per layer the arrays its
+        attention caches (k, v; MLA: latent, k_rope); a sliding-window layer's only for the last
+        tokens its next token sees."""
+        cfg = self.config
         spans = list(self._group_spans((block_ids, *group_block_ids), num_tokens))
         values = jax.device_get([_read_kv([self.kv[i] for i in layers], to_device(
             self._slots(table, first, num_tokens), self._replicated)) for layers, table, first, _ in spans])
-        states = [None] * self.config.num_layers
+        states = [None] * cfg.num_layers
         for (layers, _, _, n), group_values in zip(spans, values):
-            for i, v in zip(layers, np.asarray(group_values)):
-                states[i] = LayerKVState(layer_kv_state(self.config, i, num_tokens)[0], {"k": v[0, :n], "v": v[1, :n]})
-        cfg = self.config
+            for i, arrays in zip(layers, group_values):
+                layout, _ = layer_kv_state(cfg, i, num_tokens)
+                states[i] = LayerKVState(layout.kind, {a.name: np.asarray(x)[:n] for a, x in zip(layout.arrays, arrays)})
         return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(range(cfg.num_layers)),
                          tuple(states))
 
@@ -187,10 +188,12 @@ class JaxExecutor:
                   group_block_ids: tuple[tuple[int, ...], ...] = ()) -> None:
         """Write a payload's KV into a request's blocks (checked against this model first)."""
         payload.check(self.config, self.model.dtype, payload.num_tokens)
-        for layers, table, first, n in self._group_spans((block_ids, *group_block_ids), payload.num_tokens):
+        spans = list(self._group_spans((block_ids, *group_block_ids), payload.num_tokens))
+        layouts = cache_layouts(self.config)
+        for layers, table, first, n in spans:
             pad = bucket(n) - n
-            values = np.stack([np.stack([np.pad(np.asarray(payload.states[i].arrays[name]), ((0, pad), (0, 0), (0, 0)))
-                                         for name in ("k", "v")]) for i in layers])
+            values = [tuple(np.pad(np.asarray(payload.states[i].arrays[a.name]), [(0, pad)] + [(0, 0)] * len(a.shape))
+                            for a in layouts[i].arrays) for i in layers]
             written = _write_kv([self.kv[i] for i in layers],
                                 to_device(self._slots(table, first, payload.num_tokens), self._replicated),
                                 to_device(values, self._replicated))

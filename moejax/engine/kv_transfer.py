@@ -16,6 +16,8 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.engine.sampling import SamplingParams
+from moejax.models.attention import LayerCache
+from moejax.models.decoder import cache_layout
 
 
 class KVTransferError(ValueError):
@@ -28,19 +30,21 @@ def kv_layout(cfg: ModelConfig, dtype) -> dict:
             "head_dim": cfg.head_dim, "dtype": jnp.dtype(dtype).name, "sliding_windows": list(cfg.sliding_windows)}
 
 
-def layer_kv_state(cfg: ModelConfig, layer: int, num_tokens: int) -> tuple[str, int]:
-    """(kind, tokens) of what a payload holds for `layer` of a request with num_tokens computed
-    tokens: "paged", all of them; "window" (a sliding-window layer), the last min(num_tokens,
-    window - 1): every key the next token attends to besides its own."""
+def layer_kv_state(cfg: ModelConfig, layer: int, num_tokens: int) -> tuple[LayerCache, int]:
+    """(cache layout, tokens) of what a payload holds for `layer` of a request with num_tokens computed
+    tokens: the arrays its attention caches (the layout's kind names them) for all of them; for a
+    sliding-window layer (kind "window"), the last min(num_tokens, window - 1): every key the next
+    token attends to besides its own."""
     window = cfg.sliding_windows[layer]
-    return ("paged", num_tokens) if window is None else ("window", min(num_tokens, window - 1))
+    return cache_layout(cfg, layer), num_tokens if window is None else min(num_tokens, window - 1)
 
 
 @dataclass(frozen=True)
 class LayerKVState:
-    """One layer's state of one request. kind "paged": arrays k, v, each [num_tokens, KV heads, head_dim];
-    kind "window": the same arrays for the request's last tokens only (`layer_kv_state`); other kinds
-    (recurrent) carry their own arrays."""
+    """One layer's state of one request, as its attention's cache layout declares it (LayerCache):
+    kind "paged": k, v, each [num_tokens, KV heads, head_dim]; kind "window": the same arrays for the
+    request's last tokens only (`layer_kv_state`); kind "latent" (MLA): latent [num_tokens,
+    kv_lora_rank] and k_rope [num_tokens, qk_rope_head_dim]."""
 
     kind: str
     arrays: dict[str, object]  # name -> jax.Array or numpy array
@@ -77,14 +81,15 @@ class KVPayload:
             raise KVTransferError(f"KV payload holds layers {list(self.layers)}; importing needs all "
                                   f"{cfg.num_layers} layers of {cfg.name!r}")
         for layer, state in zip(self.layers, self.states):
-            kind, tokens = layer_kv_state(cfg, layer, num_tokens)
-            if state.kind != kind or set(state.arrays) != {"k", "v"}:
+            layout, tokens = layer_kv_state(cfg, layer, num_tokens)
+            names = [a.name for a in layout.arrays]
+            if state.kind != layout.kind or set(state.arrays) != set(names):
                 raise KVTransferError(f"KV payload layer {layer}: kind {state.kind!r} with arrays "
-                                      f"{sorted(state.arrays)}; expected {kind!r} with k and v")
-            want = (tokens, cfg.num_kv_heads, cfg.head_dim)
-            for name, a in state.arrays.items():
+                                      f"{sorted(state.arrays)}; expected {layout.kind!r} with {' and '.join(names)}")
+            for spec in layout.arrays:
+                a, want = state.arrays[spec.name], (tokens, *spec.shape)
                 if tuple(a.shape) != want or jnp.dtype(a.dtype) != jnp.dtype(dtype):
-                    raise KVTransferError(f"KV payload layer {layer} {name}: shape {list(a.shape)} "
+                    raise KVTransferError(f"KV payload layer {layer} {spec.name}: shape {list(a.shape)} "
                                           f"{jnp.dtype(a.dtype).name}; expected {list(want)} {jnp.dtype(dtype).name}")
 
 

@@ -1,9 +1,11 @@
 """Grouped-query attention over a paged KV cache, with the q/k-norm, bias, clipping, sliding-window
-and attention-sink variants."""
+and attention-sink variants; what an attention module keeps in the paged cache per token (`LayerCache`,
+declared by each attention class)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import jax
@@ -16,7 +18,29 @@ from moejax.meshes import sharded_ops
 from moejax.meshes.placement import Placement
 from moejax.models.layers import RMSNorm, Rope, init_normal, param
 
-LayerKV = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, KV, head_dim]
+LayerKV = tuple[jax.Array, ...]  # a layer's paged cache arrays, each [num_blocks, block_size, ...] (LayerCache)
+
+
+@dataclass(frozen=True)
+class CacheArray:
+    """One array of a layer's paged cache: `shape` per token, its dims named by logical `axes`."""
+
+    name: str
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """What one layer's attention keeps in the paged cache per token: arrays [blocks, block_size, *shape]
+    in this order (the layer's LayerKV); `kind` names the layout in KV hand-off payloads."""
+
+    kind: str
+    arrays: tuple[CacheArray, ...]
+
+    @property
+    def elems_per_token(self) -> int:
+        return sum(math.prod(a.shape) for a in self.arrays)
 
 
 @jax.tree_util.register_dataclass
@@ -66,6 +90,14 @@ class AttentionMetadata:
 
 
 class Attention(nnx.Module):
+    @staticmethod
+    def cache_layout(cfg: ModelConfig, layer: int) -> LayerCache:
+        """Per token: K and V of every KV head (kind "window" for a sliding-window layer: a hand-off
+        carries only its window)."""
+        shape, axes = (cfg.num_kv_heads, cfg.head_dim), ("kv_heads", None)
+        kind = "paged" if cfg.sliding_windows[layer] is None else "window"
+        return LayerCache(kind, (CacheArray("k", shape, axes), CacheArray("v", shape, axes)))
+
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
         D, H, KV, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd

@@ -36,7 +36,7 @@ from moejax import kernels
 from moejax.config import ModelConfig
 from moejax.meshes.placement import Placement, Placements, constrain
 from moejax.models.attention import AttentionMetadata, LayerKV
-from moejax.models.decoder import CausalLM
+from moejax.models.decoder import CausalLM, cache_layouts
 from moejax.models.layers import ExpertParam
 from moejax.models.moe import expert_activation, expert_counts, routed_experts
 
@@ -329,17 +329,22 @@ class Model:
         return self.combine(i, h, y, self.experts(y, ids, weights, self.expert_weights(i))), kv, ids, h
 
     def init_kv_cache(self, num_blocks: int | Sequence[int], block_size: int) -> list[LayerKV]:
-        """Zeroed paged KV cache: per layer (k, v), each [num_blocks, block_size, KV, head_dim] (num_blocks:
-        one count for every layer, or one per layer: a window-aware cache gives window layers fewer);
-        under a placement, blocks are split by request shard and heads by head shard."""
+        """Zeroed paged KV cache: per layer the arrays its attention declares (`cache_layouts`), each
+        [num_blocks, block_size, *per-token shape] -- GQA: k, v [.., KV, head_dim]; MLA: latent [.., r],
+        k_rope [.., rope]. num_blocks: one count for every layer, or one per layer (a window-aware cache
+        gives window layers fewer). Under a placement, blocks are split by request shard, heads by head shard."""
         c = self.config
         per_layer = [num_blocks] * c.num_layers if isinstance(num_blocks, int) else list(num_blocks)
         if len(per_layer) != c.num_layers:
             raise ValueError(f"init_kv_cache: {len(per_layer)} block counts for {c.num_layers} layers")
         p = self.placements.attention
-        device = None if p is None else p.sharding(("batch", None, "kv_heads", None))
-        shapes = [(n, block_size, c.num_kv_heads, c.head_dim) for n in per_layer]
-        return [(jnp.zeros(s, self.dtype, device=device), jnp.zeros(s, self.dtype, device=device)) for s in shapes]
+
+        def zeros(a, shape):
+            device = None if p is None else p.sharding(("batch", None, *a.axes))
+            return jnp.zeros(shape, self.dtype, device=device)
+
+        return [tuple(zeros(a, (n, block_size, *a.shape)) for a in layer.arrays)
+                for n, layer in zip(per_layer, cache_layouts(c))]
 
     def params(self) -> nnx.State:
         """All parameters as one state tree: {"io", "layers": {i}, "experts": {i}} (saving / inspection)."""

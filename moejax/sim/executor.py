@@ -55,9 +55,9 @@ class SimExecutor:
         cfg = self.config
         states = []
         for layer in range(cfg.num_layers):
-            kind, n = layer_kv_state(cfg, layer, num_tokens)
-            shape = jax.ShapeDtypeStruct((n, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
-            states.append(LayerKVState(kind, {"k": shape, "v": shape}))
+            layout, n = layer_kv_state(cfg, layer, num_tokens)
+            states.append(LayerKVState(layout.kind, {a.name: jax.ShapeDtypeStruct((n, *a.shape), cfg.dtype)
+                                                     for a in layout.arrays}))
         return KVPayload(cfg.name, kv_layout(cfg, cfg.dtype), num_tokens, tuple(range(cfg.num_layers)), tuple(states))
 
     def execute(self, plan: IterationPlan) -> StepResult:
