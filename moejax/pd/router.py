@@ -15,7 +15,8 @@ The router keeps every request until its last token arrives, and no request is l
 - the prefill process dies: what it held is sent to the decode process (route "rerouted");
 - the decode process dies: it is restarted and every request it held is submitted again (route
   "resubmitted"); requests still prefilling stream to the new one.
-Processes that die are restarted (`restart`). Greedy outputs are what one engine gives.
+Processes that die are restarted (`restart`, at most `max_restarts` times a role). Greedy outputs are
+what one engine gives.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Listener
 
-from moejax.engine.sampling import SamplingParams
+from moejax.engine.sampling import RequestError, SamplingParams, check_token_ids
 from moejax.pd.link import LinkSpec
 
 ROLES = ("prefill", "decode")
@@ -83,13 +84,13 @@ class Router:
     def __init__(self, model: str, *, threshold: int = 32, choose_threshold: Callable[[RouterState], int] | None = None,
                  link: LinkSpec = LinkSpec(), max_link_wait_s: float | None = None, seed: int = 0,
                  engine_options: dict | None = None, retries: int = 3, restart: bool = True,
-                 admit_timeout_s: float = 60.0, worker_args: Sequence[str] = (), worker_env: dict | None = None):
+                 admit_timeout_s: float = 60.0, max_restarts: int = 3, worker_args: Sequence[str] = (), worker_env: dict | None = None):
         """engine_options: moejax.engine.build's sizes for both engines (the same on both: a request's
         KV must fit the decode side). max_link_wait_s: None never keeps a long prompt home."""
         self.model, self.seed, self.link = model, seed, link
         self.threshold, self.choose_threshold = threshold, choose_threshold
         self.max_link_wait_s, self.retries, self.restart = max_link_wait_s, retries, restart
-        self.admit_timeout_s = admit_timeout_s
+        self.admit_timeout_s, self.max_restarts = admit_timeout_s, max_restarts
         self.engine_options = dict(engine_options or {})
         self.worker_args, self.worker_env = list(worker_args), dict(worker_env or {})
         self.requests: dict[int, Tracked] = {}
@@ -101,6 +102,8 @@ class Router:
         self._generations = {role: 0 for role in ROLES}
         self._past_reports: dict[str, list[dict]] = {role: [] for role in ROLES}  # of processes gone
         self._bytes_per_token: tuple[int, int] = (0, 0)  # KV bytes sent, prompt tokens they held
+        self._limits: dict | None = None  # vocab_size and max_model_len of the engines
+        self._restarts = {role: 0 for role in ROLES}
         self._closed = False
         self._t0 = time.monotonic()
         threading.Thread(target=self._accept, daemon=True, name="pd-router-accept").start()
@@ -124,8 +127,7 @@ class Router:
             self._closed = True
             workers = list(self._workers.values())
         for w in workers:
-            if w.conn is not None:
-                w.conn.close()
+            self._send(w.role, op="stop")
         for w in workers:
             try:
                 w.process.wait(timeout=10)
@@ -141,9 +143,17 @@ class Router:
 
     # --- requests -------------------------------------------------------------------------------------
     def submit(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None) -> int:
+        """Route a request -> its id. Checked here as the engines check it (RequestError naming the
+        field), once a process has said what its engine takes."""
+        params = params or SamplingParams()
         with self._lock:
+            if self._limits is not None:
+                ids = check_token_ids(prompt_token_ids, "prompt", self._limits["vocab_size"])
+                if not ids or len(ids) + params.max_tokens > self._limits["max_model_len"]:
+                    raise RequestError(f"a prompt of {len(ids)} tokens with max_tokens={params.max_tokens} does not "
+                                       f"fit max_model_len={self._limits['max_model_len']}", param="prompt")
             rid = len(self.requests)
-            t = self.requests[rid] = Tracked(rid, list(prompt_token_ids), params or SamplingParams(), self._now())
+            t = self.requests[rid] = Tracked(rid, list(prompt_token_ids), params, self._now())
             self._route(t)
             return rid
 
@@ -282,6 +292,7 @@ class Router:
                 conn.close()
                 return
             w.conn, w.pid = conn, hello["pid"]
+            self._limits = {k: hello[k] for k in ("vocab_size", "max_model_len")}
             w.kv_address = tuple(hello["kv_address"]) if role == "decode" else None
             self._on_up(role)
             self._changed.notify_all()
@@ -316,7 +327,8 @@ class Router:
         route = "rerouted" if w.role == "prefill" else "resubmitted"
         if w.role == "decode":
             self._workers["decode"].kv_address = None
-        if self.restart:
+        if self.restart and self._restarts[w.role] < self.max_restarts:
+            self._restarts[w.role] += 1
             self._spawn(w.role)
         for t in self.requests.values():
             if t.token_ids is None and t.where in gone_from:
@@ -341,39 +353,46 @@ class Router:
         elif op == "kv_failed" and m["attempt"] == t.attempt and t.where in ("prefill", "link"):
             t.faults.append(f"KV transfer failed: {m['reason']}")
             self._route(t, "local-fallback")
+        elif op == "rejected":  # the router checks what the engines check: a mismatch of the two sides
+            t.token_ids, t.finish_reason, t.finished = [], "error", self._now()
+            t.faults.append(f"rejected by the {role} process: {m['error']}")
         elif op == "admitted":
             self._place(t, "decode")
         elif op == "done":
             t.token_ids, t.finish_reason, t.finished = m["token_ids"], m["finish_reason"], self._now()
 
     # --- metrics --------------------------------------------------------------------------------------
-    def metrics(self) -> dict:
-        """Per request: route, KV bytes shipped, transfer time, faults; the link: bytes on the wire
-        (sent and received), measured throughput, utilisation of its nominal rate over the run."""
+    def metrics(self, request_ids: Sequence[int] | None = None) -> dict:
+        """Per request (all, or `request_ids`): route, KV bytes shipped, transfer time, resends, faults;
+        the routes' counts and the offload share; the link: bytes on the wire since the start (sent,
+        and received whole), the requests' KV bytes shipped and the link's utilisation by them over
+        their window (first submitted to last finished) at its nominal rate."""
         with self._lock:
-            elapsed = self._now()
+            chosen = [self.requests[i] for i in (self.requests if request_ids is None else request_ids)]
             reports = {role: self._past_reports[role] + ([self._workers[role].report] if role in self._workers else [])
                        for role in ROLES}
-            sent = sum(r.get("bytes_sent", 0) for r in reports["prefill"])
-            received = sum(r.get("bytes_received", 0) for r in reports["decode"])
-            done = [t for t in self.requests.values() if t.token_ids is not None]
+            finished = [t.finished for t in chosen if t.finished is not None]
+            window = max(finished) - min(t.submitted for t in chosen) if finished else None
             routes: dict[str, int] = {}
-            for t in self.requests.values():
+            for t in chosen:
                 routes[t.route] = routes.get(t.route, 0) + 1
-            offloaded = [t for t in self.requests.values() if t.kv_bytes]
+            shipped = sum(t.kv_bytes for t in chosen)
             rate = self.link.rate_bytes_per_s
             return {
                 "requests": [{"request_id": t.request_id, "prompt_tokens": len(t.prompt_token_ids), "route": t.route,
                               "kv_bytes": t.kv_bytes, "kv_bytes_before_handoff": t.bytes_before_handoff,
-                              "transfer_s": t.transfer_s, "resends": t.resends, "e2e_s": None if t.finished is None else t.finished - t.submitted,
-                              "attempts": t.attempt, "faults": t.faults} for t in self.requests.values()],
+                              "transfer_s": t.transfer_s, "resends": t.resends,
+                              "e2e_s": None if t.finished is None else t.finished - t.submitted,
+                              "attempts": t.attempt, "faults": t.faults} for t in chosen],
                 "routes": routes,
-                "offload_share": len(offloaded) / len(self.requests) if self.requests else 0.0,
-                "finished": len(done),
-                "elapsed_s": elapsed,
+                "offload_share": sum(1 for t in chosen if t.kv_bytes) / len(chosen) if chosen else 0.0,
+                "finished": len(finished),
+                "window_s": window,
                 "link": {"rate_bytes_per_s": rate, "latency_s": self.link.latency_s,
-                         "connections": self.link.connections, "bytes_sent": sent, "bytes_received": received,
-                         "kv_bytes_shipped": sum(t.kv_bytes for t in offloaded),
-                         "transfer_s_total": sum(t.transfer_s or 0.0 for t in offloaded),
-                         "utilisation": sent / (rate * elapsed) if rate and elapsed else None},
+                         "connections": self.link.connections,
+                         "bytes_sent": sum(r.get("bytes_sent", 0) for r in reports["prefill"]),
+                         "bytes_received": sum(r.get("bytes_received", 0) for r in reports["decode"]),
+                         "kv_bytes_shipped": shipped,
+                         "transfer_s_total": sum(t.transfer_s or 0.0 for t in chosen),
+                         "utilisation": shipped / (rate * window) if rate and window else None},
             }

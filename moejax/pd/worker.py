@@ -12,7 +12,7 @@ environment variable MOEJAX_PD_AUTHKEY, hex) and load the same model (same name 
 - decode: a KVReceiver; admits each hand-off through the import path (`Engine.add_prefilled`), and
   prefills locally what the router sends it; reports each request's tokens when it finishes.
 A request id seen before is ignored (the router may send a request both ways after a fault; either
-way gives the same tokens). The process exits when the router goes away.
+way gives the same tokens). The process exits when the router says "stop" or goes away.
 """
 
 from __future__ import annotations
@@ -84,6 +84,23 @@ def main(argv: list[str] | None = None) -> None:
         run_decode(engine, control, args)
 
 
+def limits(engine) -> dict:
+    """What the router checks requests against before sending them (the same on both sides)."""
+    return {"vocab_size": engine.config.vocab_size, "max_model_len": engine.scheduler.config.max_model_len}
+
+
+def admit(control: Control, m: dict, add_request, **how) -> bool:
+    """Queue a submitted request; one the engine refuses is reported to the router, not a crash."""
+    from moejax.engine.sampling import RequestError
+
+    try:
+        engine_request = add_request(m["prompt_token_ids"], m["params"], request_id=m["request_id"], **how)
+    except RequestError as e:
+        control.send(op="rejected", request_id=m["request_id"], attempt=m["attempt"], error=str(e))
+        return False
+    return engine_request is not None
+
+
 def run_prefill(engine, control: Control, args) -> None:
     from moejax.pd.link import KVSender, LinkSpec
     from moejax.pd.streaming import LayerStreamer
@@ -107,22 +124,23 @@ def run_prefill(engine, control: Control, args) -> None:
 
     streamer = LayerStreamer(engine, lambda rid, layer, state: sender.send_layer(rid, attempts[rid], layer, state),
                              finish)
-    control.send(op="hello", role="prefill", generation=args.generation, pid=os.getpid())
+    control.send(op="hello", role="prefill", generation=args.generation, pid=os.getpid(), **limits(engine))
     last_report = 0.0
     try:
         while True:
             for m in control.messages(0 if engine.has_unfinished else 0.01):
                 op = m["op"]
-                if op == "submit" and m["request_id"] not in attempts:
+                if op == "submit" and m["request_id"] not in attempts and admit(control, m, engine.add_request,
+                                                                                  handoff=True):
                     attempts[m["request_id"]] = m["attempt"]
-                    engine.add_request(m["prompt_token_ids"], m["params"],
-                                       request_id=m["request_id"], handoff=True)
                 elif op == "connect":
                     sender.connect_to(tuple(m["address"]))
                 elif op == "link":
                     sender.set_rate(m["rate_bytes_per_s"], m.get("latency_s"))
                 elif op == "cut":
                     sender.cut(m["times"])
+                elif op == "stop":
+                    raise EOFError
             if engine.has_unfinished:
                 streamer.after_step(engine.step())
             if time.monotonic() - last_report > REPORT_EVERY_S:
@@ -142,14 +160,15 @@ def run_decode(engine, control: Control, args) -> None:
     receiver = KVReceiver()
     seen: set[int] = set()
     control.send(op="hello", role="decode", generation=args.generation, pid=os.getpid(),
-                 kv_address=list(receiver.address))
+                 kv_address=list(receiver.address), **limits(engine))
     last_report = 0.0
     try:
         while True:
             for m in control.messages(0 if engine.has_unfinished else 0.005):
-                if m["op"] == "submit" and m["request_id"] not in seen:
+                if m["op"] == "stop":
+                    raise EOFError
+                if m["op"] == "submit" and m["request_id"] not in seen and admit(control, m, engine.add_request):
                     seen.add(m["request_id"])
-                    engine.add_request(m["prompt_token_ids"], m["params"], request_id=m["request_id"])
                     control.send(op="admitted", request_id=m["request_id"], attempt=m["attempt"], via="local")
             while True:
                 try:
