@@ -97,12 +97,12 @@ def test_cut_link_is_retried_then_the_request_prefills_locally(router, reference
 
 def test_killed_prefill_process_its_requests_rerouted(router, reference):
     ps = prompts([20, 33, 26], seed=2)
-    router.set_link(2e3)  # slow: the requests sit in the prefill process and on the link
+    router.set_link(LinkSpec(2e3, burst_bytes=1500))  # slow: the requests sit at the prefill process
     ids = [router.submit(p, GREEDY) for p in ps]
     first = router.pid("prefill")
     router.kill("prefill")
     out = router.wait(ids, timeout=600)
-    router.set_link(FAST)
+    router.set_link(LinkSpec(FAST, latency_s=0.002))
     assert [out[i] for i in ids] == reference(ps)
     info = [router.metrics()["requests"][i] for i in ids]
     assert all(q["route"] == "rerouted" and q["faults"] == ["prefill process died"] for q in info)

@@ -46,8 +46,10 @@ class LinkSpec:
     @classmethod
     def emulated(cls, gbps: float, *, scale: float, latency_s: float = 0.0, connections: int = 4) -> LinkSpec:
         """A `gbps` link at `scale` (bytes per second = gbps * 1e9 / 8 * scale), for a model whose KV is
-        `scale` times the size of the real one's."""
-        return cls(gbps * 1e9 / 8 * scale, latency_s, connections)
+        `scale` times the size of the real one's. Bursts of 10 ms of its rate (at least 1500 bytes, a
+        packet; at most 64 KiB), so that a slow link paces smoothly."""
+        rate = gbps * 1e9 / 8 * scale
+        return cls(rate, latency_s, connections, int(min(64 << 10, max(1500, rate * 0.01))))
 
 
 class TokenBucket:
@@ -137,11 +139,11 @@ class KVSender:
                     self._sockets[i] = None
             self._wake.notify_all()
 
-    def set_rate(self, rate_bytes_per_s: float | None, latency_s: float | None = None) -> None:
+    def set_link(self, link: LinkSpec) -> None:
+        """Another rate, latency or burst from now on (the connections stay as they are)."""
         with self._lock:
-            self.link = LinkSpec(rate_bytes_per_s, self.link.latency_s if latency_s is None else latency_s,
-                                 self.link.connections, self.link.burst_bytes)
-            self._bucket = TokenBucket(rate_bytes_per_s, self.link.burst_bytes) if rate_bytes_per_s else None
+            self.link = LinkSpec(link.rate_bytes_per_s, link.latency_s, self.link.connections, link.burst_bytes)
+            self._bucket = TokenBucket(link.rate_bytes_per_s, link.burst_bytes) if link.rate_bytes_per_s else None
 
     def cut(self, times: int) -> None:
         """Fault injection: the next `times` messages break half-way (their socket closed); 0 heals the link."""

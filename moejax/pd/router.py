@@ -21,6 +21,8 @@ what one engine gives.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -180,11 +182,11 @@ class Router:
         """The next `times` KV messages on the link break half-way."""
         self._send("prefill", op="cut", times=times)
 
-    def set_link(self, rate_bytes_per_s: float | None, latency_s: float | None = None) -> None:
+    def set_link(self, link: LinkSpec) -> None:
+        """The link's rate, latency and burst from now on (its connections stay)."""
         with self._lock:
-            self.link = LinkSpec(rate_bytes_per_s, self.link.latency_s if latency_s is None else latency_s,
-                                 self.link.connections, self.link.burst_bytes)
-            self._send("prefill", op="link", rate_bytes_per_s=rate_bytes_per_s, latency_s=latency_s)
+            self.link = dataclasses.replace(link, connections=self.link.connections)
+            self._send("prefill", op="link", link=dataclasses.asdict(self.link))
 
     def pid(self, role: str) -> int | None:
         with self._lock:
@@ -249,17 +251,13 @@ class Router:
         return w is not None and w.pid is not None and w.process.poll() is None
 
     def _spawn(self, role: str) -> None:
-        import json
-
         with self._lock:
             self._generations[role] += 1
             host, port = self._listener.address
             cmd = [sys.executable, "-m", "moejax.pd.worker", "--role", role, "--router", f"{host}:{port}",
                    "--generation", str(self._generations[role]), "--model", self.model, "--seed", str(self.seed),
                    "--engine", json.dumps(self.engine_options), "--retries", str(self.retries),
-                   "--link", json.dumps({"rate_bytes_per_s": self.link.rate_bytes_per_s,
-                                         "latency_s": self.link.latency_s, "connections": self.link.connections,
-                                         "burst_bytes": self.link.burst_bytes}), *self.worker_args]
+                   "--link", json.dumps(dataclasses.asdict(self.link)), *self.worker_args]
             env = {**os.environ, **self.worker_env, "MOEJAX_PD_AUTHKEY": self._authkey.hex()}
             self._workers[role] = _Worker(role, self._generations[role],
                                           subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL))

@@ -19,7 +19,8 @@ from moejax.engine.kv_transfer import Handoff, LayerKVState
 class LayerStreamer:
     """Call `after_step(engine.step())` after each step of `engine` (its requests added with
     handoff=True): `send_layer(request_id, layer, state)` for each layer as it becomes final, then
-    `finish(handoff, layers)` once the request is handed off (`layers`: all its payload's layers)."""
+    `finish(handoff, layers)` once the request is handed off (`layers`: all its payload's layers; the
+    hand-off is taken out of `engine.handoffs`)."""
 
     def __init__(self, engine: Engine, send_layer: Callable[[int, int, LayerKVState], None],
                  finish: Callable[[Handoff, list[int]], None]):

@@ -136,7 +136,7 @@ def run_prefill(engine, control: Control, args) -> None:
                 elif op == "connect":
                     sender.connect_to(tuple(m["address"]))
                 elif op == "link":
-                    sender.set_rate(m["rate_bytes_per_s"], m.get("latency_s"))
+                    sender.set_link(LinkSpec(**m["link"]))
                 elif op == "cut":
                     sender.cut(m["times"])
                 elif op == "stop":
@@ -155,6 +155,7 @@ def run_decode(engine, control: Control, args) -> None:
     import queue
 
     from moejax.engine.kv_transfer import KVTransferError
+    from moejax.engine.sampling import RequestError
     from moejax.pd.link import KVReceiver
 
     receiver = KVReceiver()
@@ -179,7 +180,7 @@ def run_decode(engine, control: Control, args) -> None:
                     continue
                 try:
                     engine.add_prefilled(handoff, request_id=handoff.request_id)
-                except KVTransferError as e:
+                except (KVTransferError, RequestError) as e:  # a payload that does not fit: prefilled here instead
                     control.send(op="kv_failed", request_id=handoff.request_id, attempt=attempt, reason=str(e))
                     continue
                 seen.add(handoff.request_id)
