@@ -81,6 +81,14 @@ def test_two_processes_give_one_engines_tokens(router, reference):
     assert link["bytes_sent"] == link["bytes_received"] == link["kv_bytes_shipped"]
     with pytest.raises(RequestError, match=r"outside the vocabulary \[0, 512\)"):
         router.submit([1, 2, 999], GREEDY)
+    seen = []  # the threshold hook decides: here it keeps a long prompt home
+    router.choose_threshold = lambda state: seen.append(state) or 10**9
+    try:
+        out, info = run(router, ps[3:4])
+    finally:
+        router.choose_threshold = None
+    assert out == reference(ps[3:4]) and info[0]["route"] == "local"
+    assert len(seen) == 1 and seen[0].link_rate == FAST and seen[0].prefill_queue == 0
 
 
 def test_cut_link_is_retried_then_the_request_prefills_locally(router, reference):

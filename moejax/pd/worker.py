@@ -94,11 +94,11 @@ def admit(control: Control, m: dict, add_request, **how) -> bool:
     from moejax.engine.sampling import RequestError
 
     try:
-        engine_request = add_request(m["prompt_token_ids"], m["params"], request_id=m["request_id"], **how)
+        add_request(m["prompt_token_ids"], m["params"], request_id=m["request_id"], **how)
     except RequestError as e:
         control.send(op="rejected", request_id=m["request_id"], attempt=m["attempt"], error=str(e))
         return False
-    return engine_request is not None
+    return True
 
 
 def run_prefill(engine, control: Control, args) -> None:
