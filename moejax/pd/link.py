@@ -116,7 +116,8 @@ class KVSender:
 
     # --- what the prefill side calls ------------------------------------------------------------------
     def send_layer(self, request_id: int, attempt: int, layer: int, state: LayerKVState) -> None:
-        self._queue(request_id, attempt, layer % self.link.connections, layer_message(request_id, attempt, layer, state))
+        message = layer_message(request_id, attempt, layer, state)
+        self._queue(request_id, attempt, layer % self.link.connections, message)
 
     def finish(self, handoff: Handoff, attempt: int, layers: list[int]) -> None:
         """Queue the request message: the last of the request's messages (its layers are queued)."""

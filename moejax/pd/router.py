@@ -86,7 +86,8 @@ class Router:
     def __init__(self, model: str, *, threshold: int = 32, choose_threshold: Callable[[RouterState], int] | None = None,
                  link: LinkSpec = LinkSpec(), max_link_wait_s: float | None = None, seed: int = 0,
                  engine_options: dict | None = None, retries: int = 3, restart: bool = True,
-                 admit_timeout_s: float = 60.0, max_restarts: int = 3, worker_args: Sequence[str] = (), worker_env: dict | None = None):
+                 admit_timeout_s: float = 60.0, max_restarts: int = 3, worker_args: Sequence[str] = (),
+                 worker_env: dict | None = None):
         """engine_options: moejax.engine.build's sizes for both engines (the same on both: a request's
         KV must fit the decode side). max_link_wait_s: None never keeps a long prompt home."""
         self.model, self.seed, self.link = model, seed, link
@@ -119,10 +120,21 @@ class Router:
         return self
 
     def wait_ready(self, timeout: float = 300) -> None:
+        """Wait until both processes serve; one that exits before it does is an error (its stderr,
+        this process's, says why: e.g. an engine option it does not take)."""
+        def failed() -> list[str]:
+            return [f"the {r} process exited with code {w.process.returncode} before serving"
+                    for r, w in self._workers.items() if w.pid is None and w.process.poll() is not None]
+
+        deadline = time.monotonic() + timeout
         with self._lock:
-            if not self._changed.wait_for(lambda: all(self._up(r) for r in ROLES) or self._closed, timeout):
-                raise TimeoutError(f"pd processes not up after {timeout} s: "
-                                   f"{[r for r in ROLES if not self._up(r)]}")
+            while not all(self._up(r) for r in ROLES):
+                if failed():
+                    raise RuntimeError("; ".join(failed()))
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"pd processes not up after {timeout} s: "
+                                       f"{[r for r in ROLES if not self._up(r)]}")
+                self._changed.wait(0.5)
 
     def close(self) -> None:
         with self._lock:

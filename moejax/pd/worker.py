@@ -110,7 +110,8 @@ def run_prefill(engine, control: Control, args) -> None:
 
     def sent(t, seconds):
         control.send(op="sent", request_id=t.request_id, attempt=t.attempt, kv_bytes=t.bytes_sent,
-                     transfer_s=seconds, failures=t.failures, bytes_before_handoff=early.pop((t.request_id, t.attempt), 0))
+                     transfer_s=seconds, failures=t.failures,
+                     bytes_before_handoff=early.pop((t.request_id, t.attempt), 0))
 
     def failed(t, why):
         control.send(op="kv_failed", request_id=t.request_id, attempt=t.attempt, reason=why)
