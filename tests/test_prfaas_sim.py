@@ -158,3 +158,22 @@ def test_less_bandwidth_offloads_less_in_the_deployment(deployment):
         deployment.with_link_gbps(0)
     with pytest.raises(ValueError, match="prefill_instances=0"):
         simulate(deployment, make_workload("longctx", 1.0, 20), threshold=NEVER, prefill_instances=0, decode_instances=2)
+
+
+def test_cli_writes_per_request_routes_bytes_and_link_use(tmp_path, capsys):
+    import json
+
+    from moejax.cli import main
+
+    path = tmp_path / "prfaas.json"
+    assert main(["prfaas", "--num-requests", "200", "--link-gbps", "25", "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    reqs, plan, metrics = out["requests"], out["plan"], out["metrics"]
+    assert len(reqs) == 200 and out["link_gbps"] == 25
+    assert all((r["route"] == "prfaas") == (r["prompt_len"] >= plan["threshold"]) for r in reqs)
+    assert sum(r["kv_bytes"] for r in reqs) == metrics["kv_bytes_shipped"] > 0
+    assert metrics["link_utilisation"] == pytest.approx(
+        sum(r["transfer_s"] for r in reqs) / metrics["makespan_s"])
+    assert "capacity" in capsys.readouterr().out
+    assert main(["prfaas", "--link-gbps", "0"]) == 2
+    assert "link bandwidth must be positive" in capsys.readouterr().err
