@@ -64,6 +64,8 @@ def test_profile_rejects_mismatched_arrays():
         RequestProfile(np.arange(3), np.ones(3), np.ones(3), np.ones(2), decode_rps=1.0)
     with pytest.raises(ValueError, match="local_instances"):
         choose_split(random_profile(0), prfaas_instances=1, local_instances=0, link_bytes_per_s=1.0)
+    with pytest.raises(ValueError, match="unknown PrfaaS model 'nope'"):
+        get_pd_model("nope")
 
 
 def test_model_kv_bytes_are_kv_cache_accounting_plus_fixed_state():

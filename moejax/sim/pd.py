@@ -38,7 +38,7 @@ from moejax.sim.pricing import ExpectedPricer
 from moejax.sim.workloads import WorkloadRequest
 
 KV_MEMORY_FRACTION = 0.9  # of device memory left after the weights, for KV (activations, fragmentation)
-_PREFILL_GRID = np.unique(np.geomspace(16, 262144, 57).round().astype(np.int64))  # lengths priced exactly
+_PREFILL_GRID = np.unique(np.geomspace(1, 262144, 64).round().astype(np.int64))  # lengths priced exactly
 
 
 @cache
@@ -63,7 +63,7 @@ def _prefill_curve(model: PdModel, hardware: Hardware) -> np.ndarray:
 
 def prefill_seconds(model: PdModel, hardware: Hardware, prompt_len) -> np.ndarray:
     """Seconds to prefill prompts of `prompt_len` tokens ([n]) on one instance, one prompt at a time:
-    the cost model at 57 lengths (16 .. 256K, geometric), linear in between."""
+    the cost model at ~60 lengths (1 .. 256K, geometric), linear in between."""
     n = np.asarray(prompt_len, float)
     if np.any(n < 1) or np.any(n > _PREFILL_GRID[-1]):
         raise ValueError(f"prompt lengths must be in [1, {_PREFILL_GRID[-1]}], got {n.min():.0f} .. {n.max():.0f}")
