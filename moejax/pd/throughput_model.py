@@ -71,9 +71,10 @@ class Capacity:
 
     @property
     def bound(self) -> str:
-        """The term that binds: prfaas_compute, link, pd_prefill or pd_decode."""
-        terms = {k: getattr(self, k) for k in ("prfaas_compute", "link", "pd_prefill", "pd_decode")}
-        return min(terms, key=terms.get)
+        """The binding term(s): prfaas_compute, link, pd_prefill, pd_decode; those within 0.1% of Λ joined by
+        "+" (an optimum often balances two)."""
+        lam = self.throughput
+        return "+".join(k for k in ("prfaas_compute", "link", "pd_prefill", "pd_decode") if getattr(self, k) <= lam * 1.001)
 
     def egress_bytes_per_s(self, profile: RequestProfile, rate: float | None = None) -> float:
         """Link bytes/s at arrival rate `rate` (default Λ_max)."""
