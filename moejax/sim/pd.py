@@ -121,6 +121,15 @@ class Deployment:
     tbt_target_s: float = 0.05
     max_batch: int = 512
 
+    def __post_init__(self):
+        if self.prfaas_instances < 0:
+            raise ValueError(f"Deployment.prfaas_instances must be >= 0, got {self.prfaas_instances}")
+        if self.local_instances < 1:
+            raise ValueError(f"Deployment.local_instances must be >= 1 (decode runs locally), got {self.local_instances}")
+        if not self.tbt_target_s > 0 or self.max_batch < 1:
+            raise ValueError(f"Deployment: tbt_target_s must be positive and max_batch >= 1, got "
+                             f"{self.tbt_target_s} and {self.max_batch}")
+
     @property
     def link_bytes_per_s(self) -> float:
         return self.link.effective_bandwidth
@@ -134,9 +143,9 @@ class Deployment:
 
 def _decode_plan(dep: Deployment, requests: list[WorkloadRequest]) -> DecodePlan:
     """The decode plan at the requests' mean prompt and output lengths."""
-    mean = lambda f: int(round(np.mean([f(r) for r in requests])))  # noqa: E731
-    return decode_plan(dep.model, dep.local, mean(lambda r: r.prompt_len), mean(lambda r: r.output_len),
-                       dep.tbt_target_s, dep.max_batch)
+    prompt = int(round(np.mean([r.prompt_len for r in requests])))
+    output = int(round(np.mean([r.output_len for r in requests])))
+    return decode_plan(dep.model, dep.local, prompt, output, dep.tbt_target_s, dep.max_batch)
 
 
 def profile(dep: Deployment, requests: list[WorkloadRequest]) -> tuple[RequestProfile, DecodePlan]:
