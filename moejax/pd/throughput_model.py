@@ -82,10 +82,10 @@ class Capacity:
         return rate * float(np.mean(profile.kv_bytes * (profile.prompt_len >= self.threshold)))
 
 
-def _sweep(profile: RequestProfile, prfaas_instances: int, prefill_instances: int, decode_instances: int,
+def _sweep(profile: RequestProfile, prfaas_instances: int, prefill_instances: int,
            link_bytes_per_s: float) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Λ's terms at every candidate threshold: the sample's distinct lengths, ascending, then NEVER.
-    Returns thresholds [m] and the terms [share, prfaas_compute, link, pd_prefill] each [m]."""
+    """Λ's length-dependent terms at every candidate threshold: the sample's distinct lengths, ascending,
+    then NEVER. Returns thresholds [m] and the terms [prfaas_compute, link, pd_prefill] each [m]."""
     order = np.argsort(profile.prompt_len, kind="stable")
     lengths = np.asarray(profile.prompt_len)[order]
     n = len(lengths)
@@ -106,7 +106,7 @@ def _sweep(profile: RequestProfile, prfaas_instances: int, prefill_instances: in
         prfaas = np.where(share > 0, prfaas_instances * n / tail_sum(profile.prfaas_prefill_s), np.inf)
         link = np.where(share > 0, link_bytes_per_s * n / tail_sum(profile.kv_bytes), np.inf)
         local = np.where(share < 1, prefill_instances * n / head_sum(profile.local_prefill_s), np.inf)
-    return thresholds, [share, prfaas, link, local]
+    return thresholds, [prfaas, link, local]
 
 
 def capacity(profile: RequestProfile, threshold: float, *, prfaas_instances: int, prefill_instances: int,
@@ -137,8 +137,7 @@ def choose_threshold(profile: RequestProfile, *, prfaas_instances: int, prefill_
             raise ValueError(f"{name} must be >= 0, got {v}")
     if not link_bytes_per_s >= 0:
         raise ValueError(f"link_bytes_per_s must be >= 0, got {link_bytes_per_s}")
-    thresholds, (share, prfaas, link, local) = _sweep(profile, prfaas_instances, prefill_instances,
-                                                      decode_instances, link_bytes_per_s)
+    thresholds, (prfaas, link, local) = _sweep(profile, prfaas_instances, prefill_instances, link_bytes_per_s)
     lam = np.minimum(np.minimum(np.minimum(prfaas, link), local), decode_instances * profile.decode_rps)
     best = len(lam) - 1 - int(np.argmax(lam[::-1]))  # the last maximum: highest t
     return capacity(profile, thresholds[best], prfaas_instances=prfaas_instances,
