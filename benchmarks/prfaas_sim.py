@@ -171,11 +171,15 @@ def render(r: dict) -> str:
           f"the hybrids here (the paper: {33.35 / 8.25:.1f}–{59.93 / 2.59:.0f}×). Our Φ_kv is higher than the "
           "paper's by the ratio column: our prefill is faster (the last column is the prefill time the paper's "
           "Φ_kv implies for our KV bytes). The roofline runs a 32K prefill at ~70% of the H200s' dense bf16 "
-          "peak with the attention core at the same efficiency; the paper profiles real kernels (at 32K the "
-          "quadratic attention, MoE dispatch and TP communication keep measured MFU well below that), which "
-          f"matters most for the small-active models (Kimi Linear, 3B active: ×{phi['kimi-linear-48b-a3b']['ratio_to_paper']:.1f}; "
-          f"Ring-2.5-1T, 63B active: ×{phi['ring-2.5-1t']['ratio_to_paper']:.1f}). KV bytes themselves may differ too (state dtype, which layers the paper counts); the ranking "
-          "and the dense-vs-hybrid gap hold.",
+          "peak, attention core included: an upper bound on speed. How the paper timed its prefills our notes do "
+          "not say; real 32K prefills (attention kernels, MoE dispatch, TP communication) run below such a "
+          "roofline, and the gap is widest for the small-active models, where fixed costs weigh most (Kimi Linear, "
+          f"3B active: ×{phi['kimi-linear-48b-a3b']['ratio_to_paper']:.1f}; Ring-2.5-1T, 63B active: "
+          f"×{phi['ring-2.5-1t']['ratio_to_paper']:.1f}). KV bytes may differ too (state dtype, what the paper "
+          "counts). Order, highest Φ_kv first: ours " + " > ".join(sorted(phi, key=lambda k: -phi[k]["phi_kv_gbps"]))
+          + "; the paper's " + " > ".join(sorted(phi, key=lambda k: -phi[k]["paper_phi_kv_gbps"]))
+          + ". Dense above hybrid and Ring-2.5-1T lowest agree; among the other hybrids the order differs, "
+          "Kimi Linear moving up where our prefill is most optimistic.",
           "", "Model notes: " + "; ".join(f"**{k}**: {v['notes']}" for k, v in phi.items()) + ".",
           ""]
     d = r["deployment"]
