@@ -216,7 +216,7 @@ def render(r: dict) -> str:
           "",
           f"What agrees: the chosen t ({_t(ours['threshold'])}, {ours['offload_share']:.0%} offloaded) is close to the "
           f"paper's ≈ 19.4K (≈ 50%); the link carries about what the paper's does per served request (egress / Λ: "
-          f"{s['prfaas']['egress_gb_per_request']:.2f} GB, the paper's 13 Gbps at 3.24 req/s: "
+          f"{s['prfaas']['egress_gb_per_request']:.2f} GB, the paper's 13 Gbps over its 3.24 req/s, if both are one operating point: "
           f"{P['egress_gb_per_request']:.2f} GB); at 100 Gbps the link does not bind for this hybrid "
           f"({ours['egress_gbps_at_capacity']:.0f} Gbps at capacity, {s['prfaas']['metrics']['link_utilisation']:.0%} "
           "busy at the common rate); PrfaaS "
