@@ -245,8 +245,8 @@ def _assign(tokens, replicas, num_instances, policy):
 def assign_activations(tokens, replicas, num_instances: int, policy: str = "janus") -> jax.Array:
     """The chosen instance [E] (or [L, E]) of every activated expert, -1 where no token activated it
     (module docstring). tokens [E] / [L, E] int; replicas [E, R] / [L, E, R] int, -1 padding (replicas
-    [E, R] with tokens [L, E] is used for every layer). The instance count is padded to a power of two
-    so that searches over instance counts share compiled programs."""
+    [E, R] with tokens [L, E] is used for every layer). Instance and replica counts are padded (powers of
+    two, at least 8 and 4) so that searches over deployments share compiled programs."""
     if policy not in POLICIES:
         raise ValueError(f"unknown activation policy {policy!r}; policies: {', '.join(POLICIES)}")
     tokens = jnp.asarray(tokens, jnp.int32)
@@ -257,8 +257,14 @@ def assign_activations(tokens, replicas, num_instances: int, policy: str = "janu
     if replicas.ndim != tokens.ndim + 1:
         raise ValueError(f"tokens {tokens.shape} and replicas {replicas.shape} disagree on the layer dimension")
     num_instances = int(num_instances)
-    padded = 1 << max(num_instances - 1, 0).bit_length()
-    return _assign(tokens, jnp.asarray(replicas, jnp.int32), padded, policy)
+    pad_r = _padded(replicas.shape[-1], 4) - replicas.shape[-1]
+    replicas = np.pad(replicas, [(0, 0)] * (replicas.ndim - 1) + [(0, pad_r)], constant_values=-1)
+    return _assign(tokens, jnp.asarray(replicas, jnp.int32), _padded(num_instances, 8), policy)
+
+
+def _padded(n: int, least: int) -> int:
+    """The next power of two >= max(n, least): one compiled program serves many sizes."""
+    return 1 << max(max(n, least) - 1, 0).bit_length()
 
 
 def instance_load(assign: np.ndarray, tokens: np.ndarray, num_instances: int) -> tuple[np.ndarray, np.ndarray]:
