@@ -18,8 +18,8 @@ Systems, all priced by the same cost model:
                no micro-batch overlap
 
 An SLO no deployment within `max_gpus` meets gives a plan with feasible=False and the closest
-deployment: the highest throughput within the SLO if the rate is what is out of reach, else the
-lowest step time.
+deployment: the most tokens/s within the SLO if the rate is what is out of reach, else the lowest
+step time.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ class Planner:
         if rate <= 0 or output_len <= 0:
             raise ValueError(f"rate and output_len must be > 0, got rate={rate}, output_len={output_len}")
         demand = rate * output_len
-        best, within = None, None  # (gpus, -tokens/s) minimal; max tokens/s within the SLO
+        best, within = None, None  # (gpus, -tokens/s) minimal; the most tokens/s within the SLO
         fastest = None
         for d, batches, steps in self.curves(system):
             for b, s in zip(batches, steps):
@@ -174,7 +174,7 @@ class Planner:
                 if s.seconds > self.slo:
                     continue
                 tput = b / s.seconds
-                if within is None or tput / d.gpus > within[1] / within[0].gpus:
+                if within is None or (tput, -d.gpus) > (within[1], -within[0].gpus):
                     within = (d, tput, b, s)
                 if tput >= demand:
                     key = (d.gpus, -tput)
@@ -190,7 +190,7 @@ class Planner:
         if within is not None:
             d, tput, b, s = within
             note = (f"infeasible: {demand:.0f} tokens/s needed, at most {tput:.0f} within TPOT {self.slo} s on "
-                    f"{self.max_gpus} GPUs (closest: the highest throughput per GPU within the SLO)")
+                    f"{self.max_gpus} GPUs (closest: the most tokens/s within the SLO)")
             return self._plan(system, d, b, s, False, demand, note)
         d, b, s = fastest
         note = (f"infeasible: no deployment reaches TPOT {self.slo} s; the fastest step is "
