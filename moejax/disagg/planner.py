@@ -14,8 +14,8 @@ Systems, all priced by the same cost model:
                the busiest instance), 1..3 micro-batches
     megascale  MegaScale-Infer-like: disaggregated at a fixed attention:MoE instance ratio, the same
                replicas served token-balanced (EPLB-like), 1..3 micro-batches
-    colocated  SGLang-like DP attention + expert parallelism on the same G devices, no replicas,
-               no micro-batch overlap
+    colocated  SGLang-like DP attention + expert parallelism on the same G devices (G divides the
+               experts: each device holds E / G), no replicas, no micro-batch overlap
 
 An SLO no deployment within `max_gpus` meets gives a plan with feasible=False and the closest
 deployment: the most tokens/s within the SLO if the rate is what is out of reach, else the lowest
@@ -117,8 +117,8 @@ class Planner:
         E, G = self.cfg.num_experts, self.max_gpus
         out = []
         if system == "colocated":
-            for g in (n for n in INSTANCE_COUNTS if n <= G):
-                slots = -(-E // g)
+            for g in (n for n in INSTANCE_COUNTS if n <= G and E % n == 0):  # experts shard evenly, as
+                slots = E // g                                                 # meshes.Layout requires
                 if slots <= self.cm.max_expert_slots(colocated_batch=0):
                     out.append(Deployment("colocated", g, g, 1, slots, "token"))
             return out
