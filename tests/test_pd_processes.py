@@ -25,11 +25,10 @@ FAST = 4e6  # bytes/s: a tiny model's KV over a scaled link
 
 
 @pytest.fixture(scope="module")
-def router(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax-cache")
+def router():
+    """The processes inherit tests/conftest.py's compilation cache through the environment."""
     r = Router(MODEL, threshold=THRESHOLD, link=LinkSpec(FAST, latency_s=0.002, connections=3), engine_options=SIZES,
-               retries=2, worker_args=["--matmul-precision", "highest"],  # as tests/conftest.py sets it here
-               worker_env={"JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+               retries=2, worker_args=["--matmul-precision", "highest"])  # as tests/conftest.py sets it here
     r.start()
     yield r
     r.close()
