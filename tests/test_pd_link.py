@@ -83,6 +83,7 @@ def streamed_engine():
     return build(model(), policy="layered", group_table=(), max_groups=L, **SIZES)
 
 
+@pytest.mark.slow  # compiles a layered prefill engine's per-layer programs besides the fused ones
 def test_layers_leave_while_the_prompt_prefills_and_decode_elsewhere_as_one_engine():
     m = model()
     L = m.config.num_layers
