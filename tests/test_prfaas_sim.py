@@ -179,3 +179,21 @@ def test_cli_writes_per_request_routes_bytes_and_link_use(tmp_path, capsys):
     assert "capacity" in capsys.readouterr().out
     assert main(["prfaas", "--link-gbps", "0"]) == 2
     assert "link bandwidth must be positive" in capsys.readouterr().err
+
+
+def test_router_threshold_follows_the_link_the_router_sees():
+    """ModelThreshold (the router's hook): the model's t at the nominal rate while nothing waits for the
+    link; once a backlog builds, t at the measured throughput — higher, offloading less."""
+    from moejax.pd.router import ModelThreshold, RouterState
+
+    prof = random_profile(7)
+    hook = ModelThreshold(prof, prfaas_instances=1, prefill_instances=1, decode_instances=1)
+    split = dict(prfaas_instances=1, prefill_instances=1, decode_instances=1)
+    idle = RouterState(link_throughput=0.0, link_backlog_bytes=0, link_rate=3e7, prefill_queue=0, decode_queue=0)
+    slow = RouterState(link_throughput=1e6, link_backlog_bytes=5_000_000, link_rate=3e7, prefill_queue=2, decode_queue=3)
+    t_idle, t_slow = hook(idle), hook(slow)
+    assert t_idle == choose_threshold(prof, **split, link_bytes_per_s=3e7).threshold
+    want_slow = choose_threshold(prof, **split, link_bytes_per_s=1e6).threshold
+    assert t_slow == (want_slow if np.isfinite(want_slow) else np.iinfo(np.int64).max)
+    assert t_slow > t_idle
+    assert (prof.prompt_len >= t_slow).mean() < (prof.prompt_len >= t_idle).mean()

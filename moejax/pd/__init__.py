@@ -15,7 +15,7 @@ The simulated deployment (a PrfaaS cluster, a local PD cluster, one link) is moe
 """
 
 from moejax.pd.link import KVReceiver, KVSender, LinkSpec, TokenBucket
-from moejax.pd.router import Router, RouterState
+from moejax.pd.router import ModelThreshold, Router, RouterState
 from moejax.pd.streaming import LayerStreamer
 
-__all__ = ["KVReceiver", "KVSender", "LayerStreamer", "LinkSpec", "Router", "RouterState", "TokenBucket"]
+__all__ = ["KVReceiver", "KVSender", "LayerStreamer", "LinkSpec", "ModelThreshold", "Router", "RouterState", "TokenBucket"]

@@ -4,7 +4,8 @@ A prompt whose uncached length is at least the threshold `t` is prefilled by the
 its KV streamed to the decode process over the link; a shorter one is prefilled by the decode
 process itself. (No engine keeps a prefix cache yet: a prompt's uncached length is its length.)
 `t` is a setting, or `choose_threshold(state) -> t` decides it per request from the router's view
-(RouterState: link throughput and backlog, queues). When the link saturates — the KV already
+(RouterState: link throughput and backlog, queues); `ModelThreshold` is that hook driven by PrfaaS's
+throughput model (moejax.pd.throughput_model) at the bandwidth the link shows. When the link saturates — the KV already
 waiting for it (the sender's backlog plus the requests still prefilling there, at the bytes per
 token measured so far) would take more than `max_link_wait_s` at its measured throughput — a long
 prompt is prefilled locally instead, which lowers the offload share until the link drains.
@@ -34,6 +35,7 @@ from multiprocessing.connection import Listener
 
 from moejax.engine.sampling import RequestError, SamplingParams, check_token_ids
 from moejax.pd.link import LinkSpec
+from moejax.pd.throughput_model import RequestProfile, choose_threshold
 
 ROLES = ("prefill", "decode")
 
@@ -69,6 +71,31 @@ class RouterState:
     link_rate: float | None  # the link's nominal bytes/s
     prefill_queue: int  # requests at the prefill process
     decode_queue: int  # requests at the decode process
+
+
+@dataclass(frozen=True)
+class ModelThreshold:
+    """A `choose_threshold` hook: t maximising the throughput model's Λ for this deployment's request
+    profile (prefill seconds per prompt on either side, KV bytes shipped), chosen again at every
+    arrival with the bandwidth the link shows — its nominal rate while nothing waits for it, the
+    measured throughput once a backlog builds — so a slower link raises t and lowers the offload share.
+    The defaults describe this router's deployment: one prefill process and one decode process that
+    also prefills the short prompts."""
+
+    profile: RequestProfile
+    prfaas_instances: int = 1
+    prefill_instances: int = 1
+    decode_instances: int = 1
+
+    def bandwidth(self, state: RouterState) -> float:
+        busy = state.link_backlog_bytes > 0 and state.link_throughput > 0
+        return state.link_throughput if busy or not state.link_rate else state.link_rate
+
+    def __call__(self, state: RouterState) -> int:
+        best = choose_threshold(self.profile, prfaas_instances=self.prfaas_instances,
+                                prefill_instances=self.prefill_instances, decode_instances=self.decode_instances,
+                                link_bytes_per_s=self.bandwidth(state))
+        return sys.maxsize if best.threshold == float("inf") else int(best.threshold)
 
 
 @dataclass
