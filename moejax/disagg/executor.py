@@ -47,6 +47,8 @@ from moejax.sim.cost_model import ATTENTION_KERNELS, CostModel
 from moejax.sim.hardware import get_hardware
 
 MOST_MICRO_BATCHES = 3
+SUMMED = ("exchange_bytes", "exchange_messages", "exchange_cross_host_bytes", "exchange_cross_host_messages",
+          "attention_busy_s", "expert_busy_s", "exchange_busy_s", "pool_overlap_s", "pools_wall_s")
 
 
 @jax.jit
@@ -92,6 +94,7 @@ class DisaggExecutor(JaxExecutor):
         self.timeline = Timeline()
         self._group: tuple[RowMap, tuple] | None = None
         self._step_m, self._step_form = 1, "direct"
+        self.totals: dict[str, float] = {}
 
     # --- one step -------------------------------------------------------------------------------------
     def execute(self, plan: IterationPlan) -> StepResult:
@@ -106,7 +109,23 @@ class DisaggExecutor(JaxExecutor):
                             attention_busy_s=pools.attention_s, expert_busy_s=pools.experts_s,
                             exchange_busy_s=pools.exchange_s, pool_overlap_s=pools.overlap_s,
                             pools_wall_s=pools.wall_s, **pools.fractions())
+        if plan.slices:
+            for k in SUMMED:
+                self.totals[k] = self.totals.get(k, 0) + result.extra[k]
+            self.totals["steps"] = self.totals.get("steps", 0) + 1
         return result
+
+    def disagg_summary(self) -> dict:
+        """The run's exchange and pool metrics (moejax.runs puts them in the run JSON): totals, per-step
+        means of bytes and messages, and busy fractions over the steps' measured wall time."""
+        t, steps = self.totals, max(self.totals.get("steps", 0), 1)
+        wall = t.get("pools_wall_s", 0.0) or 1.0
+        return {**{k: t.get(k, 0) for k in ("steps", *SUMMED)},
+                **{f"{k}_per_step": t.get(k, 0) / steps for k in SUMMED if k.startswith("exchange_") and k[-1] != "s"},
+                "attention_busy": t.get("attention_busy_s", 0.0) / wall,
+                "expert_busy": t.get("expert_busy_s", 0.0) / wall,
+                "pool_overlap": t.get("pool_overlap_s", 0.0) / wall,
+                "micro_batches": self.micro_batches, "exchange": self.form}
 
     def choose(self, plan: IterationPlan) -> tuple[int, str]:
         """(micro-batches, exchange form) for a plan: given, or the cost model's pick. Attention and
