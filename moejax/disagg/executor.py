@@ -36,7 +36,7 @@ from moejax.disagg.exchange import FORMS, HOST_NETWORK, Exchange, host_map, seco
 from moejax.disagg.microbatch import choose_micro_batches, split_rows
 from moejax.disagg.timeline import Timeline
 from moejax.engine.jax_executor import JaxExecutor, RowMap, _scatter_rows, kv_blocks_for
-from moejax.engine.metadata import to_device
+from moejax.engine.metadata import bucket, to_device
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.engine.traffic import layer_stats
 from moejax.meshes import LayoutError
@@ -149,7 +149,7 @@ class DisaggExecutor(JaxExecutor):
     def exchange_plan_seconds(self, tokens: int, form: str) -> tuple[float, int]:
         """(modelled seconds, messages) of one layer's exchange of `tokens` rows both ways by `form`."""
         cfg = self.config
-        T = max(self.row_shards, tokens + (-tokens) % self.row_shards)
+        T = bucket(-(-tokens // self.row_shards)) * self.row_shards  # rows as the row map pads them
         there = self.exchange.plan_for((T, cfg.hidden_size), self._to_attention, self._to_experts, form)
         back = self.exchange.plan_for((T, cfg.hidden_size), self._to_experts, self._to_attention, form)
         row_out = cfg.hidden_size * cfg.dtype_bytes
