@@ -4,6 +4,8 @@ exchange's plans deliver every row and the two forms send what they claim; micro
 request whole; the pools' busy time comes from dispatch / ready times; bad layouts and options are
 clear errors."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -54,7 +56,7 @@ def split_model(arch: str, layout: str):
 @pytest.mark.parametrize("policy, m, form", [
     ("chunked@8", 1, "direct"),      # prompts chunked, mixed with decodes
     ("chunked@8", 2, "two_phase"),   # two micro-batches ping-pong; rows cross by host pairs
-    ("layered", 2, "direct"),        # layer groups, hidden rows kept between iterations
+    pytest.param("layered", 2, "direct", marks=pytest.mark.slow),  # layer groups, hidden rows kept between iterations
 ])
 def test_greedy_equals_colocated_4_4(policy, m, form):
     got, engine = generate(split_model(ARCH, "cpu8-attn4-exp4"), "disagg", policy=policy, micro_batches=m,
@@ -64,6 +66,7 @@ def test_greedy_equals_colocated_4_4(policy, m, form):
     assert steps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["cpu8-attn2-exp6", "cpu8-attn6-exp2"])
 def test_greedy_equals_colocated_other_splits(layout):
     model = split_model(ARCH, layout)
@@ -121,6 +124,11 @@ def test_exchange_forms_deliver_identical_rows(hosts):
         back = exchange.move(a, rows_split, form)
         for shard in back.addressable_shards:
             np.testing.assert_array_equal(np.asarray(shard.data), x[shard.index], err_msg=form)
+    # the multi-process path (one resharding program over both pools' devices) delivers the same
+    union = exchange._union_move(jax.device_put(x, rows_split), replicated)
+    assert all(np.array_equal(np.asarray(s.data), x) for s in union.addressable_shards)
+    back = exchange._union_move(union, rows_split)
+    assert all(np.array_equal(np.asarray(s.data), x[s.index]) for s in back.addressable_shards)
 
 
 def test_two_phase_crosses_hosts_once_per_host_pair():
@@ -220,3 +228,23 @@ def test_bad_options(options, match):
 def test_llm_picks_disagg_for_a_split_layout():
     llm = LLM(ARCH, seed=3, layout="cpu8-attn4-exp4", **SIZES)
     assert type(llm.engine.executor).__name__ == "DisaggExecutor"
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, capsys):
+    """2 processes x 4 CPU devices on loopback, each pool taking 2 devices of each process (moves are
+    resharding programs over both pools' devices): the same tokens as one process with 8 devices."""
+    from test_multihost import PROCESS_TIMEOUT_S, finish, free_port, launch
+
+    from moejax.cli import main
+
+    command = ["moejax", "generate", "--model", ARCH, "--layout", "cpu8-attn4-exp4", "--ignore-eos", "--json",
+               "--max-tokens", "4", "--prompt-token-ids", "1,2,3,4,5", "--prompt-token-ids", "7,8,9"]
+    assert main(command[1:]) == 0
+    want = json.loads(capsys.readouterr().out)["outputs"]
+    port = free_port()
+    procs = [launch(0, port, command, tmp_path), launch(1, port, command, tmp_path)]
+    codes = finish(procs, PROCESS_TIMEOUT_S)
+    assert codes == [0, 0], (tmp_path / "err0").read_text()[-3000:] + (tmp_path / "err1").read_text()[-3000:]
+    got = json.loads((tmp_path / "out0").read_text())["outputs"]
+    assert [o["token_ids"] for o in got] == [o["token_ids"] for o in want]

@@ -18,9 +18,11 @@ process (`emulated_hosts`: each pool's devices split into that many contiguous g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moejax.sim.hardware import GB, Link
 
@@ -164,9 +166,13 @@ class Exchange:
         return self._plans[key]
 
     def move(self, a: jax.Array, dst: jax.sharding.Sharding, form: str) -> jax.Array:
-        """`a` (split by rows at most) laid out by `dst`, every byte sent by `form`'s messages."""
+        """`a` (split by rows at most) laid out by `dst`, every byte sent by `form`'s messages. Over
+        several processes a process holds only its own devices' pieces: the move is then one
+        resharding program over both pools' devices (`_union_move`), counted as the form's plan."""
         messages = self.plan_for(a.shape, a.sharding, dst, form)
         self.sent += traffic_of(messages, a.nbytes // max(a.shape[0], 1))
+        if not (a.is_fully_addressable and dst.is_fully_addressable):
+            return self._union_move(a, dst)
         devices = {d.id: d for d in (*a.sharding.device_set, *dst.device_set)}
         held: dict[int, list[tuple[int, int, jax.Array]]] = {}  # device id -> pieces (lo, hi, array on it)
         for shard in a.addressable_shards:
@@ -181,10 +187,51 @@ class Exchange:
         return jax.make_array_from_single_device_arrays(
             a.shape, dst, [_take(held[d.id], *wanted[d.id]) for d in dst.addressable_devices])
 
+    def _union_move(self, a: jax.Array, dst: jax.sharding.Sharding) -> jax.Array:
+        """A multi-process move: JAX reshards only within one device set (on CPU and GPU), so the rows
+        go into an array over the union of both pools ([N, *piece]: each source device its piece,
+        each destination device zeros), one jitted program lays them out as the destination wants,
+        and the destination devices' pieces become the result."""
+        src = a.sharding
+        src_rows, dst_rows = _rows(src, a.shape), _rows(dst, a.shape)
+        by_id = {d.id: d for d in (*src.device_set, *dst.device_set)}
+        union = jax.sharding.Mesh(np.array([by_id[i] for i in (*src_rows, *dst_rows)]), ("u",))
+        spread = jax.sharding.NamedSharding(union, jax.sharding.PartitionSpec("u"))
+        src_piece, dst_piece = src.shard_shape(a.shape), dst.shard_shape(a.shape)
+        key = ("union", a.shape, a.dtype, src, dst)
+        if key not in self._plans:
+            self._plans[key] = jax.jit(partial(_lay_out, tuple(src_rows.values()), tuple(dst_rows.values()),
+                                               dst_piece), out_shardings=spread)
+        mine = {s.device.id: s.data for s in a.addressable_shards}
+        local = [mine[i][None] if i in mine else self._zeros(by_id[i], src_piece, a.dtype)
+                 for i in (*src_rows, *dst_rows) if by_id[i].process_index == jax.process_index()]
+        out = self._plans[key](jax.make_array_from_single_device_arrays((len(union.devices), *src_piece), spread,
+                                                                        local))
+        pieces = {s.device.id: s.data for s in out.addressable_shards}
+        return jax.make_array_from_single_device_arrays(a.shape, dst, [pieces[d.id][0] for d in dst.addressable_devices])
+
+    def _zeros(self, device, shape, dtype) -> jax.Array:
+        key = ("zeros", device.id, shape, dtype)
+        if key not in self._plans:
+            self._plans[key] = jax.device_put(np.zeros((1, *shape), dtype), device)
+        return self._plans[key]
+
     def take(self) -> Traffic:
         """What was sent since the last call."""
         sent, self.sent = self.sent, Traffic()
         return sent
+
+
+def _lay_out(src_rows: tuple, dst_rows: tuple, dst_piece: tuple, z: jax.Array) -> jax.Array:
+    """z [S + D, *source piece] (source devices first) -> [S + D, *destination piece]: destination
+    device n gets rows dst_rows[n] of the array the sources hold; source devices get zeros."""
+    parts, at = [], 0
+    for k, (lo, hi) in sorted(enumerate(src_rows), key=lambda p: p[1]):
+        if lo == at < hi:  # one holder per row range (replicas skipped)
+            parts.append(z[k][:hi - lo])
+            at = hi
+    full = jnp.concatenate(parts)
+    return jnp.stack([jnp.zeros(dst_piece, z.dtype)] * len(src_rows) + [full[lo:hi] for lo, hi in dst_rows])
 
 
 def _take(pieces: list[tuple[int, int, jax.Array]], lo: int, hi: int) -> jax.Array:

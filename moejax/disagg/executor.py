@@ -81,10 +81,6 @@ class DisaggExecutor(JaxExecutor):
         if exchange not in ("auto", *FORMS):
             raise ValueError(f"exchange={exchange!r}: expected auto, {', '.join(FORMS)}")
         super().__init__(model, num_blocks, block_size, max_model_len, fuse=False)
-        if any(q.mesh.is_multi_process for q in (p.attention, p.experts)):
-            raise LayoutError("executor 'disagg' runs in one process: JAX moves arrays between disjoint device sets "
-                              "of a multi-process mesh on the TFRT TPU runtime only (on CPU: 'input and target "
-                              "sharding should have the same set of devices')")
         self.micro_batches, self.form = micro_batches, exchange
         self.cost = CostModel(model.config, get_hardware(hardware))
         self.exchange = Exchange(host_map({"attention": list(p.attention.mesh.devices.flat),
@@ -233,9 +229,10 @@ def device_memory_bytes(device) -> int | None:
 
 def check_expert_pool(cfg: ModelConfig, placements: Placements, memory_bytes: int | None = None) -> None:
     """Refuse an expert pool whose devices cannot hold their share of the routed experts
-    (memory_bytes: per device; default what the pool's first device has)."""
+    (memory_bytes: per device; default what this process's first device of the pool has)."""
     need = routed_expert_bytes_per_device(cfg, placements)
-    have = memory_bytes if memory_bytes is not None else device_memory_bytes(placements.experts.mesh.devices.flat[0])
+    mine = [d for d in placements.experts.mesh.devices.flat if d.process_index == jax.process_index()]
+    have = memory_bytes if memory_bytes is not None else device_memory_bytes(mine[0])
     if have is not None and need > have:
         layout = placements.experts.layout
         raise LayoutError(f"the expert pool of layout part {layout.name!r} ({placements.experts.mesh.size} devices, "
