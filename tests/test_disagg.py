@@ -101,6 +101,10 @@ def test_step_metrics_count_the_exchange_and_the_pools():
     for extra in (prefill, decode):
         assert 0 < extra["attention_busy"] <= 1 and 0 < extra["expert_busy"] <= 1
         assert 0 <= extra["pool_overlap"] <= min(extra["attention_busy"], extra["expert_busy"])
+    summary = engine.executor.disagg_summary()  # what a run's JSON carries
+    assert summary["steps"] == len(outs)
+    assert summary["exchange_bytes"] == sum(o["exchange_bytes"] for o in outs)
+    assert summary["exchange_messages_per_step"] == sum(o["exchange_messages"] for o in outs) / len(outs)
 
 
 def _exchange_rows(T=16, D=6):

@@ -152,18 +152,19 @@ def plan(src_rows: dict[int, tuple[int, int]], dst_rows: dict[int, tuple[int, in
 
 class Exchange:
     """Moves row-split arrays between the two pools by a planned form, counting what it sends.
-    Plans are cached per (shape, shardings, form): steady state plans nothing."""
+    Plans (and the multi-process move's programs) are cached per shape and shardings: steady state
+    plans nothing."""
 
     def __init__(self, host: dict[int, int]):
         self.host = host
         self.sent = Traffic()  # running total since the last `take`
-        self._plans: dict = {}
+        self._cache: dict = {}
 
     def plan_for(self, shape: tuple[int, ...], src, dst, form: str) -> tuple[Message, ...]:
         key = (shape, src, dst, form)
-        if key not in self._plans:
-            self._plans[key] = plan(_rows(src, shape), _rows(dst, shape), self.host, form)
-        return self._plans[key]
+        if key not in self._cache:
+            self._cache[key] = plan(_rows(src, shape), _rows(dst, shape), self.host, form)
+        return self._cache[key]
 
     def move(self, a: jax.Array, dst: jax.sharding.Sharding, form: str) -> jax.Array:
         """`a` (split by rows at most) laid out by `dst`, every byte sent by `form`'s messages. Over
@@ -199,22 +200,22 @@ class Exchange:
         spread = jax.sharding.NamedSharding(union, jax.sharding.PartitionSpec("u"))
         src_piece, dst_piece = src.shard_shape(a.shape), dst.shard_shape(a.shape)
         key = ("union", a.shape, a.dtype, src, dst)
-        if key not in self._plans:
-            self._plans[key] = jax.jit(partial(_lay_out, tuple(src_rows.values()), tuple(dst_rows.values()),
+        if key not in self._cache:
+            self._cache[key] = jax.jit(partial(_lay_out, tuple(src_rows.values()), tuple(dst_rows.values()),
                                                dst_piece), out_shardings=spread)
         mine = {s.device.id: s.data for s in a.addressable_shards}
         local = [mine[i][None] if i in mine else self._zeros(by_id[i], src_piece, a.dtype)
                  for i in (*src_rows, *dst_rows) if by_id[i].process_index == jax.process_index()]
-        out = self._plans[key](jax.make_array_from_single_device_arrays((len(union.devices), *src_piece), spread,
+        out = self._cache[key](jax.make_array_from_single_device_arrays((len(union.devices), *src_piece), spread,
                                                                         local))
         pieces = {s.device.id: s.data for s in out.addressable_shards}
         return jax.make_array_from_single_device_arrays(a.shape, dst, [pieces[d.id][0] for d in dst.addressable_devices])
 
     def _zeros(self, device, shape, dtype) -> jax.Array:
         key = ("zeros", device.id, shape, dtype)
-        if key not in self._plans:
-            self._plans[key] = jax.device_put(np.zeros((1, *shape), dtype), device)
-        return self._plans[key]
+        if key not in self._cache:
+            self._cache[key] = jax.device_put(np.zeros((1, *shape), dtype), device)
+        return self._cache[key]
 
     def take(self) -> Traffic:
         """What was sent since the last call."""

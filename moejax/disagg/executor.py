@@ -47,6 +47,7 @@ from moejax.sim.cost_model import ATTENTION_KERNELS, CostModel
 from moejax.sim.hardware import get_hardware
 
 MOST_MICRO_BATCHES = 3
+# step metrics a run sums (the first four also per step in its summary)
 SUMMED = ("exchange_bytes", "exchange_messages", "exchange_cross_host_bytes", "exchange_cross_host_messages",
           "attention_busy_s", "expert_busy_s", "exchange_busy_s", "pool_overlap_s", "pools_wall_s")
 
@@ -117,7 +118,7 @@ class DisaggExecutor(JaxExecutor):
         t, steps = self.totals, max(self.totals.get("steps", 0), 1)
         wall = t.get("pools_wall_s", 0.0) or 1.0
         return {**{k: t.get(k, 0) for k in ("steps", *SUMMED)},
-                **{f"{k}_per_step": t.get(k, 0) / steps for k in SUMMED if k.startswith("exchange_") and k[-1] != "s"},
+                **{f"{k}_per_step": t.get(k, 0) / steps for k in SUMMED[:4]},
                 "attention_busy": t.get("attention_busy_s", 0.0) / wall,
                 "expert_busy": t.get("expert_busy_s", 0.0) / wall,
                 "pool_overlap": t.get("pool_overlap_s", 0.0) / wall,
