@@ -192,7 +192,9 @@ class Exchange:
         """A multi-process move: JAX reshards only within one device set (on CPU and GPU), so the rows
         go into an array over the union of both pools ([N, *piece]: each source device its piece,
         each destination device zeros), one jitted program lays them out as the destination wants,
-        and the destination devices' pieces become the result."""
+        and the destination devices' pieces become the result. It waits for its input and output:
+        left to run alongside the pools' own programs, the processes' gloo collectives deadlocked
+        (tiny-qwen3-moe on 2 processes x 4 CPU devices)."""
         src = a.sharding
         src_rows, dst_rows = _rows(src, a.shape), _rows(dst, a.shape)
         by_id = {d.id: d for d in (*src.device_set, *dst.device_set)}
@@ -203,12 +205,13 @@ class Exchange:
         if key not in self._cache:
             self._cache[key] = jax.jit(partial(_lay_out, tuple(src_rows.values()), tuple(dst_rows.values()),
                                                dst_piece), out_shardings=spread)
+        jax.block_until_ready(a)
         mine = {s.device.id: s.data for s in a.addressable_shards}
         local = [mine[i][None] if i in mine else self._zeros(by_id[i], src_piece, a.dtype)
                  for i in (*src_rows, *dst_rows) if by_id[i].process_index == jax.process_index()]
         out = self._cache[key](jax.make_array_from_single_device_arrays((len(union.devices), *src_piece), spread,
                                                                         local))
-        pieces = {s.device.id: s.data for s in out.addressable_shards}
+        pieces = {s.device.id: s.data for s in jax.block_until_ready(out).addressable_shards}
         return jax.make_array_from_single_device_arrays(a.shape, dst, [pieces[d.id][0] for d in dst.addressable_devices])
 
     def _zeros(self, device, shape, dtype) -> jax.Array:

@@ -18,6 +18,10 @@ experts run while micro-batch j+1 attends (per micro-batch: combine of the previ
 route, exchange, experts; nothing waits on the host). m comes from the cost model's attention and
 expert seconds for the step (microbatch.choose_micro_batches) unless given.
 
+Over several processes (moejax.launch) each pool spans every process and a move is one resharding
+program over both pools' devices, waited for on the host (exchange.Exchange._union_move): correct,
+but there the pools do not overlap.
+
 Greedy outputs equal the colocated executor's: every row sees the same operations on the same
 weights, only where they run changes. Step results carry the exchange's bytes and messages and the
 pools' busy fractions (moejax.disagg.timeline) in `extra`.
