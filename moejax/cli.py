@@ -280,6 +280,37 @@ def cmd_serve_http(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from moejax.config import get_preset
+    from moejax.disagg.planner import Planner
+    from moejax.sim.disagg import DisaggCostModel
+    from moejax.sim.hardware import get_hardware
+    from moejax.sim.routing import make_routing
+
+    cfg = get_preset(args.model)
+    cost = DisaggCostModel(cfg, get_hardware(args.hardware), make_routing(args.routing, cfg, seed=args.seed),
+                           context_len=args.prompt_len + args.output_len // 2,
+                           max_len=args.prompt_len + args.output_len, seed=args.seed)
+    planner = Planner(cost, args.slo_tpot, max_gpus=args.max_gpus)
+    systems = ("janus", "megascale", "colocated") if args.compare else ("janus",)
+    plans = {s: planner.plan(args.rate, args.output_len, s) for s in systems}
+    feasible = plans["janus"].feasible
+    if args.json:
+        json.dump({"model": cfg.name, "hardware": args.hardware, "rate": args.rate, "slo_tpot_s": args.slo_tpot,
+                   "prompt_len": args.prompt_len, "output_len": args.output_len, "routing": args.routing,
+                   "max_gpus": args.max_gpus, **plans.pop("janus").to_dict(),
+                   **({"baselines": {s: p.to_dict() for s, p in plans.items()}} if plans else {})}, sys.stdout)
+        print()
+    else:
+        for system, p in plans.items():
+            d = p.deployment
+            state = "meets the SLO" if p.feasible else p.note
+            print(f"{system}: {d.gpus} GPUs ({d.attention_instances} attention + {d.moe_instances} MoE instances, "
+                  f"{d.micro_batches} micro-batches, {d.expert_slots} expert slots each), batch {p.batch}, "
+                  f"TPOT {p.step.seconds * 1e3:.1f} ms, {p.tokens_s_per_gpu:.0f} tokens/s/GPU: {state}")
+    return 0 if feasible else 1  # infeasible: the closest plan was printed, marked so
+
+
 def kernels_benchmark():
     from moejax.kernels import benchmark
 
@@ -350,6 +381,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_args(cmp, simulated=None)
     _add_offload_args(cmp, simulated=None)
     cmp.set_defaults(func=cmd_compare)
+
+    pl = sub.add_parser("plan", help="Janus's SLO-aware planner: attention / MoE instances and expert replicas "
+                                     "meeting a TPOT SLO at a rate with the fewest GPUs (simulated)")
+    pl.add_argument("--model", default="deepseek-v2", help="a preset (default deepseek-v2)")
+    pl.add_argument("--hardware", default="h100", help="the device type, a moejax.sim hardware preset")
+    pl.add_argument("--rate", type=float, required=True, help="requests per second")
+    pl.add_argument("--slo-tpot", type=float, required=True, help="time per output token target, seconds")
+    pl.add_argument("--prompt-len", type=int, default=1024)
+    pl.add_argument("--output-len", type=int, default=512)
+    pl.add_argument("--routing", default="correlated", help="routing model: uniform, zipf, correlated")
+    pl.add_argument("--max-gpus", type=int, default=32)
+    pl.add_argument("--compare", action="store_true",
+                    help="also plan MegaScale-Infer-like (fixed 1:1 ratio, token-balanced) and colocated EP")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan)
 
     pf = sub.add_parser("prfaas", help="prefill-as-a-service simulated: a PrfaaS prefill cluster, a local PD "
                                        "cluster and one link (arXiv 2604.15039)")

@@ -128,11 +128,15 @@ def max_rate_within_slo(model: str, *, target: float = 0.9, rates: list[float], 
     return {"max_rate": max(ok) if ok else None, "target": target, "runs": results}
 
 
-def prompt_expert_bytes(model: str, prompt_len: int, policy: str, *, hardware: str | None = None,
-                        routing: str = "correlated", seed: int = 0, **policy_options) -> float:
+def prompt_expert_bytes(model, prompt_len: int, policy: str, *, hardware: str | None = None,
+                        routing: str = "correlated", seed: int = 0, max_model_len: int | None = None,
+                        **policy_options) -> float:
     """Routed-expert bytes read to prefill one prompt of `prompt_len` tokens alone (no other requests),
-    for real (exact counts from the executor) or simulated on `hardware`."""
-    options = dict(policy=policy, max_model_len=prompt_len + 8, seed=seed, **policy_options)
+    for real (exact counts from the executor) or simulated on `hardware`.
+
+    model: a preset/checkpoint name or a loaded Model; for a sweep pass one Model and one max_model_len
+    (default prompt_len + 8): engines of one model and one cache shape share their compiled programs."""
+    options = dict(policy=policy, max_model_len=max_model_len or prompt_len + 8, seed=seed, **policy_options)
     if hardware is None:
         engine = build(model, "jax", **options)
     else:

@@ -1,6 +1,13 @@
-"""Attention and routed experts on disjoint device pools: the executor (`build(..., "disagg")`), the
-activation exchange between the pools, micro-batch ping-pong and the pools' busy time."""
+"""Attention-expert disaggregation (Janus, arXiv 2512.13525): attention instances and MoE instances
+on separate devices.
 
-from moejax.disagg.executor import DisaggExecutor, check_expert_pool
-
-__all__ = ["DisaggExecutor", "check_expert_pool"]
+    executor              DisaggExecutor (`build(..., "disagg")`): the model served on an attention/experts
+                          split layout, rows crossing per MoE layer, micro-batch ping-pong
+    exchange              the activation exchange between the pools (direct or two-phase), its bytes and messages
+    microbatch            how many micro-batches (from the cost model) and which rows each takes
+    timeline              the pools' busy time, from each dispatched piece's ready time
+    activation_scheduler  per layer and step, which replica of each activated expert runs it
+                          (fewest distinct experts on the busiest MoE instance), and replica placement
+    planner               the SLO-aware planner: attention / MoE instance counts and expert replication
+                          meeting a TPOT target with the fewest GPUs (priced by moejax.sim.disagg)
+"""
