@@ -98,11 +98,11 @@ def profile(llm: LLM, batch: int) -> dict:
     model, token_ids, kv, meta, num_steps, max_steps, sampler, *rest = captured["args"]
     cfg = model.config
     R = len(token_ids)
-    kv = list(kv)
+    # kv is the executor's own list: the timed calls donate its buffers and put their results back in it
     x = jnp.ones((R, cfg.hidden_size), model.dtype)
     q = jnp.ones((R, cfg.num_heads, cfg.head_dim), model.dtype)
     layer = nnx.merge(model.layer_defs[0], model.layer_states[0])
-    attend = jax.jit(lambda x, kv, meta: layer.attend(x, kv, meta))
+    attend = jax.jit(lambda x, kv, meta: layer.attend(x, kv, meta, model.placements.attention))
     attention = jax.jit(partial(paged_attention, scale=cfg.head_dim ** -0.5))
 
     def program():  # K steps of the whole model; the caches are donated and replaced in kv

@@ -1,4 +1,5 @@
-"""Paged attention in plain jnp, two ways (and on XLA:CPU a native kernel, native_attention.py):
+"""Paged attention in plain jnp, two ways (and on XLA:CPU a native kernel, native_attention.py; on
+GPUs a Pallas kernel, pallas_attention.py):
 
     rows   every token row gathers, CHUNK blocks at a time, the KV of its own sequence: one
            vectorised loop over KV blocks for all rows (what accelerators want from XLA). Cost:
@@ -21,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import native_attention
+from . import native_attention, pallas_attention
 
 TILE = 32  # rows per tile
 CHUNK = 8  # KV blocks read per loop step
@@ -155,12 +156,18 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
     window: a row sees keys (position - window, position]; only the blocks holding them are read.
     sinks: [H] per-head logits that join the softmax denominator (GPT-OSS's attention sinks).
     method: "rows" | "tiles" | "auto" (tiles when a tile holds a prompt chunk, else rows) | "native"
-    (native_attention.py: XLA:CPU only, no sinks); default native on CPU (auto where it cannot be
-    built, or with sinks), rows elsewhere."""
+    (native_attention.py: XLA:CPU only, no sinks) | "pallas" (pallas_attention.py: compiled on GPU,
+    interpreted elsewhere); default native on CPU (auto where it cannot be built, or with sinks),
+    pallas on GPU, rows elsewhere."""
     q, k_cache, v_cache, positions, seq_ids, block_tables = map(
         jnp.asarray, (q, k_cache, v_cache, positions, seq_ids, block_tables))
-    if method is None and jax.default_backend() == "cpu":
-        method = "native" if sinks is None and native_attention.available() else "auto"
+    if method is None:
+        method = _default_method(sinks)
+    if method == "pallas":
+        if sinks is not None and jnp.shape(sinks) != (q.shape[1],):
+            raise ValueError(f"paged_attention: sinks has shape {jnp.shape(sinks)}; expected ({q.shape[1]},), one per head")
+        return pallas_attention.paged_attention(q, k_cache, v_cache, positions, seq_ids, block_tables, scale=scale,
+                                                window=window, sinks=sinks).astype(q.dtype)
     if method == "native":
         if sinks is not None:
             raise ValueError("paged_attention: the native CPU kernel has no attention sinks "
@@ -189,8 +196,16 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
     elif method == "auto":  # tiles pay off only if some tile holds a prompt's consecutive rows
         out = jax.lax.cond(_has_prompt_tile(positions, seq_ids), tiles, rows, None)
     else:
-        raise ValueError(f"paged_attention: unknown method {method!r} (rows, tiles, auto, native)")
+        raise ValueError(f"paged_attention: unknown method {method!r} (rows, tiles, auto, native, pallas)")
     return out.reshape(T, H, hd).astype(q.dtype)
+
+
+def _default_method(sinks) -> str | None:
+    """The method a platform runs by default (None: rows)."""
+    platform = jax.default_backend()
+    if platform == "cpu":
+        return "native" if sinks is None and native_attention.available() else "auto"
+    return "pallas" if platform == "gpu" else None
 
 
 def _has_prompt_tile(positions: jax.Array, seq_ids: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ Policies are named `name[@token_budget]`: "chunked@256" is chunked prefill with 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -43,9 +44,11 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
 
     hardware=None runs the real model (preset or checkpoint) on the local devices (`layout` places it);
     a hardware name (moejax.sim.hardware) simulates the preset on that machine. Real runs measure steady
-    state: with `warmup`, the workload is first served once, untimed (compiling the shapes it needs),
-    and a fresh engine on the same model serves it again, timed; compilations left in the timed run
-    are reported as metrics["num_compilations"].
+    state: with `warmup`, the engine first compiles every iteration shape up to the workload's request
+    count (Engine.warmup: a timed run's batches depend on timing, so serving the workload once does not
+    meet them all), then serves the workload once, untimed (the shapes a layered policy meets), and a
+    fresh engine on the same model serves it again, timed; compilations left in the timed run are
+    reported as metrics["num_compilations"].
 
     offload: expert offload options (moejax.offload: offload_experts or device_expert_slots,
     predictor, load_rule, host_compute, ...; simulated also host_link, predictor_recall)."""
@@ -78,7 +81,8 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
     prompts = prompt_token_ids(requests, cfg.vocab_size, seed=seed, exclude=cfg.eos_token_ids)
     arrivals = [Arrival(r.arrival_s, p, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
                 for r, p in zip(requests, prompts)]
-    if hardware is None and warmup:  # the same arrivals once, untimed: compiles the shapes they need
+    if hardware is None and warmup:  # every shape, then the same arrivals once, untimed
+        engine.warmup(progress=progress, max_num_seqs=len(arrivals))
         engine.run(arrivals, progress="warm-up (untimed, compiling)" if progress else False)
         engine = make_engine()
     with count_compilations() as compiled:
@@ -96,6 +100,7 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
         metrics.update(engine.executor.residency.stats.metrics())
     result = {
         "model": cfg.name, "hardware": where, "simulated": hardware is not None, "policy": policy,
+        "load_average_1min": None if hardware is not None else os.getloadavg()[0],  # real runs share the machine
         "workload": workload, "rate": rate, "num_requests": num_requests, "seed": seed,
         "routing": routing if hardware is not None and cfg.num_experts else None,
         "routing_params": routing_params if hardware is not None and cfg.num_experts else None,

@@ -61,3 +61,29 @@ def test_mosaic_gpu_biased_clamped_ffn_lowers_for_cuda(cfg):
 def test_pallas_biased_clamped_ffn_lowers_for_tpu(shape_class):
     cfg = dataclasses.replace(pallas.BLOCKS["tpu"][shape_class], interpret=False)
     assert lower(pallas, cfg, "tpu", *MODELS["qwen3"], biased=True) == ["tpu_custom_call"]
+
+
+@pytest.mark.parametrize("H,KV,hd,window,sinks", [(32, 4, 128, None, False),  # Qwen3-30B-A3B
+                                                  (64, 8, 64, 128, True)])  # GPT-OSS's window layers
+def test_pallas_paged_attention_lowers_to_triton(H, KV, hd, window, sinks):
+    """The GPU default paged attention through Pallas' Triton lowering for an (abstract) H200: the
+    block-table slice, the vector gather of blocks and the dots are ops Triton takes, at block sizes
+    it takes (what interpret mode never checks; ptxas and the device still need a GPU)."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    from moejax.kernels import pallas_attention
+
+    T, num_blocks, block_size, width = 64, 1024, 16, 40
+
+    def fn(q, k, v, positions, seq_ids, tables, sink):
+        return pallas_attention.paged_attention(q, k, v, positions, seq_ids, tables, scale=hd ** -0.5, window=window,
+                                                sinks=sink if sinks else None, interpret=False)
+    cache = jax.ShapeDtypeStruct((num_blocks, block_size, KV, hd), jnp.bfloat16)
+    args = [jax.ShapeDtypeStruct((T, H, hd), jnp.bfloat16), cache, cache, jax.ShapeDtypeStruct((T,), jnp.int32),
+            jax.ShapeDtypeStruct((T,), jnp.int32), jax.ShapeDtypeStruct((T, width), jnp.int32),
+            jax.ShapeDtypeStruct((H,), jnp.float32)]
+    h200 = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=h200)):
+        text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r"custom_call @(\w+)", text) == ["__gpu"]  # one Triton kernel
+    assert "moejax_paged_attention" in text

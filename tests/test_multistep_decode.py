@@ -93,3 +93,21 @@ def test_warmup_compiles_what_serving_meets():
                 engine.step()
     assert compiled.count == 0
     assert sorted(r.request_id for r in engine.finished) == list(range(12))
+
+
+def test_identical_second_generate_compiles_nothing_at_any_batch():
+    """A user's identical second `generate` compiles nothing, at every batch size of one LLM: one
+    request, a few, and more than the KV cache holds at once (multi-step iterations cut short by
+    free blocks, preemptions): no program's shape may hang on free blocks, K or the engine's history."""
+    from moejax import LLM
+
+    llm = LLM("tiny-qwen3-moe", seed=5, max_model_len=64, block_size=4, num_blocks=40, max_num_seqs=16,
+              max_decode_steps=4)
+    rng = np.random.default_rng()
+    for batch in (1, 5, 12):
+        prompts = [rng.integers(0, 512, int(rng.integers(2, 20))).tolist() for _ in range(batch)]
+        params = SamplingParams(max_tokens=int(rng.integers(10, 30)), ignore_eos=True)
+        first = [o.token_ids for o in llm.generate(prompts, params)]
+        assert [o.token_ids for o in llm.generate(prompts, params)] == first
+        assert llm.last_stats["compilations"] == 0, (batch, llm.last_stats)
+    assert sum(r.num_preemptions for r in llm.engine.finished) > 0  # the cache ran short at 12

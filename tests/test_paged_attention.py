@@ -1,6 +1,8 @@
 """Paged attention against a float64 numpy dense causal attention, on scattered block tables, with
 and without sliding windows and attention sinks."""
 
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -29,10 +31,12 @@ def dense_reference(q, k_seq, v_seq, positions, window, sinks=None):
     return out
 
 
-# every method without sinks; sinks on the jnp methods (the native CPU kernel has none)
+# every method without sinks; sinks on the jnp methods and the Pallas kernel (the native CPU one has
+# none); the Pallas kernel (interpreted on CPU: seconds a call) on two cases of each
 CASES = [(H, KV, w, False, m) for H, KV in [(4, 2), (4, 4), (6, 1)] for w in (None, 5)
          for m in ("rows", "tiles", "auto", "native")] + \
-        [(H, KV, w, True, m) for H, KV, w in [(4, 2, None), (6, 1, 5)] for m in ("rows", "tiles", "auto")]
+        [(H, KV, w, True, m) for H, KV, w in [(4, 2, None), (6, 1, 5)] for m in ("rows", "tiles", "auto")] + \
+        [(4, 2, None, False, "pallas"), (6, 1, 5, True, "pallas")]
 
 
 @pytest.mark.parametrize("H,KV,window,with_sinks,method", CASES)
@@ -69,8 +73,8 @@ def test_paged_attention_matches_dense(H, KV, window, with_sinks, method):
         np.testing.assert_allclose(np.asarray(out)[mask], ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["rows", "tiles"])
-@pytest.mark.parametrize("with_sinks", [False, True])
+@pytest.mark.parametrize("method,with_sinks", [("rows", False), ("rows", True), ("tiles", False), ("tiles", True),
+                                               ("pallas", True)])
 def test_windowed_rows_read_no_block_before_their_window(method, with_sinks):
     """A window-aware cache frees the blocks before a request's window and hands them to others:
     here they hold NaN, so reading any of them (even masked) would poison the output. A prompt
@@ -131,6 +135,36 @@ def test_native_matches_rows_in_bfloat16_on_decode_batches(window):
     assert native.dtype == rows.dtype == jnp.bfloat16
     # both accumulate in float32 from the same bf16 inputs: apart by bf16 rounding of the output
     np.testing.assert_allclose(np.asarray(native, np.float32), np.asarray(rows, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_pallas_matches_rows_on_ragged_decode_batches():
+    """The Pallas kernel (the GPU default; interpreted here) against the jnp rows method on fresh
+    random decode batches of bf16 rows: ragged positions from the first block to the table's last,
+    scattered tables of several widths, GQA groups not a power of two (padded in the kernel),
+    padding rows (position 0 of sequence 0). (Windows and sinks: the tests above.)"""
+    rng = np.random.default_rng()
+    for H, KV, width in [(6, 2, 9), (8, 8, 5)]:
+        bs, hd, S, window = 4, 16, 11, None
+        nb = S * width + 3
+        k_cache, v_cache = (jnp.asarray(rng.normal(size=(nb, bs, KV, hd)), jnp.bfloat16) for _ in range(2))
+        tables = rng.permutation(nb)[:S * width].reshape(S, width).astype(np.int32)
+        positions = np.concatenate([[0, width * bs - 1], rng.integers(0, width * bs, S - 2), [0, 0]]).astype(np.int32)
+        seq_ids = np.concatenate([rng.permutation(S), [0, 0]]).astype(np.int32)
+        q = jnp.asarray(rng.normal(size=(len(positions), H, hd)), jnp.bfloat16)
+        args = (q, k_cache, v_cache, positions, seq_ids, tables, np.int32(positions.max() // bs + 1))
+        pallas = kernels.paged_attention(*args, scale=hd ** -0.5, window=window, method="pallas")
+        rows = kernels.paged_attention(*args, scale=hd ** -0.5, window=window, method="rows")
+        assert pallas.dtype == rows.dtype == jnp.bfloat16
+        # both accumulate in float32 from the same bf16 inputs: apart by bf16 rounding of the output
+        np.testing.assert_allclose(np.asarray(pallas, np.float32), np.asarray(rows, np.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_pallas_is_the_gpu_default_only(monkeypatch):
+    """The platform picks the method: the Pallas kernel on GPUs, never on CPU."""
+    module = importlib.import_module("moejax.kernels.paged_attention")
+    assert module._default_method(None) in ("native", "auto")
+    monkeypatch.setattr(module.jax, "default_backend", lambda: "gpu")
+    assert module._default_method(None) == module._default_method(np.zeros(4)) == "pallas"
 
 
 def test_write_kv_drops_padding_slots():

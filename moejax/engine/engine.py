@@ -210,12 +210,14 @@ class Engine:
                                      req.seed, kv, req.arrival_time, req.first_token_time))
         self.scheduler.release_handoff(req)
 
-    def warmup(self, *, progress: bool = False) -> int:
+    def warmup(self, *, progress: bool = False, max_num_seqs: int | None = None) -> int:
         """Compile ahead what serving will meet, so that no request waits for a compiler: serve
         throwaway requests shaped to meet every (tokens, requests) bucket pair of an iteration up to
         the token budget and max_num_seqs (each pair one program), then their decode steps. Covers
         what chunked and whole-prompt iterations need; a layered policy's layer groups meet further
-        shapes, compiled when first met. Returns the number of programs compiled."""
+        shapes, compiled when first met. max_num_seqs: the most requests at once to warm up for
+        (default and at most the scheduler's; a workload of fewer requests needs fewer programs).
+        Returns the number of programs compiled."""
         from moejax.engine.compiles import count_compilations
         from moejax.engine.metadata import bucket
 
@@ -224,7 +226,8 @@ class Engine:
         cfg, steps = self.scheduler.config, self.executor.max_decode_steps
         budget = min(cfg.token_budget, cfg.max_model_len - steps - 1)
         token_buckets = [b for b in (8 << i for i in range(32)) if b <= bucket(budget)]
-        request_buckets = [b for b in (8 << i for i in range(32)) if b <= bucket(cfg.max_num_seqs)]
+        most = min(cfg.max_num_seqs, max_num_seqs or cfg.max_num_seqs)
+        request_buckets = [b for b in (8 << i for i in range(32)) if b <= bucket(most)]
         cells = [(t, r) for t in token_buckets for r in request_buckets if r <= t]
         params = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
         bar = _progress() if progress else None
@@ -232,7 +235,7 @@ class Engine:
         with count_compilations() as compiled, bar or contextlib.nullcontext():
             task = bar.add_task("compiling", total=len(cells)) if bar else None
             for tokens, requests in cells:
-                n = min(requests, cfg.max_num_seqs, tokens)
+                n = min(requests, most, tokens)
                 total = min(tokens, budget)
                 for i in range(n):  # n prompts of `total` tokens in all: one iteration of that bucket
                     length = total // n + (i < total % n)

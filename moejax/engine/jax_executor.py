@@ -171,22 +171,25 @@ class JaxExecutor:
             yield group.layers, table, num_tokens - n, n
 
     def export_kv(self, block_ids: tuple[int, ...], num_tokens: int,
-                  group_block_ids: tuple[tuple[int, ...], ...] = ()) -> KVPayload:
+                  group_block_ids: tuple[tuple[int, ...], ...] = (), layers: range | None = None) -> KVPayload:
         """The KV of a request's first num_tokens tokens in its blocks (`block_ids`, and the other
-        KV groups' tables for a hybrid model), every layer, on the host: per layer the arrays its
-        attention caches (k, v; MLA: latent, k_rope); a sliding-window layer's only for the last
-        tokens its next token sees."""
+        KV groups' tables for a hybrid model), every layer (or only `layers`: a prefill streaming the
+        layers it has finished), on the host: per layer the arrays its attention caches (k, v; MLA:
+        latent, k_rope); a sliding-window layer's only for the last tokens its next token sees."""
         cfg = self.config
-        spans = list(self._group_spans((block_ids, *group_block_ids), num_tokens))
-        values = jax.device_get([_read_kv([self.kv[i] for i in layers], to_device(
-            self._slots(table, first, num_tokens), self._replicated)) for layers, table, first, _ in spans])
-        states = [None] * cfg.num_layers
-        for (layers, _, _, n), group_values in zip(spans, values):
-            for i, arrays in zip(layers, group_values):
+        wanted = set(range(cfg.num_layers) if layers is None else layers)
+        spans = [(tuple(i for i in group if i in wanted), *rest)
+                 for group, *rest in self._group_spans((block_ids, *group_block_ids), num_tokens)]
+        spans = [span for span in spans if span[0]]
+        values = jax.device_get([_read_kv([self.kv[i] for i in group], to_device(
+            self._slots(table, first, num_tokens), self._replicated)) for group, table, first, _ in spans])
+        states = {}
+        for (group, _, _, n), group_values in zip(spans, values):
+            for i, arrays in zip(group, group_values):
                 layout, _ = layer_kv_state(cfg, i, num_tokens)
                 states[i] = LayerKVState(layout.kind, {a.name: np.asarray(x)[:n] for a, x in zip(layout.arrays, arrays)})
-        return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(range(cfg.num_layers)),
-                         tuple(states))
+        return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(sorted(states)),
+                         tuple(states[i] for i in sorted(states)))
 
     def import_kv(self, block_ids: tuple[int, ...], payload: KVPayload,
                   group_block_ids: tuple[tuple[int, ...], ...] = ()) -> None:
