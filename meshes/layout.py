@@ -175,12 +175,21 @@ class SplitLayout:
             part.validate(cfg)
 
     def split_devices(self, devices: list | None = None) -> dict[str, list]:
-        """Disjoint device lists per part, in declaration order of ROLES."""
+        """Disjoint device lists per part, in declaration order of ROLES. Over several processes each
+        part takes its share of every process's devices, so that both parts span every process (JAX
+        moves arrays between meshes of one device set only, on CPU and GPU)."""
         devices = list(jax.devices() if devices is None else devices)
         if len(devices) != self.num_devices:
             raise LayoutError(f"split layout {self.name!r} needs {self.num_devices} devices, {len(devices)} given")
+        hosts = [[d for d in devices if d.process_index == p] for p in sorted({d.process_index for d in devices})]
+        sizes = [self.parts[role].num_devices for role in ROLES[self.kind]]
+        if len(hosts) > 1 and all(n % len(hosts) == 0 for n in sizes):
+            out, i = {}, 0
+            for role, n in zip(ROLES[self.kind], sizes):
+                k = n // len(hosts)
+                out[role], i = [d for h in hosts for d in h[i:i + k]], i + k
+            return out
         out, i = {}, 0
-        for role in ROLES[self.kind]:
-            n = self.parts[role].num_devices
+        for role, n in zip(ROLES[self.kind], sizes):
             out[role], i = devices[i:i + n], i + n
         return out

@@ -34,6 +34,12 @@ SPLIT_LAYOUTS: dict[str, SplitLayout] = {s.name: s for s in [
     SplitLayout("cpu8-attn4-exp4", "attention_expert", {
         "attention": Layout("attn", {"data": 4}, {"batch": "data"}),
         "experts": Layout("exp", {"expert": 4}, {"expert": "expert"})}),
+    SplitLayout("cpu8-attn2-exp6", "attention_expert", {  # 6 expert devices: experts split 2 ways, 3 replicas
+        "attention": Layout("attn", {"data": 2}, {"batch": "data"}),
+        "experts": Layout("exp", {"replica": 3, "expert": 2}, {"expert": "expert"})}),
+    SplitLayout("cpu8-attn6-exp2", "attention_expert", {
+        "attention": Layout("attn", {"data": 6}, {"batch": "data"}),
+        "experts": Layout("exp", {"expert": 2}, {"expert": "expert"})}),
     SplitLayout("cpu8-prefill4-decode4", "prefill_decode", {
         "prefill": Layout("prefill", {"data": 4}, {"batch": "data"}),
         "decode": Layout("decode", {"data": 4}, _DP_EP)}),

@@ -44,8 +44,9 @@ class TokenDelta:
 class LLM:
     """Generate with a MoE model: a preset name (seeded random weights), a HF checkpoint directory,
     or a saved moejax checkpoint, placed by `layout` (a moejax.meshes preset name, a .toml file or a
-    Layout; default one device). Engine options (policy and its options, token_budget, max_num_seqs,
-    max_model_len, block_size, num_blocks, kv_budget_bytes, ...) go to `moejax.engine.build`.
+    Layout; an attention/experts split layout is served by the "disagg" executor; default one device).
+    Engine options (policy and its options, token_budget, max_num_seqs, max_model_len, block_size,
+    num_blocks, kv_budget_bytes, ...) go to `moejax.engine.build`.
 
     offload: keep the routed experts in host memory with a device expert cache (moejax.offload), e.g.
     {"device_expert_slots": 8, "predictor": "learned"} or {"offload_experts": 0.75, "predictor": "lfru"};
@@ -62,6 +63,8 @@ class LLM:
 
             executor = "offload"
             engine_options.update(executor_options(offload, model, owned=True))
+        elif executor == "jax" and not self.model.placements.colocated:
+            executor = "disagg"  # an attention/experts split layout: the pools exchange rows per layer
         self.engine = build(self.model, executor, seed=seed, **engine_options)
         self.last_stats: dict[str, float] = {}
 

@@ -60,7 +60,7 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
 
         m, _ = load_model(model, seed=seed, layout=layout, dtype=dtype)
         cfg = m.config
-        executor = "jax"
+        executor = "jax" if m.placements.colocated else "disagg"  # a split layout: attention and experts apart
         if offload is not None:  # both engines share the model (and its compilations): its experts stay put
             from moejax.offload.executor import executor_options
             executor, options = "offload", {**options, **executor_options(offload, model)}
@@ -110,6 +110,8 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
     }
     if offload is not None:
         result["offload"] = engine.executor.offload_summary()
+    if hardware is None and executor == "disagg":
+        result["disagg"] = engine.executor.disagg_summary()
     if details:
         result["requests"] = [
             {"prompt_len": r.num_prompt_tokens, "output_len": r.num_output_tokens, "arrival_s": r.arrival_time,

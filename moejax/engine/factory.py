@@ -45,6 +45,7 @@ EXECUTORS: dict[str, str | Factory] = {
     "sim": "moejax.sim.executor:create",
     "offload": "moejax.offload.executor:create",  # routed experts in host memory, a device expert cache
     "sim-offload": "moejax.offload.sim:create",  # the same, priced on a cost model's host link
+    "disagg": "moejax.disagg.executor:create",  # attention and routed experts on disjoint device pools
 }
 
 

@@ -116,6 +116,7 @@ class JaxExecutor:
     shard attends over the KV blocks it owns."""
 
     pricer = None  # no cost model: it measures
+    splits_experts = False  # runs a model whose routed experts sit on devices apart (moejax.disagg)
 
     def __init__(self, model: Model, num_blocks: int | tuple[int, ...], block_size: int, max_model_len: int,
                  fuse: bool = True, max_decode_steps: int = 8):
@@ -133,7 +134,10 @@ class JaxExecutor:
         self.group_num_blocks = (num_blocks,) * len(self.kv_groups) if isinstance(num_blocks, int) else num_blocks
         self.num_blocks = max(self.group_num_blocks)  # a padding row's slot lies past every pool
         self.block_size = block_size
-        placement = model.placement  # attention and experts on one mesh (refused otherwise)
+        if not model.placements.colocated and not self.splits_experts:
+            raise ValueError(f"{model.config.name} is placed by an attention/experts split layout (disjoint devices): "
+                             f"executor {type(self).__name__} runs one mesh; use executor='disagg'")
+        placement = model.placements.attention  # where the rows, the KV cache and the attention side live
         self.row_shards = placement.shards("batch") if placement else 1
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
         per_layer = [0] * model.config.num_layers

@@ -1,0 +1,281 @@
+"""DisaggExecutor: attention and routed experts on disjoint device pools (Janus, arXiv 2512.13525;
+micro-batch ping-pong from MegaScale-Infer, arXiv 2504.02263). build(model, "disagg", layout=
+"cpu8-attn4-exp4", micro_batches=None | m, exchange="auto" | "direct" | "two_phase").
+
+The attention pool holds the attention side and the KV cache (data-parallel over requests), the
+expert pool the routed experts (expert-parallel). One program cannot span two disjoint meshes, so
+each MoE layer runs in its steps, only `run_layers` changes (fuse=False: also one decode step per
+plan, multi-step decode does not apply):
+
+    attend + route            attention pool
+    rows, ids, weights  ->    expert pool   (moejax.disagg.exchange: direct or two-phase)
+    routed experts            expert pool
+    outputs             ->    attention pool
+    combine                   attention pool
+
+A layer group's rows are split by request into m micro-batches, dispatched so that micro-batch j's
+experts run while micro-batch j+1 attends (per micro-batch: combine of the previous layer, attend,
+route, exchange, experts; nothing waits on the host). m comes from the cost model's attention and
+expert seconds for the step (microbatch.choose_micro_batches) unless given.
+
+Over several processes (moejax.launch) each pool spans every process and a move is one resharding
+program over both pools' devices, waited for on the host (exchange.Exchange._union_move): correct,
+but there the pools do not overlap.
+
+Greedy outputs equal the colocated executor's: every row sees the same operations on the same
+weights, only where they run changes. Step results carry the exchange's bytes and messages and the
+pools' busy fractions (moejax.disagg.timeline) in `extra`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.config import ModelConfig
+from moejax.disagg.exchange import FORMS, HOST_NETWORK, Exchange, host_map, seconds
+from moejax.disagg.microbatch import choose_micro_batches, split_rows
+from moejax.disagg.timeline import Timeline
+from moejax.engine.jax_executor import JaxExecutor, RowMap, _scatter_rows, kv_blocks_for
+from moejax.engine.metadata import bucket, to_device
+from moejax.engine.plan import IterationPlan, StepResult
+from moejax.engine.traffic import layer_stats
+from moejax.meshes import LayoutError
+from moejax.meshes.placement import Placements
+from moejax.models.model import Model
+from moejax.models.moe import expert_counts
+from moejax.sim.cost_model import ATTENTION_KERNELS, CostModel
+from moejax.sim.hardware import get_hardware
+
+MOST_MICRO_BATCHES = 3
+# step metrics a run sums (the first four also per step in its summary)
+SUMMED = ("exchange_bytes", "exchange_messages", "exchange_cross_host_bytes", "exchange_cross_host_messages",
+          "attention_busy_s", "expert_busy_s", "exchange_busy_s", "pool_overlap_s", "pools_wall_s")
+
+
+@jax.jit
+def _take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    return jnp.take(x, rows, axis=0)
+
+
+@partial(jax.jit, static_argnums=1)
+def _count(ids: jax.Array, num_experts: int) -> jax.Array:
+    return expert_counts(ids, num_experts)
+
+
+class DisaggExecutor(JaxExecutor):
+    splits_experts = True  # the one executor that runs an attention/experts split layout
+
+    def __init__(self, model: Model, num_blocks, block_size: int, max_model_len: int, *,
+                 micro_batches: int | None = None, exchange: str = "auto", emulated_hosts: int | None = None,
+                 hardware: str = "h100x8"):
+        """micro_batches: m per layer group (None: from the cost model of `hardware`); exchange: the
+        activation exchange's form, or "auto" (the cheaper by the cost model, per step);
+        emulated_hosts: treat each pool's devices as that many hosts (one process)."""
+        p = model.placements
+        if p.colocated:
+            raise LayoutError(f"executor 'disagg' runs attention and experts on disjoint devices; {model.config.name} "
+                              "is colocated: load it with an attention/experts split layout, e.g. "
+                              "layout='cpu8-attn4-exp4' (or use executor 'jax')")
+        if micro_batches is not None and (isinstance(micro_batches, bool) or not isinstance(micro_batches, int)
+                                          or micro_batches < 1):
+            raise ValueError(f"micro_batches={micro_batches!r}: must be an integer >= 1 (or None: chosen per step)")
+        if exchange not in ("auto", *FORMS):
+            raise ValueError(f"exchange={exchange!r}: expected auto, {', '.join(FORMS)}")
+        super().__init__(model, num_blocks, block_size, max_model_len, fuse=False)
+        self.micro_batches, self.form = micro_batches, exchange
+        self.cost = CostModel(model.config, get_hardware(hardware))
+        self.exchange = Exchange(host_map({"attention": list(p.attention.mesh.devices.flat),
+                                           "experts": list(p.experts.mesh.devices.flat)}, emulated_hosts))
+        self._to_experts = p.experts.sharding(())  # rows replicated over the expert pool
+        self._to_attention = p.attention.sharding(("batch", None))
+        self.timeline = Timeline()
+        self._group: tuple[RowMap, tuple] | None = None
+        self._step_m, self._step_form = 1, "direct"
+        self.totals: dict[str, float] = {}
+
+    # --- one step -------------------------------------------------------------------------------------
+    def execute(self, plan: IterationPlan) -> StepResult:
+        if plan.slices:
+            self._step_m, self._step_form = self.choose(plan)
+        result = super().execute(plan)
+        pools, sent = self.timeline.finish(), self.exchange.take()
+        result.extra.update(micro_batches=self._step_m, exchange_form=self._step_form,
+                            exchange_bytes=sent.bytes, exchange_messages=sent.messages,
+                            exchange_cross_host_bytes=sent.cross_host_bytes,
+                            exchange_cross_host_messages=sent.cross_host_messages,
+                            attention_busy_s=pools.attention_s, expert_busy_s=pools.experts_s,
+                            exchange_busy_s=pools.exchange_s, pool_overlap_s=pools.overlap_s,
+                            pools_wall_s=pools.wall_s, **pools.fractions())
+        if plan.slices:
+            for k in SUMMED:
+                self.totals[k] = self.totals.get(k, 0) + result.extra[k]
+            self.totals["steps"] = self.totals.get("steps", 0) + 1
+        return result
+
+    def disagg_summary(self) -> dict:
+        """The run's exchange and pool metrics (moejax.runs puts them in the run JSON): totals, per-step
+        means of bytes and messages, and busy fractions over the steps' measured wall time."""
+        t, steps = self.totals, max(self.totals.get("steps", 0), 1)
+        wall = t.get("pools_wall_s", 0.0) or 1.0
+        return {**{k: t.get(k, 0) for k in ("steps", *SUMMED)},
+                **{f"{k}_per_step": t.get(k, 0) / steps for k in SUMMED[:4]},
+                "attention_busy": t.get("attention_busy_s", 0.0) / wall,
+                "expert_busy": t.get("expert_busy_s", 0.0) / wall,
+                "pool_overlap": t.get("pool_overlap_s", 0.0) / wall,
+                "micro_batches": self.micro_batches, "exchange": self.form}
+
+    def choose(self, plan: IterationPlan) -> tuple[int, str]:
+        """(micro-batches, exchange form) for a plan: given, or the cost model's pick. Attention and
+        experts seconds are the plan's priced attention block and FFN; a micro-batch costs its kernel
+        launches and one exchange's message latencies again."""
+        cfg, hw = self.config, self.cost.hw
+        T = plan.num_tokens
+        forms = {f: self.exchange_plan_seconds(T, f) for f in FORMS}
+        form = min(forms, key=forms.get) if self.form == "auto" else self.form
+        if self.micro_batches is not None:
+            return self.micro_batches, form
+        priced = self.cost.price(plan, layer_stats(cfg, plan, distinct_experts=np.full(
+            cfg.num_layers, min(cfg.num_experts, T * cfg.num_experts_per_tok))))
+        messages = forms[form][1]
+        per_batch = cfg.num_layers * (self.cost.calibration.kernel_overhead_s * ATTENTION_KERNELS
+                                      + messages * min(hw.interconnect.latency_s, HOST_NETWORK.latency_s))
+        m = choose_micro_batches(float(priced.attn_s.sum()), float(priced.ffn_s.sum()), per_batch,
+                                 min(MOST_MICRO_BATCHES, len(plan.slices)))
+        return m, form
+
+    def exchange_plan_seconds(self, tokens: int, form: str) -> tuple[float, int]:
+        """(modelled seconds, messages) of one layer's exchange of `tokens` rows both ways by `form`."""
+        cfg = self.config
+        T = bucket(-(-tokens // self.row_shards)) * self.row_shards  # rows as the row map pads them
+        there = self.exchange.plan_for((T, cfg.hidden_size), self._to_attention, self._to_experts, form)
+        back = self.exchange.plan_for((T, cfg.hidden_size), self._to_experts, self._to_attention, form)
+        row_out = cfg.hidden_size * cfg.dtype_bytes
+        row_in = row_out + 8 * cfg.num_experts_per_tok  # + ids (int32) and weights (fp32)
+        intra = self.cost.hw.interconnect
+        return (seconds(there, row_in, intra) + seconds(back, row_out, intra), len(there) + len(back))
+
+    # --- layers ---------------------------------------------------------------------------------------
+    def _meta(self, row_map: RowMap, tables, once: bool = False):
+        self._group = (row_map, tables)  # run_layers splits this group's rows into micro-batches
+        return super()._meta(row_map, tables, once)
+
+    def run_layers(self, x: jax.Array, meta, start: int, end: int) -> tuple[jax.Array, list]:
+        model, E = self.model, max(self.config.num_experts, 1)
+        row_map, tables = self._group
+        batches = [(x, meta, None)] if self._step_m == 1 else [
+            (_take_rows(x, to_device(np.maximum(rows, 0), self._replicated)), super(DisaggExecutor, self)._meta(
+                RowMap({}, row_map.positions[rows], row_map.seq_ids[rows], row_map.valid[rows] & (rows >= 0)),
+                tables), rows)
+            for rows in split_rows(row_map.valid, row_map.seq_ids, self.row_shards, self._step_m)]
+        xs = [b[0] for b in batches]
+        pending: list = [None] * len(batches)  # (layer, h, y, routed, timeline index) awaiting combine
+        counts = []
+        for i in range(start, end):
+            layer_counts = jnp.zeros((E,), jnp.int32)
+            for j, (_, mb_meta, _) in enumerate(batches):
+                xs[j] = self._combine(pending[j], xs[j])
+                h, self.kv[i] = model.attend(i, xs[j], self.kv[i], mb_meta)
+                y, weights, ids = model.route(i, h, mb_meta.valid)
+                routed_at = self.timeline.add("attention", (h, y))
+                if ids is None:
+                    pending[j] = (i, h, y, None, routed_at)
+                    continue
+                layer_counts = layer_counts + _count(ids, E)
+                sent = tuple(self.exchange.move(a, self._to_experts, self._step_form) for a in (y, ids, weights))
+                sent_at = self.timeline.add("exchange", sent, (routed_at,))
+                routed = model.experts(*sent, model.expert_weights(i))
+                experts_at = self.timeline.add("experts", routed, (sent_at,))
+                back = self.exchange.move(routed, self._to_attention, self._step_form)
+                pending[j] = (i, h, y, back, self.timeline.add("exchange", back, (experts_at,)))
+            counts.append(layer_counts)
+        xs = [self._combine(p, x_j) for p, x_j in zip(pending, xs)]
+        if self._step_m == 1:
+            return xs[0], counts
+        T = x.shape[0]
+        for x_j, (_, _, rows) in zip(xs, batches):  # each micro-batch's rows back in the group's row map
+            src = to_device(np.arange(len(rows), dtype=np.int32), self._replicated)
+            x = _scatter_rows(x, x_j, src, to_device(np.where(rows >= 0, rows, T).astype(np.int32), self._replicated))
+        return x, counts
+
+    def _combine(self, pending, x: jax.Array) -> jax.Array:
+        if pending is None:
+            return x
+        i, h, y, routed, after = pending
+        out = self.model.combine(i, h, y, routed)
+        self.timeline.add("attention", out, (after,))
+        return out
+
+
+# --- construction (moejax.engine.build(..., "disagg")) -------------------------------------------------
+
+def routed_expert_bytes_per_device(cfg: ModelConfig, placements: Placements) -> int:
+    """Bytes of routed-expert weights on each device of the expert pool (experts split evenly)."""
+    per_layer = cfg.num_experts * cfg.expert_params() * cfg.dtype_bytes
+    return sum(cfg.moe_layers) * per_layer // placements.experts.shards("expert")
+
+
+def device_memory_bytes(device) -> int | None:
+    """What one device can hold: its memory limit, or (CPU devices share the host) the host's
+    available memory split over this process's devices."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        from moejax.checkpoint import _host_available_bytes
+
+        free = _host_available_bytes()
+        return None if free is None else free // len(jax.local_devices())
+    return None
+
+
+def check_expert_pool(cfg: ModelConfig, placements: Placements, memory_bytes: int | None = None) -> None:
+    """Refuse an expert pool whose devices cannot hold their share of the routed experts
+    (memory_bytes: per device; default what this process's first device of the pool has)."""
+    need = routed_expert_bytes_per_device(cfg, placements)
+    mine = [d for d in placements.experts.mesh.devices.flat if d.process_index == jax.process_index()]
+    have = memory_bytes if memory_bytes is not None else device_memory_bytes(mine[0])
+    if have is not None and need > have:
+        layout = placements.experts.layout
+        raise LayoutError(f"the expert pool of layout part {layout.name!r} ({placements.experts.mesh.size} devices, "
+                          f"experts split {placements.experts.shards('expert')} ways) needs {need / 2**30:.2f} GiB "
+                          f"of routed experts per device for {cfg.name} ({cfg.dtype}), but a device holds "
+                          f"{have / 2**30:.2f} GiB: give the expert pool more devices")
+
+
+def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
+           layout="cpu8-attn4-exp4", dtype: str | None = None, num_blocks: int | None = None,
+           kv_budget_bytes: int | None = None, micro_batches: int | None = None, exchange: str = "auto",
+           emulated_hosts: int | None = None, hardware: str = "h100x8", device_memory: int | None = None):
+    """A DisaggExecutor for `model` (a Model loaded with a split layout, or a preset / checkpoint name
+    loaded here with `layout`). device_memory: bytes per expert-pool device (default: measured)."""
+    from moejax.checkpoint import checkpoint_dir, load_model, placements_for
+    from moejax.config import PRESETS, load_hf_config
+    from moejax.engine.factory import Built
+
+    if isinstance(model, Model):
+        if dtype is not None:
+            raise ValueError("dtype applies when loading a model by name; this Model is loaded already")
+    else:  # refuse an expert pool too small before loading anything
+        placements = placements_for(layout)
+        if placements.colocated:
+            raise LayoutError(f"executor 'disagg' needs an attention/experts split layout; {layout!r} places both "
+                              "on one mesh (e.g. layout='cpu8-attn4-exp4')")
+        path = None if model in PRESETS else checkpoint_dir(model)
+        cfg = PRESETS[model] if path is None and model in PRESETS else \
+            load_hf_config(path) if path is not None and (path / "config.json").is_file() else None
+        if cfg is not None:
+            check_expert_pool(cfg.replace(dtype=dtype) if dtype else cfg, placements, device_memory)
+        model = load_model(model, layout=layout, dtype=dtype, seed=seed)[0]
+    if not model.placements.colocated:  # (a colocated model: the executor names the fix)
+        check_expert_pool(model.config, model.placements, device_memory)
+    max_model_len = max_model_len or min(model.config.max_position, 4096)
+    num_blocks, shards = kv_blocks_for(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                       block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes)
+    executor = DisaggExecutor(model, num_blocks, block_size, max_model_len, micro_batches=micro_batches,
+                              exchange=exchange, emulated_hosts=emulated_hosts, hardware=hardware)
+    return Built(executor, num_blocks, max_model_len, kv_shards=shards)
+
