@@ -1,4 +1,5 @@
-"""Grouped-query attention over a paged KV cache, with the q/k-norm, bias and clipping variants."""
+"""Grouped-query attention over a paged KV cache, with the q/k-norm, bias, clipping and output-gate
+variants; the per-iteration metadata every token mixer reads."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from moejax import kernels
 from moejax.config import ModelConfig
 from moejax.meshes import sharded_ops
 from moejax.meshes.placement import Placement
+from moejax.models.gated_deltanet import RecurrentMetadata
 from moejax.models.layers import RMSNorm, Rope, init_normal, param
 
-LayerKV = tuple[jax.Array, jax.Array]  # (k, v), each [num_blocks, block_size, KV, head_dim]
+# (k, v), each [num_blocks, block_size, KV, head_dim]; a Gated DeltaNet layer's: its state slots (conv, recurrent)
+LayerKV = tuple[jax.Array, jax.Array]
 
 
 @jax.tree_util.register_dataclass
@@ -32,6 +35,7 @@ class AttentionMetadata:
     block_tables: jax.Array  # [S, max_blocks_per_seq] int32
     num_kv_blocks: jax.Array  # [] int32: KV blocks the longest row attends over
     valid: jax.Array  # [T] bool
+    recurrent: RecurrentMetadata | None = None  # rows of Gated DeltaNet layers and their state slots
 
     def replace(self, **kw) -> "AttentionMetadata":
         return dataclasses.replace(self, **kw)
@@ -41,19 +45,22 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
         D, H, KV, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
-        self.w_q = param(init_normal(rngs, (D, H * hd), D, dtype), "embed", "q_heads")
+        # Qwen3-Next: per head, [q | gate] side by side in w_q; out *= sigmoid(gate) before w_o
+        self.output_gate = cfg.attn_output_gate
+        q_width = H * hd * (2 if self.output_gate else 1)
+        self.w_q = param(init_normal(rngs, (D, q_width), D, dtype), "embed", "q_heads")
         self.w_k = param(init_normal(rngs, (D, KV * hd), D, dtype), "embed", "kv_heads")
         self.w_v = param(init_normal(rngs, (D, KV * hd), D, dtype), "embed", "kv_heads")
         self.w_o = param(init_normal(rngs, (H * hd, D), H * hd, dtype), "q_heads", "embed")
         if cfg.qkv_bias:
-            self.b_q = param(init_normal(rngs, (H * hd,), 16, dtype), "q_heads")
+            self.b_q = param(init_normal(rngs, (q_width,), 16, dtype), "q_heads")
             self.b_k = param(init_normal(rngs, (KV * hd,), 16, dtype), "kv_heads")
             self.b_v = param(init_normal(rngs, (KV * hd,), 16, dtype), "kv_heads")
         self.b_o = param(init_normal(rngs, (D,), 16, dtype), "embed") if cfg.o_bias else None
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "per_head":  # Qwen3: one RMSNorm over head_dim, shared by heads
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, rngs)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, rngs)
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, rngs, zero_centered=cfg.zero_centered_norm)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, rngs, zero_centered=cfg.zero_centered_norm)
         elif cfg.qk_norm == "full":  # OLMoE: over the whole q / k projection
             self.q_norm = RMSNorm(H * hd, cfg.rms_norm_eps, dtype, rngs, axis="q_heads")
             self.k_norm = RMSNorm(KV * hd, cfg.rms_norm_eps, dtype, rngs, axis="kv_heads")
@@ -73,6 +80,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        gate = None
+        if self.output_gate:
+            q, gate = jnp.split(q.reshape(T, self.num_heads, 2 * self.head_dim), 2, axis=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
@@ -82,7 +92,10 @@ class Attention(nnx.Module):
         out, k_cache, v_cache = sharded_ops.attention(
             placement, self._attend, q, k, v, *kv, meta.positions, meta.slot_mapping, meta.seq_ids, meta.block_tables,
             meta.num_kv_blocks)
-        out = out.reshape(T, -1) @ self.w_o[...]
+        out = out.reshape(T, -1)
+        if gate is not None:
+            out = out * jax.nn.sigmoid(gate.reshape(T, -1))
+        out = out @ self.w_o[...]
         if self.b_o is not None:
             out = out + self.b_o[...]
         return out, (k_cache, v_cache)

@@ -40,13 +40,20 @@ def init_normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> j
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs, axis: str | None = None):
-        self.weight = param(jnp.ones((dim,), dtype), axis)
+    """zero_centered (Qwen3-Next): the weight w scales by 1 + w (it starts at 0), applied in fp32
+    before the cast back, as that model computes it."""
+
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs, axis: str | None = None,
+                 zero_centered: bool = False):
+        self.weight = param((jnp.zeros if zero_centered else jnp.ones)((dim,), dtype), axis)
         self.eps = eps
+        self.zero_centered = zero_centered
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.zero_centered:
+            return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * y.astype(x.dtype)
 
 
@@ -106,20 +113,24 @@ def _yarn(rope: RopeConfig, dim: int, pos_freqs: np.ndarray) -> tuple[np.ndarray
 @dataclass(frozen=True)
 class Rope:
     """Rotary embedding with HF's rotate-half convention; cos/sin computed from positions on the fly.
+    Partial (cfg.rotary_dim < head_dim): only the first rotary_dim dims of each head rotate.
 
     Frozen and hashable: it is static structure of the attention module (part of its graphdef).
     """
 
-    inv_freq: tuple[float, ...]  # [head_dim // 2]
+    inv_freq: tuple[float, ...]  # [rotary_dim // 2]
     scaling: float
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> "Rope":
-        inv_freq, scaling = rope_frequencies(cfg.rope, cfg.head_dim)
+        inv_freq, scaling = rope_frequencies(cfg.rope, cfg.rotary_dim)
         return cls(tuple(float(f) for f in inv_freq), scaling)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """x: [T, heads, head_dim], positions: [T] -> x rotated."""
+        rotary_dim = 2 * len(self.inv_freq)
+        if rotary_dim < x.shape[-1]:
+            return jnp.concatenate([self(x[..., :rotary_dim], positions), x[..., rotary_dim:]], axis=-1)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
         emb = jnp.concatenate([freqs, freqs], axis=-1)

@@ -37,6 +37,7 @@ from moejax.config import ModelConfig
 from moejax.meshes.placement import Placement, Placements, constrain
 from moejax.models.attention import AttentionMetadata, LayerKV
 from moejax.models.decoder import CausalLM
+from moejax.models.gated_deltanet import init_state_slots
 from moejax.models.layers import ExpertParam
 from moejax.models.moe import expert_counts, routed_experts
 
@@ -253,15 +254,22 @@ class Model:
             return self.combine(i, h, y, None), kv, jnp.full((x.shape[0], 1), -1, jnp.int32)
         return self.combine(i, h, y, self.experts(y, ids, weights, self.expert_weights(i))), kv, ids
 
-    def init_kv_cache(self, num_blocks: int, block_size: int) -> list[LayerKV]:
-        """Zeroed paged KV cache: per layer (k, v), each [num_blocks, block_size, KV, head_dim]; under a
-        placement, blocks are split by request shard and heads by head shard."""
+    def init_kv_cache(self, num_blocks: int, block_size: int, state_slots: int = 0) -> list[LayerKV]:
+        """Zeroed cache, per layer: attention layers (k, v), each [num_blocks, block_size, KV, head_dim];
+        Gated DeltaNet layers `state_slots` fixed-size request states (conv [slots, K-1, conv_dim],
+        recurrent [slots, Hv, dk, dv] fp32). Under a placement, blocks are split by request shard and
+        heads by head shard; state slots are replicated."""
         c = self.config
+        if c.has_state_slots and state_slots < 1:
+            raise ValueError(f"{c.name} has Gated DeltaNet layers: its cache needs state_slots >= 1 "
+                             f"(one per running request), got {state_slots}")
         shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
         p = self.placements.attention
         device = None if p is None else p.sharding(("batch", None, "kv_heads", None))
-        return [(jnp.zeros(shape, self.dtype, device=device), jnp.zeros(shape, self.dtype, device=device))
-                for _ in range(c.num_layers)]
+        return [init_state_slots(c, state_slots, self.dtype, None if p is None else p.sharding(()))
+                if c.linear_layers[i] else
+                (jnp.zeros(shape, self.dtype, device=device), jnp.zeros(shape, self.dtype, device=device))
+                for i in range(c.num_layers)]
 
     def params(self) -> nnx.State:
         """All parameters as one state tree: {"io", "layers": {i}, "experts": {i}} (saving / inspection)."""
