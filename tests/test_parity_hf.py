@@ -12,7 +12,7 @@ from moejax.checkpoint import load_hf
 from moejax.models.reference import greedy_generate, prompt_logits
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FP32_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_moe_bf16"]
+FP32_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_moe_bf16", "qwen3_next"]
 
 
 def reference(name):
@@ -45,7 +45,7 @@ def test_greedy_tokens_match_transformers(loaded):
         assert greedy_generate(model, prompt, 16) == want.tolist(), (name, len(prompt))
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen3_next"])
 def test_engine_generate_matches_transformers(name):
     """The batched engine (all prompts at once) reproduces HF's greedy tokens."""
     ref, prompts, _ = reference(name)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.checkpoint.hf_mapping import IGNORED_SUFFIXES, Source, dotted, param_sources
+from moejax.checkpoint.hf_mapping import IGNORED_PREFIXES, IGNORED_SUFFIXES, Source, dotted, param_sources
 from moejax.checkpoint.safetensors_file import CheckpointError, SafetensorsFile
 from moejax.config import load_hf_config
 from moejax.models.decoder import CausalLM
@@ -77,7 +77,8 @@ def _check(files: CheckpointFiles, sources: dict[str, Source], shapes: dict[str,
         shown = "; ".join(f"{n} (for {needed[n][0]}, shape {list(needed[n][1])})" for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{files.directory}: missing tensor{'s' if len(missing) > 1 else ''}: {shown}{more}")
-    unexpected = sorted(n for n in files.names - set(needed) if not n.endswith(IGNORED_SUFFIXES))
+    unexpected = sorted(n for n in files.names - set(needed)
+                        if not n.endswith(IGNORED_SUFFIXES) and not n.startswith(IGNORED_PREFIXES))
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise CheckpointError(f"{files.directory}: unexpected tensor{'s' if len(unexpected) > 1 else ''} "

@@ -9,6 +9,9 @@ loader stream each device's shard straight from the memory-mapped files.
         Qwen/OLMoE model.layers.N.mlp.experts.M.{gate,up,down}_proj.weight
     fused layout (transformers >= 5, save_original_format=False):
         model.layers.N.mlp.experts.gate_up_proj [E, 2F, D], model.layers.N.mlp.experts.down_proj [E, D, F]
+
+Qwen3-Next's Gated DeltaNet layers (model.layers.N.linear_attn.*) keep HF's projection layouts; the
+depthwise conv weight [C, 1, K] becomes taps [K, C].
 """
 
 from __future__ import annotations
@@ -136,7 +139,24 @@ class Concat:
         return stacked.read(get, (slice(0, 1), *index))[0]
 
 
-Source = Transposed | Direct | StackedExperts | FusedExperts | Concat
+@dataclass(frozen=True)
+class ConvTaps:
+    """param [K, C] = tensor[:, 0, :].T: a depthwise Conv1d weight [C, 1, K] as K taps per channel."""
+
+    name: str
+
+    def names(self) -> list[str]:
+        return [self.name]
+
+    def expected_shapes(self, shape):
+        return {self.name: (shape[1], 1, shape[0])}
+
+    def read(self, get: Reader, index: Index) -> np.ndarray:
+        taps, channels = index
+        return get(self.name)[channels, 0, taps].T
+
+
+Source = Transposed | Direct | StackedExperts | FusedExperts | Concat | ConvTaps
 
 
 def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
@@ -151,6 +171,13 @@ def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
         hf, me = f"model.layers.{i}", f"layers.{i}"
         src[f"{me}.input_norm.weight"] = Direct(f"{hf}.input_layernorm.weight")
         src[f"{me}.post_attn_norm.weight"] = Direct(f"{hf}.post_attention_layernorm.weight")
+        if cfg.moe_layers[i]:
+            src.update(_moe_sources(cfg, names, hf, me, f"experts.{i}"))
+        else:
+            src.update(_mlp_sources(f"{hf}.mlp", f"{me}.mlp"))
+        if cfg.linear_layers[i]:
+            src.update(_gated_deltanet_sources(f"{hf}.linear_attn", f"{me}.attn"))
+            continue
         for proj, ours in (("q", "q"), ("k", "k"), ("v", "v"), ("o", "o")):
             src[f"{me}.attn.w_{ours}"] = Transposed(f"{hf}.self_attn.{proj}_proj.weight")
         if cfg.qkv_bias:
@@ -161,11 +188,14 @@ def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
         if cfg.qk_norm != "none":
             src[f"{me}.attn.q_norm.weight"] = Direct(f"{hf}.self_attn.q_norm.weight")
             src[f"{me}.attn.k_norm.weight"] = Direct(f"{hf}.self_attn.k_norm.weight")
-        if cfg.moe_layers[i]:
-            src.update(_moe_sources(cfg, names, hf, me, f"experts.{i}"))
-        else:
-            src.update(_mlp_sources(f"{hf}.mlp", f"{me}.mlp"))
     return src
+
+
+def _gated_deltanet_sources(hf: str, me: str) -> dict[str, Source]:
+    return {f"{me}.w_qkvz": Transposed(f"{hf}.in_proj_qkvz.weight"), f"{me}.w_ba": Transposed(f"{hf}.in_proj_ba.weight"),
+            f"{me}.conv_taps": ConvTaps(f"{hf}.conv1d.weight"), f"{me}.A_log": Direct(f"{hf}.A_log"),
+            f"{me}.dt_bias": Direct(f"{hf}.dt_bias"), f"{me}.norm.weight": Direct(f"{hf}.norm.weight"),
+            f"{me}.w_out": Transposed(f"{hf}.out_proj.weight")}
 
 
 def _mlp_sources(hf: str, me: str) -> dict[str, Source]:
@@ -198,3 +228,4 @@ def _moe_sources(cfg: ModelConfig, names: set[str], hf_layer: str, me: str, expe
 
 # Tensors a checkpoint may carry that the model recomputes or does not need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_PREFIXES = ("mtp.",)  # Qwen3-Next's multi-token-prediction module: not used for decoding

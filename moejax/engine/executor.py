@@ -27,10 +27,12 @@ class Executor(Protocol):
         ...
 
     def execute(self, plan: IterationPlan) -> StepResult:
-        """Run one iteration: import `plan.kv_imports`, run every slice through its layers, KV written,
+        """Run one iteration: import `plan.kv_imports`, run every slice through its layers, KV (and the
+        state slots `plan.state_slots` name) written,
         sampled rows sampled, and the state of `plan.released` requests (kept hidden rows) dropped."""
         ...
 
-    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int) -> KVPayload:
-        """One request's KV: tokens 0 .. num_tokens-1 of the blocks `block_ids`, every layer."""
+    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int, state_slot: int | None = None) -> KVPayload:
+        """One request's KV: tokens 0 .. num_tokens-1 of the blocks `block_ids`, every layer (Gated
+        DeltaNet layers: its state slot `state_slot`)."""
         ...

@@ -35,6 +35,7 @@ class Built:
     num_blocks: int  # KV blocks the executor holds
     max_model_len: int  # as the caller gave it, or the executor's default
     kv_shards: int = 1  # request shards the blocks are split over (data parallelism)
+    state_slots: int = 0  # per-request state slots the executor holds (models with Gated DeltaNet layers)
     virtual_time: bool = False  # the executor models time instead of taking it
 
 
@@ -67,8 +68,9 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
 
     Other options go to the policy (layered: group_table, cohorts_in_flight, max_prefill_tokens, ...;
     layered-adaptive also tbt_target_s, and prices iterations with the executor's cost model) or to
-    the executor's factory (jax: layout, dtype, num_blocks, kv_budget_bytes, fuse; sim: hardware,
-    routing, routing_params, calibration, memory_fraction); an option neither takes is an error."""
+    the executor's factory (jax: layout, dtype, num_blocks, kv_budget_bytes, state_slots, fuse; sim:
+    hardware, routing, routing_params, calibration, memory_fraction, state_slots); an option neither
+    takes is an error."""
     name, overrides = parse_policy(policy)
     token_budget = overrides.get("token_budget", token_budget)
     factory = _factory(executor)
@@ -92,9 +94,9 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
             chosen_options["choose_layers"] = WithinTarget(built.executor.pricer, target_s=target_s)
     chosen = make_policy(name, **chosen_options)
     built.executor.attach(chosen)
-    scheduler = Scheduler(built.executor.config, KVCacheManager(built.num_blocks, block_size, num_shards=built.kv_shards),
-                          chosen, SchedulerConfig(max_num_seqs=max_num_seqs, token_budget=token_budget,
-                                                  max_model_len=built.max_model_len))
+    kv = KVCacheManager(built.num_blocks, block_size, num_shards=built.kv_shards, num_state_slots=built.state_slots)
+    scheduler = Scheduler(built.executor.config, kv, chosen, SchedulerConfig(
+        max_num_seqs=max_num_seqs, token_budget=token_budget, max_model_len=built.max_model_len))
     return Engine(scheduler, built.executor, virtual_time=built.virtual_time, seed=seed)
 
 

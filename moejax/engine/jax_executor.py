@@ -7,7 +7,9 @@ compiles nothing. Everything is dispatched asynchronously; the only host sync is
 tokens and the per-layer expert counts at the end.
 
 KV hand-off: `export_kv` reads one request's KV out of its blocks (every layer, one program, one
-transfer to the host) as a KVPayload; plans carry payloads to import into a request's blocks.
+transfer to the host) as a KVPayload; plans carry payloads to import into a request's blocks. Gated
+DeltaNet layers (Qwen3-Next) keep a request's state in its state slot instead: the plan names the
+slot, the layers read and write it, and hand-off moves the slot's contents.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.engine.kv_cache import kv_block_bytes, kv_capacity
+from moejax.engine.kv_cache import kv_block_bytes, kv_capacity, state_slot_bytes, state_slots_for
 from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout
 from moejax.engine.metadata import attention_metadata, bucket, pad_tokens, to_device
 from moejax.engine.plan import IterationPlan, StepResult
@@ -49,6 +51,17 @@ def _write_kv(kv: list, slots: jax.Array, values: jax.Array) -> list:
         out.append(tuple(c.reshape(-1, *c.shape[2:]).at[slots].set(x.astype(c.dtype), mode="drop").reshape(c.shape)
                          for c, x in zip(layer, v)))
     return out
+
+
+@jax.jit
+def _read_states(states: list, slot: jax.Array) -> list:
+    """Every Gated DeltaNet layer's (conv, recurrent) state in one state slot."""
+    return [tuple(a[slot] for a in layer) for layer in states]
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _write_states(states: list, slot: jax.Array, values: list) -> list:
+    return [tuple(a.at[slot].set(x.astype(a.dtype)) for a, x in zip(layer, v)) for layer, v in zip(states, values)]
 
 
 class HiddenStash:
@@ -114,9 +127,11 @@ class JaxExecutor:
 
     pricer = None  # no cost model: it measures
 
-    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int, fuse: bool = True):
+    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int, fuse: bool = True,
+                 state_slots: int = 0):
         """fuse: run iterations whose slices all cross every layer as one compiled program (else layer by
-        layer, as every other iteration runs)."""
+        layer, as every other iteration runs). state_slots: per-request state slots of Gated DeltaNet
+        layers (one per request the scheduler runs at once)."""
         self.fuse = fuse
         self.model = model
         self.config = model.config
@@ -127,7 +142,10 @@ class JaxExecutor:
         placement = model.placement  # attention and experts on one mesh (refused otherwise)
         self.row_shards = placement.shards("batch") if placement else 1
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
-        self.kv = model.init_kv_cache(num_blocks, block_size)
+        self.num_state_slots = state_slots
+        self.kv = model.init_kv_cache(num_blocks, block_size, state_slots)
+        self.linear_layers = [i for i, linear in enumerate(model.config.linear_layers) if linear]
+        self.paged_layers = [i for i, linear in enumerate(model.config.linear_layers) if not linear]
         self._sharding = placement.sharding if placement else None
         # Inputs with no layout axis (token ids, row indices, sampling columns) are replicated. In one
         # process they stay uncommitted and jit places them; on a mesh over several processes (one per
@@ -147,29 +165,51 @@ class JaxExecutor:
         return np.pad(slots, (0, bucket(num_tokens) - num_tokens),
                       constant_values=self.num_blocks * self.block_size).astype(np.int32)
 
-    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int) -> KVPayload:
-        """The KV of a request's first num_tokens tokens in `block_ids`, every layer, on the host."""
-        values = np.asarray(_read_kv(self.kv, to_device(self._slots(block_ids, num_tokens), self._replicated)))
-        cfg = self.config
-        states = tuple(LayerKVState("paged", {"k": values[i, 0, :num_tokens], "v": values[i, 1, :num_tokens]})
-                       for i in range(cfg.num_layers))
-        return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(range(cfg.num_layers)), states)
+    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int, state_slot: int | None = None) -> KVPayload:
+        """The KV of a request's first num_tokens tokens in `block_ids` (Gated DeltaNet layers: the state
+        in its `state_slot`), every layer, on the host."""
+        cfg, states = self.config, {}
+        if self.paged_layers:
+            values = np.asarray(_read_kv([self.kv[i] for i in self.paged_layers],
+                                         to_device(self._slots(block_ids, num_tokens), self._replicated)))
+            for j, i in enumerate(self.paged_layers):
+                states[i] = LayerKVState("paged", {"k": values[j, 0, :num_tokens], "v": values[j, 1, :num_tokens]})
+        if self.linear_layers:
+            if state_slot is None:
+                raise ValueError(f"{cfg.name} keeps Gated DeltaNet state in state slots: export_kv needs the "
+                                 "request's state_slot")
+            read = jax.device_get(_read_states([self.kv[i] for i in self.linear_layers], np.int32(state_slot)))
+            for i, (conv, recurrent) in zip(self.linear_layers, read):
+                states[i] = LayerKVState("recurrent", {"conv": conv, "recurrent": recurrent})
+        return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(range(cfg.num_layers)),
+                         tuple(states[i] for i in range(cfg.num_layers)))
 
-    def import_kv(self, block_ids: tuple[int, ...], payload: KVPayload) -> None:
-        """Write a payload's KV into `block_ids` (checked against this model first)."""
+    def import_kv(self, block_ids: tuple[int, ...], payload: KVPayload, state_slot: int | None = None) -> None:
+        """Write a payload's KV into `block_ids` and its Gated DeltaNet states into `state_slot`
+        (checked against this model first)."""
         payload.check(self.config, self.model.dtype, payload.num_tokens)
-        n, pad = payload.num_tokens, bucket(payload.num_tokens) - payload.num_tokens
-        values = np.stack([np.stack([np.pad(np.asarray(s.arrays[name]), ((0, pad), (0, 0), (0, 0)))
-                                     for name in ("k", "v")]) for s in payload.states])
-        self.kv[:] = _write_kv(self.kv, to_device(self._slots(block_ids, n), self._replicated),
-                               to_device(values, self._replicated))
+        if self.paged_layers:
+            n, pad = payload.num_tokens, bucket(payload.num_tokens) - payload.num_tokens
+            values = np.stack([np.stack([np.pad(np.asarray(payload.states[i].arrays[name]), ((0, pad), (0, 0), (0, 0)))
+                                         for name in ("k", "v")]) for i in self.paged_layers])
+            written = _write_kv([self.kv[i] for i in self.paged_layers],
+                                to_device(self._slots(block_ids, n), self._replicated), to_device(values, self._replicated))
+            for i, layer in zip(self.paged_layers, written):
+                self.kv[i] = layer
+        if self.linear_layers:
+            values = [tuple(np.asarray(payload.states[i].arrays[name]) for name in ("conv", "recurrent"))
+                      for i in self.linear_layers]
+            written = _write_states([self.kv[i] for i in self.linear_layers], np.int32(state_slot),
+                                    to_device(values, self._replicated))
+            for i, layer in zip(self.linear_layers, written):
+                self.kv[i] = layer
 
     def execute(self, plan: IterationPlan) -> StepResult:
         t0 = time.perf_counter()
         for rid in plan.released:
             self.stash.release(rid)
         for rid, block_ids, payload in plan.kv_imports:
-            self.import_kv(block_ids, payload)
+            self.import_kv(block_ids, payload, plan.state_slots.get(rid))
         L, E = self.config.num_layers, max(self.config.num_experts, 1)
         if not plan.slices:
             return self._result(plan, {}, np.zeros((L, E), np.int64), t0)
@@ -196,7 +236,8 @@ class JaxExecutor:
         for i, s in enumerate(plan.slices):
             token_ids[row_map.offsets[i]:row_map.offsets[i] + s.num_tokens] = s.token_ids
         meta = attention_metadata(row_map.positions, row_map.seq_ids, tables, self.block_size, self.num_blocks,
-                                  valid=row_map.valid, sharding=self._sharding, once=True)
+                                  valid=row_map.valid, sharding=self._sharding, once=True,
+                                  **self._state_slots(plan, seq_of))
         rows, columns = self._sampling_inputs(plan, row_map.offsets)
         return self.model.forward_all(to_device(token_ids, self._replicated), self.kv, meta, rows, sample, *columns)
 
@@ -210,7 +251,7 @@ class JaxExecutor:
             x = self._group_rows(plan, group.slices, row_map, x, offsets)
             offsets = row_map.offsets
             meta = attention_metadata(row_map.positions, row_map.seq_ids, tables, self.block_size, self.num_blocks,
-                                      valid=row_map.valid, sharding=self._sharding)
+                                      valid=row_map.valid, sharding=self._sharding, **self._state_slots(plan, seq_of))
             x, group_counts = self.run_layers(x, meta, group.layer_start, group.layer_end)
             counts = counts.at[group.layer_start:group.layer_end].set(jnp.stack(group_counts))
             for i in group.slices:  # slices stopping here before the last layer keep their rows
@@ -222,6 +263,16 @@ class JaxExecutor:
                 self.stash.release(s.request_id)
         rows, columns = self._sampling_inputs(plan, offsets)
         return sample(self.model.logits(x, rows), *columns), counts
+
+    def _state_slots(self, plan: IterationPlan, seq_of: dict[int, int]) -> dict:
+        """attention_metadata's state-slot arguments: each block-table row's slot (models with Gated
+        DeltaNet layers; none otherwise)."""
+        if not self.num_state_slots:
+            return {}
+        slots = np.zeros(len(seq_of), np.int32)
+        for rid, i in seq_of.items():
+            slots[i] = plan.state_slots[rid]
+        return {"state_slots": slots, "num_state_slots": self.num_state_slots}
 
     def run_layers(self, x: jax.Array, meta, start: int, end: int) -> tuple[jax.Array, list[jax.Array]]:
         """Layers [start, end) on hidden rows x -> (x, tokens per expert per layer). The one place an
@@ -310,15 +361,21 @@ def default_kv_budget() -> int:
 
 
 def kv_blocks_for(model: Model, *, max_num_seqs: int, max_model_len: int, block_size: int,
-                  num_blocks: int | None, kv_budget_bytes: int | None) -> tuple[int, int]:
+                  num_blocks: int | None, kv_budget_bytes: int | None, state_slots: int = 0) -> tuple[int, int]:
     """(KV blocks, request shards): `num_blocks`, else as many as fit `kv_budget_bytes` (default: free
-    device memory) but no more than max_num_seqs full requests; a multiple of the request shards."""
+    device memory) after `state_slots` state slots, but no more than max_num_seqs full requests; a
+    multiple of the request shards."""
     attention = model.placements.attention
     shards = attention.shards("batch") if attention else 1
     if num_blocks is None:
         wanted = max_num_seqs * math.ceil(max_model_len / block_size)
-        budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget()
         cfg = model.config
+        budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget()
+        if state_slots and budget - state_slots * state_slot_bytes(cfg) < kv_block_bytes(cfg, block_size):
+            raise ValueError(f"KV cache budget of {budget} bytes: {state_slots} state slots of "
+                             f"{state_slot_bytes(cfg)} bytes leave no room for a block of {kv_block_bytes(cfg, block_size)} "
+                             "(fewer state_slots or max_num_seqs, or a larger kv_budget_bytes)")
+        budget -= state_slots * state_slot_bytes(cfg)
         num_blocks = min(wanted, kv_capacity(cfg, block_size, min(budget, wanted * kv_block_bytes(cfg, block_size))))
         num_blocks = max(shards, num_blocks - num_blocks % shards)
     return num_blocks, shards
@@ -338,12 +395,14 @@ def resolve_model(model, *, layout=None, dtype: str | None = None, seed: int = 0
 
 def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
            layout=None, dtype: str | None = None, num_blocks: int | None = None,
-           kv_budget_bytes: int | None = None, fuse: bool = True):
+           kv_budget_bytes: int | None = None, state_slots: int | None = None, fuse: bool = True):
     from moejax.engine.factory import Built
 
     model = resolve_model(model, layout=layout, dtype=dtype, seed=seed)
     max_model_len = max_model_len or min(model.config.max_position, 4096)
+    state_slots = state_slots_for(model.config, max_num_seqs, state_slots)
     num_blocks, shards = kv_blocks_for(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                       block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes)
-    return Built(JaxExecutor(model, num_blocks, block_size, max_model_len, fuse=fuse), num_blocks, max_model_len,
-                 kv_shards=shards)
+                                       block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes,
+                                       state_slots=state_slots)
+    return Built(JaxExecutor(model, num_blocks, block_size, max_model_len, fuse=fuse, state_slots=state_slots),
+                 num_blocks, max_model_len, kv_shards=shards, state_slots=state_slots)

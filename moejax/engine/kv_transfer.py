@@ -4,6 +4,9 @@ A prefill engine finishes a request marked `handoff` after its first token, expo
 prompt (every layer, or a range of layers while it prefills); a decode engine admits the request
 with that KV (`Engine.add_prefilled`) and continues from its next token. Payloads are checked on
 import: a payload of another model or with other shapes is rejected with what differs.
+
+An attention layer's state is its per-token KV ("paged"); a Gated DeltaNet layer's is the request's
+fixed-size state slot ("recurrent"), the same size however long the prompt: `layer_state_spec`.
 """
 
 from __future__ import annotations
@@ -24,13 +27,26 @@ class KVTransferError(ValueError):
 def kv_layout(cfg: ModelConfig, dtype) -> dict:
     """What a payload must agree on to be importable: the KV each layer keeps per token."""
     return {"architecture": cfg.architecture, "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
-            "head_dim": cfg.head_dim, "dtype": jnp.dtype(dtype).name, "sliding_windows": list(cfg.sliding_windows)}
+            "head_dim": cfg.head_dim, "dtype": jnp.dtype(dtype).name, "sliding_windows": list(cfg.sliding_windows),
+            "linear_layers": list(cfg.linear_layers)}
+
+
+def layer_state_spec(cfg: ModelConfig, layer: int, num_tokens: int, dtype) -> tuple[str, dict[str, tuple]]:
+    """What a request's state in `layer` is after num_tokens tokens: (kind, {array: (shape, dtype)}).
+    "paged": k, v [num_tokens, KV heads, head_dim]; "recurrent" (Gated DeltaNet): conv [K-1, conv_dim]
+    (the conv's last inputs, model dtype) and recurrent [value heads, key_head_dim, value_head_dim] fp32."""
+    if cfg.linear_layers[layer]:
+        s = cfg.linear_attention
+        return "recurrent", {"conv": ((s.conv_kernel - 1, s.conv_dim), jnp.dtype(dtype)),
+                             "recurrent": ((s.num_value_heads, s.key_head_dim, s.value_head_dim), jnp.dtype("float32"))}
+    shape = (num_tokens, cfg.num_kv_heads, cfg.head_dim)
+    return "paged", {"k": (shape, jnp.dtype(dtype)), "v": (shape, jnp.dtype(dtype))}
 
 
 @dataclass(frozen=True)
 class LayerKVState:
-    """One layer's state of one request. kind "paged": arrays k, v, each [num_tokens, KV heads, head_dim]
-    (other kinds -- windowed, recurrent -- carry their own arrays)."""
+    """One layer's state of one request, as `layer_state_spec` describes it: kind "paged" (arrays k, v)
+    or "recurrent" (arrays conv, recurrent)."""
 
     kind: str
     arrays: dict[str, object]  # name -> jax.Array or numpy array
@@ -66,15 +82,16 @@ class KVPayload:
         if tuple(self.layers) != tuple(range(cfg.num_layers)):
             raise KVTransferError(f"KV payload holds layers {list(self.layers)}; importing needs all "
                                   f"{cfg.num_layers} layers of {cfg.name!r}")
-        want = (num_tokens, cfg.num_kv_heads, cfg.head_dim)
         for layer, state in zip(self.layers, self.states):
-            if state.kind != "paged" or set(state.arrays) != {"k", "v"}:
+            kind, want = layer_state_spec(cfg, layer, num_tokens, dtype)
+            if state.kind != kind or set(state.arrays) != set(want):
                 raise KVTransferError(f"KV payload layer {layer}: kind {state.kind!r} with arrays "
-                                      f"{sorted(state.arrays)}; expected 'paged' with k and v")
+                                      f"{sorted(state.arrays)}; expected {kind!r} with {' and '.join(want)}")
             for name, a in state.arrays.items():
-                if tuple(a.shape) != want or jnp.dtype(a.dtype) != jnp.dtype(dtype):
+                shape, want_dtype = want[name]
+                if tuple(a.shape) != shape or jnp.dtype(a.dtype) != want_dtype:
                     raise KVTransferError(f"KV payload layer {layer} {name}: shape {list(a.shape)} "
-                                          f"{jnp.dtype(a.dtype).name}; expected {list(want)} {jnp.dtype(dtype).name}")
+                                          f"{jnp.dtype(a.dtype).name}; expected {list(shape)} {want_dtype.name}")
 
 
 @dataclass

@@ -75,6 +75,8 @@ class IterationPlan:
     kv_shards: dict[int, int] = field(default_factory=dict)  # request id -> request shard owning its KV (if > 1)
     # (request id, its blocks, KV) to write before the iteration runs: requests prefilled elsewhere
     kv_imports: tuple[tuple[int, tuple[int, ...], "KVPayload"], ...] = ()
+    # request id -> its state slot, for the requests of the slices and imports (Gated DeltaNet layers)
+    state_slots: dict[int, int] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:

@@ -25,6 +25,7 @@ class Request:
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose KV is written in every layer
     block_ids: tuple[int, ...] = ()  # immutable: plans share it instead of copying it every iteration
+    state_slot: int | None = None  # its fixed-size state slot (models with Gated DeltaNet layers)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "handoff" (continued by another engine)
     handoff: bool = False  # after its first token, hand the request and its KV to another engine
     first_token_time: float | None = None

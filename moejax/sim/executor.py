@@ -6,7 +6,7 @@ executor reports, and the cost model prices them. Sampled rows get a fixed non-E
 requests run until max_tokens: output lengths come from the workload, not from sampling.
 
 KV hand-off is simulated too: an exported payload carries the shapes and dtype of the request's KV
-(what a link would carry), no values.
+(and of the state slots of Gated DeltaNet layers: what a link would carry), no values.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 
 from moejax.config import ModelConfig, get_preset
 from moejax.engine import traffic
-from moejax.engine.kv_cache import kv_block_bytes
-from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout
+from moejax.engine.kv_cache import kv_block_bytes, state_slot_bytes, state_slots_for
+from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout, layer_state_spec
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.sim.cost_model import Calibration, CostModel
 from moejax.sim.hardware import Hardware, get_hardware
@@ -49,11 +49,13 @@ class SimExecutor:
     def attach(self, policy) -> None:
         pass  # nothing kept between iterations
 
-    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int) -> KVPayload:
-        cfg = self.config
-        shape = jax.ShapeDtypeStruct((num_tokens, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
-        return KVPayload(cfg.name, kv_layout(cfg, cfg.dtype), num_tokens, tuple(range(cfg.num_layers)),
-                         tuple(LayerKVState("paged", {"k": shape, "v": shape}) for _ in range(cfg.num_layers)))
+    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int, state_slot: int | None = None) -> KVPayload:
+        cfg, states = self.config, []
+        for i in range(cfg.num_layers):
+            kind, arrays = layer_state_spec(cfg, i, num_tokens, cfg.dtype)
+            states.append(LayerKVState(kind, {name: jax.ShapeDtypeStruct(shape, dtype)
+                                              for name, (shape, dtype) in arrays.items()}))
+        return KVPayload(cfg.name, kv_layout(cfg, cfg.dtype), num_tokens, tuple(range(cfg.num_layers)), tuple(states))
 
     def execute(self, plan: IterationPlan) -> StepResult:
         cfg = self.config
@@ -72,9 +74,10 @@ class SimExecutor:
 
 def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
            hardware: str | Hardware, routing: str | RoutingModel = "correlated", routing_params: dict | None = None,
-           calibration: Calibration | None = None, memory_fraction: float = 0.9):
+           calibration: Calibration | None = None, memory_fraction: float = 0.9, state_slots: int | None = None):
     """A SimExecutor for `model` (a preset name, a ModelConfig or a Model: only its config counts) on
-    `hardware`; KV capacity is what the hardware's memory holds after the weights. routing_params:
+    `hardware`; KV capacity is what the hardware's memory holds after the weights and the state slots
+    (Gated DeltaNet layers: one per request that may run at once, or `state_slots`). routing_params:
     e.g. {"affinity": 5.0} for "correlated" (see make_routing)."""
     from moejax.engine.factory import Built
 
@@ -83,9 +86,15 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
         routing = make_routing(routing, cfg, seed, **routing_params)
     executor = SimExecutor(cfg, hardware, routing=routing if cfg.num_experts else None, seed=seed,
                            calibration=calibration)
+    state_slots = state_slots_for(cfg, max_num_seqs, state_slots)
     free = memory_fraction * executor.hardware.memory_bytes - traffic.model_bytes(cfg)
     if free <= 0:
         raise ValueError(f"{cfg.name} ({traffic.model_bytes(cfg) / 1e9:.1f} GB of weights) does not fit "
                          f"{executor.hardware.name} ({executor.hardware.memory_bytes / 1e9:.0f} GB)")
+    free -= state_slots * state_slot_bytes(cfg)
+    if free < kv_block_bytes(cfg, block_size):
+        raise ValueError(f"{cfg.name} on {executor.hardware.name}: {state_slots} state slots of "
+                         f"{state_slot_bytes(cfg) / 1e6:.1f} MB leave no room for KV blocks (fewer state_slots or "
+                         "max_num_seqs)")
     num_blocks = int(free // kv_block_bytes(cfg, block_size))
-    return Built(executor, num_blocks, max_model_len or cfg.max_position, virtual_time=True)
+    return Built(executor, num_blocks, max_model_len or cfg.max_position, virtual_time=True, state_slots=state_slots)
