@@ -1,6 +1,7 @@
 """KV hand-off between two engines in one process: engine A prefills and hands each request off with
 its KV, engine B imports it into other blocks and decodes. Greedy and seeded outputs equal one
-engine doing both, for every architecture; payloads of another model or with other shapes are
+engine doing both, for every architecture (Qwen3-Next: its Gated DeltaNet layers hand off their
+state slot, the same size for every prompt); payloads of another model or with other shapes are
 rejected with what differs."""
 
 import dataclasses
@@ -10,11 +11,12 @@ import pytest
 
 from moejax.config import get_preset
 from moejax.engine import build
+from moejax.engine.kv_cache import kv_bytes
 from moejax.engine.kv_transfer import KVTransferError
 from moejax.engine.sampling import SamplingParams
 from moejax.models.model import build_model
 
-ARCHS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe"]
+ARCHS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-qwen3-next"]
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
 
@@ -45,6 +47,9 @@ def test_prefill_here_decode_there_equals_one_engine(arch):
     serve(a, handed)
     assert [r.finish_reason for r in handed] == ["handoff"] * 3
     assert a.scheduler.kv.num_free_blocks == a.scheduler.kv.num_blocks  # exported, then freed
+    for h in a.handoffs:  # every layer's KV of the prompt, or its state slot; what the cache holds for it
+        assert [s.kind for s in h.kv.states] == ["recurrent" if x else "paged" for x in model.config.linear_layers]
+        assert h.kv.nbytes == kv_bytes(model.config, len(h.prompt_token_ids))
     blocks_a = {h.request_id: r.block_ids for h, r in zip(a.handoffs, handed)}
 
     b = engine(model)
