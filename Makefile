@@ -27,11 +27,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/moejax generate
 
+# Two workers (one per core; a test file stays on one worker so its fixtures are built once), and
+# the slowest tests listed at the end so that CI time stays visible.
+PYTEST := $(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=25
+
 test: setup
-	$(VENV)/bin/pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(VENV)/bin/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 bench-kernels: setup
 	$(VENV)/bin/moejax bench kernels --json benchmarks/kernels-$$(hostname).json

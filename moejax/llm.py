@@ -51,6 +51,11 @@ class LLM:
         self.engine = build(self.model, executor, seed=seed, **engine_options)
         self.last_stats: dict[str, float] = {}
 
+    def warmup(self, progress: bool = True) -> int:
+        """Compile ahead every program serving meets (Engine.warmup), with a progress bar; returns how
+        many were compiled. Afterwards generate / stream compile nothing for chunked policies."""
+        return self.engine.warmup(progress=progress)
+
     # --- requests ------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -101,10 +106,11 @@ class LLM:
                 self.engine.step()
             for r in requests:
                 if r.request_id in sent and (r.num_output_tokens > sent[r.request_id] or r.is_finished):
-                    yield self._delta(r, sent[r.request_id])
+                    delta = self._delta(r, sent[r.request_id])
                     sent[r.request_id] = r.num_output_tokens
-                    if r.is_finished:
+                    if delta.finished:
                         del sent[r.request_id]
+                    yield delta  # the consumer may abort r now: its final delta comes next round
 
     async def astream(self, prompts: Prompt | Sequence[Prompt],
                       params: SamplingParams | Sequence[SamplingParams] | None = None) -> AsyncIterator[TokenDelta]:

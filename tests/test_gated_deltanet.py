@@ -152,3 +152,15 @@ def test_layer_prompt_whole_chunked_token_by_token_and_batched(model):
     np.testing.assert_allclose(h[:1], whole[40:41], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(h[1:22], whole[:21], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(h[22:], other[20:30], rtol=2e-5, atol=2e-5)
+
+
+def test_rows_no_longer_valid_leave_their_slot(model):
+    """Multi-step decode turns the rows of requests that stopped into padding (meta.advance): their
+    state slots keep what they held, while the other rows' slots advance."""
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(8, model.config.hidden_size)).astype(np.float32))
+    meta = attention_metadata(np.array([5, 9]), np.array([0, 1]), np.zeros((2, 8), np.int32), 16, 1,
+                              state_slots=np.array([2, 1]), num_state_slots=4)
+    meta = meta.replace(valid=meta.valid.at[0].set(False))
+    _, (conv, recurrent) = model.attend(0, x, model.init_kv_cache(1, 16, state_slots=4)[0], meta)
+    assert not np.any(conv[2]) and not np.any(recurrent[2])
+    assert np.any(conv[1]) and np.any(recurrent[1])

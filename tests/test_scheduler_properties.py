@@ -1,6 +1,7 @@
 """Property tests of the scheduler and KV allocator with a fast fake executor: under random request
-streams, aborts, budgets and cache sizes, no block is leaked or owned twice, the token budget holds,
-and every request finishes (or is aborted) with exactly the tokens a non-preempted run would give."""
+streams, aborts, budgets, cache sizes and multi-step decode, no block is leaked or owned twice, the
+token budget holds, and every request finishes (or is aborted) with exactly the tokens a
+non-preempted one-step run would give."""
 
 import numpy as np
 import pytest
@@ -26,9 +27,10 @@ def next_token(context: tuple[int, ...]) -> int:
 class FakeExecutor:
     """Checks each plan against the KV state and answers like a model would."""
 
-    def __init__(self, scheduler: Scheduler):
+    def __init__(self, scheduler: Scheduler, max_decode_steps: int = 1):
         self.config = CFG
         self.s = scheduler
+        self.max_decode_steps = max_decode_steps
         self.max_tokens_seen = 0
 
     def execute(self, plan):
@@ -45,7 +47,19 @@ class FakeExecutor:
             assert tuple(req.token_ids[sl.start:sl.start + sl.num_tokens]) == sl.token_ids
             if sl.sample:
                 sampled[sl.request_id] = next_token(tuple(req.token_ids))
-        return StepResult(sampled, 0.001, 0.0)
+        if plan.decode_steps == 1:
+            return StepResult(sampled, 0.001, 0.0)
+        steps = {}  # as the device loop does: each token feeds the next, a row stops at a stop id or its limit
+        for sl, (stop_ids, left) in zip(plan.slices, plan.decode_limits):
+            ctx, out = list(self.s.requests[sl.request_id].token_ids), []
+            assert len(plan.block_tables[sl.request_id]) * self.s.kv.block_size >= sl.start + plan.decode_steps
+            while len(out) < plan.decode_steps:
+                out.append(next_token(tuple(ctx)))
+                ctx.append(out[-1])
+                if out[-1] in stop_ids or len(out) >= left:
+                    break
+            steps[sl.request_id] = out
+        return StepResult({rid: t[0] for rid, t in steps.items()}, 0.001, 0.0, sampled_steps=steps)
 
 
 def expected_output(prompt, max_tokens):
@@ -55,15 +69,16 @@ def expected_output(prompt, max_tokens):
     return ctx[len(prompt):]
 
 
-def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at) -> int:
+def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps=1) -> int:
     """Serve `requests` (prompt length, max tokens, unused) checking every invariant after each
-    step; returns how many preemptions the stream caused."""
+    step, decode-only iterations running up to `decode_steps` steps; returns how many preemptions
+    the stream caused."""
     block_size, max_len = 4, 64  # one request needs at most 16 blocks
     kv = KVCacheManager(num_blocks, block_size)
     budget = max(budget, max_len) if policy == "no_chunk" else budget
     sched = Scheduler(CFG, kv, make_policy(policy),
                       SchedulerConfig(max_num_seqs=max_seqs, token_budget=budget, max_model_len=max_len))
-    executor = FakeExecutor(sched)
+    executor = FakeExecutor(sched, decode_steps)
     engine = Engine(sched, executor, virtual_time=True)
     rng = np.random.default_rng(len(requests))
     reqs = []
@@ -98,9 +113,10 @@ def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at) -> int:
 @given(policy=st.sampled_from(["chunked", "no_chunk"]),
        budget=st.integers(1, 64), max_seqs=st.integers(1, 6), num_blocks=st.integers(16, 60),
        requests=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 20), st.integers(0, 30)), min_size=1, max_size=12),
-       abort_at=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 11)), max_size=3))
-def test_scheduler_invariants(policy, budget, max_seqs, num_blocks, requests, abort_at):
-    run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at)
+       abort_at=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 11)), max_size=3),
+       decode_steps=st.sampled_from([1, 3, 8]))
+def test_scheduler_invariants(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps):
+    run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps)
 
 
 @pytest.mark.parametrize("policy", ["chunked", "no_chunk"])
@@ -109,3 +125,4 @@ def test_invariants_hold_through_preemption(policy):
     (the random streams above reach full caches only by chance)."""
     crowded = [(40, 20, 0)] * 6  # six requests of up to 15 blocks each into 24 blocks
     assert run_stream(policy, 64, 6, 24, crowded, []) > 0
+    assert run_stream(policy, 64, 6, 24, crowded, [], decode_steps=4) > 0

@@ -1,5 +1,6 @@
-"""Sharded execution on 8 CPU devices: for every 8-device layout preset and every architecture the
-sharded model's logits equal the single-device model's, and the engine's greedy outputs are identical."""
+"""Sharded execution on 8 CPU devices: the sharded model's logits equal the single-device model's for
+every 8-device layout preset (on one architecture) and every architecture (on the layout that splits
+the most: heads, MLP and experts), and the engine's greedy outputs are identical on every layout."""
 
 from pathlib import Path
 
@@ -36,16 +37,16 @@ def test_cpu8_preset_fits_a_tiny_arch_and_8_devices(name):
     assert dict(mesh.shape) == layout.axes and len(set(mesh.devices.flat)) == 8
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_sharded_logits_equal_single_device(arch):
+# Every layout on one architecture, every architecture on the layout splitting heads, MLP and experts.
+GRID = [("tiny-qwen3-moe", name) for name in CPU8] + [(arch, "cpu8-ep4-tp2") for arch in ARCHS[1:]]
+
+
+@pytest.mark.parametrize("arch,layout", GRID, ids=[f"{a}-{n}" for a, n in GRID])
+def test_sharded_logits_equal_single_device(arch, layout):
+    get_layout(layout).validate(get_preset(arch))  # the grid only holds layouts that fit
     want = prompt_logits(build_model(get_preset(arch), seed=11), PROMPT)
-    for name in CPU8:
-        try:
-            get_layout(name).validate(get_preset(arch))
-        except LayoutError:
-            continue  # this layout does not fit the architecture's head / expert counts
-        model, _ = load_model(arch, seed=11, layout=name)
-        np.testing.assert_allclose(prompt_logits(model, PROMPT), want, rtol=1e-5, atol=1e-5, err_msg=name)
+    model, _ = load_model(arch, seed=11, layout=layout)
+    np.testing.assert_allclose(prompt_logits(model, PROMPT), want, rtol=1e-5, atol=1e-5)
 
 
 def test_sharded_hf_checkpoint_logits():
@@ -58,19 +59,25 @@ def test_sharded_hf_checkpoint_logits():
 
 def serve(model, prompts):
     engine = build(model, max_model_len=96, block_size=4, token_budget=24, num_blocks=8 * 24)
-    reqs = [engine.add_request(p, SamplingParams(max_tokens=8, ignore_eos=True)) for p in prompts]
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=6, ignore_eos=True)) for p in prompts]
     while engine.has_unfinished:
         engine.step()
     return [r.output_token_ids for r in reqs]
 
 
+# chunked prompts (30, 41 > the 24-token budget) mixed with decodes, spread over request shards
+PROMPTS = [np.random.default_rng(0).integers(0, 512, n).tolist() for n in (5, 30, 12, 41, 2, 19, 8)]
+
+
+@pytest.fixture(scope="module")
+def single_device_outputs():
+    return serve(build_model(get_preset("tiny-qwen3-moe"), seed=2), PROMPTS)
+
+
 @pytest.mark.parametrize("layout", CPU8)
-def test_engine_greedy_identical_sharded(layout):
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, 512, n).tolist() for n in (5, 30, 12, 41, 2, 19, 8, 27, 33, 3)]
-    want = serve(build_model(get_preset("tiny-qwen3-moe"), seed=2), prompts)
+def test_engine_greedy_identical_sharded(layout, single_device_outputs):
     model, _ = load_model("tiny-qwen3-moe", seed=2, layout=layout)
-    assert serve(model, prompts) == want
+    assert serve(model, PROMPTS) == single_device_outputs
 
 
 def test_layout_validation_errors():

@@ -78,6 +78,7 @@ class Engine:
         self.finished: list[Request] = []
         self.handoffs: list[Handoff] = []  # requests handed off after their prefill, with their KV
         self._next_id = 0
+        self._decode_step_s: float | None = None  # time per step of the last multi-step iteration
 
     # --- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None, *,
@@ -136,8 +137,11 @@ class Engine:
         return self.scheduler.has_unfinished
 
     # --- the loop -------------------------------------------------------------------------------------
-    def step(self) -> StepOutput:
-        plan = self.scheduler.schedule()
+    def step(self, until: float | None = None) -> StepOutput:
+        """One iteration. A decode-only iteration runs several decode steps in one go (up to the
+        executor's max_decode_steps); `until` (a time on this engine's clock, e.g. the next arrival)
+        bounds them to what is expected to finish by then, so that new requests do not wait."""
+        plan = self.scheduler.schedule(self._decode_steps(until))
         if plan.is_empty and self.scheduler.has_unfinished and not plan.released:
             raise RuntimeError("the scheduler planned nothing while requests are unfinished")
         result = self.executor.execute(plan)
@@ -147,10 +151,24 @@ class Engine:
         self.finished.extend(finished)
         for req in list(self.scheduler.handed_off):
             self._hand_off(req)
+        if plan.decode_steps > 1:
+            produced = sum(len(t) for t in result.sampled_steps.values())
+            self._decode_step_s = result.elapsed_s / (produced / len(plan.slices))
         if not plan.is_empty:
-            self.steps.append(StepRecord(now, result.elapsed_s, plan.num_tokens, plan.num_prefill_tokens,
+            num_tokens = produced if plan.decode_steps > 1 else plan.num_tokens
+            self.steps.append(StepRecord(now, result.elapsed_s, num_tokens, plan.num_prefill_tokens,
                                          result.expert_bytes, result.energy_j))
         return StepOutput(plan, result, finished)
+
+    def _decode_steps(self, until: float | None) -> int:
+        """Decode steps the next iteration may run: the executor's most, or as many as the last
+        measured step time fits before `until`."""
+        most = self.executor.max_decode_steps
+        if until is None or most == 1:
+            return most
+        if self._decode_step_s is None:
+            return 1  # no measure yet: one step at a time until there is one
+        return max(1, min(most, int((until - self.clock.now()) / self._decode_step_s)))
 
     def _hand_off(self, req: Request) -> None:
         """Export a handed-off request's KV (all but its last token: the next engine computes that one)."""
@@ -159,13 +177,48 @@ class Engine:
                                      req.seed, kv, req.arrival_time, req.first_token_time))
         self.scheduler.release_handoff(req)
 
+    def warmup(self, *, progress: bool = False) -> int:
+        """Compile ahead what serving will meet, so that no request waits for a compiler: serve
+        throwaway requests shaped to meet every (tokens, requests) bucket pair of an iteration up to
+        the token budget and max_num_seqs (each pair one program), then their decode steps. Covers
+        what chunked and whole-prompt iterations need; a layered policy's layer groups meet further
+        shapes, compiled when first met. Returns the number of programs compiled."""
+        from moejax.engine.compiles import count_compilations
+        from moejax.engine.metadata import bucket
+
+        if self.scheduler.has_unfinished:
+            raise RuntimeError("warm up an engine before giving it requests")
+        cfg, steps = self.scheduler.config, self.executor.max_decode_steps
+        budget = min(cfg.token_budget, cfg.max_model_len - steps - 1)
+        token_buckets = [b for b in (8 << i for i in range(32)) if b <= bucket(budget)]
+        request_buckets = [b for b in (8 << i for i in range(32)) if b <= bucket(cfg.max_num_seqs)]
+        cells = [(t, r) for t in token_buckets for r in request_buckets if r <= t]
+        params = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
+        bar = _progress() if progress else None
+        with count_compilations() as compiled, bar or contextlib.nullcontext():
+            task = bar.add_task("compiling", total=len(cells)) if bar else None
+            for tokens, requests in cells:
+                n = min(requests, cfg.max_num_seqs, tokens)
+                total = min(tokens, budget)
+                for i in range(n):  # n prompts of `total` tokens in all: one iteration of that bucket
+                    length = total // n + (i < total % n)
+                    self.add_request([(7 * i + j) % self.config.vocab_size for j in range(length)], params)
+                while self.has_unfinished:
+                    self.step()
+                if bar:
+                    bar.advance(task)
+        self.steps.clear()
+        self.finished.clear()
+        self._next_id = 0
+        return compiled.count
+
     def run(self, arrivals: Sequence[Arrival], *, progress: bool = False,
             on_step: Callable[[StepOutput], None] | None = None) -> list[Request]:
         """Serve a workload: requests join at their arrival times (on this engine's clock, from now)."""
         pending = sorted(arrivals, key=lambda a: a.arrival_s)
         t0 = self.clock.now()
         requests: list[Request] = []
-        bar = _progress(len(pending)) if progress else None
+        bar = _progress() if progress else None
         with bar or contextlib.nullcontext():
             task = bar.add_task("requests", total=len(pending)) if bar else None
             i = 0
@@ -178,7 +231,7 @@ class Engine:
                 if not self.has_unfinished:
                     self.clock.wait_until(t0 + pending[i].arrival_s)
                     continue
-                out = self.step()
+                out = self.step(until=t0 + pending[i].arrival_s if i < len(pending) else None)
                 if bar and out.finished:
                     bar.advance(task, len(out.finished))
                 if on_step:
@@ -199,7 +252,7 @@ class Engine:
         return summarize(requests, steps, slo)
 
 
-def _progress(total: int):
+def _progress():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     transient=True)

@@ -21,6 +21,7 @@ class Executor(Protocol):
     config: ModelConfig
     kv_dtype: object  # dtype of the KV it holds (what imported KV must have)
     pricer: Callable[[IterationPlan], float] | None  # modelled seconds of a plan, if it has a cost model
+    max_decode_steps: int  # the most decode steps it runs for one decode-only plan (1: one per plan)
 
     def attach(self, policy) -> None:
         """Called once with the engine's policy: take from it what this executor needs."""

@@ -68,7 +68,7 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
 
     Other options go to the policy (layered: group_table, cohorts_in_flight, max_prefill_tokens, ...;
     layered-adaptive also tbt_target_s, and prices iterations with the executor's cost model) or to
-    the executor's factory (jax: layout, dtype, num_blocks, kv_budget_bytes, state_slots, fuse; sim:
+    the executor's factory (jax: layout, dtype, num_blocks, kv_budget_bytes, state_slots, fuse, max_decode_steps; sim:
     hardware, routing, routing_params, calibration, memory_fraction, state_slots); an option neither
     takes is an error."""
     name, overrides = parse_policy(policy)

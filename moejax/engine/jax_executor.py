@@ -128,11 +128,13 @@ class JaxExecutor:
     pricer = None  # no cost model: it measures
 
     def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int, fuse: bool = True,
-                 state_slots: int = 0):
+                 max_decode_steps: int = 8, state_slots: int = 0):
         """fuse: run iterations whose slices all cross every layer as one compiled program (else layer by
-        layer, as every other iteration runs). state_slots: per-request state slots of Gated DeltaNet
-        layers (one per request the scheduler runs at once)."""
+        layer, as every other iteration runs). max_decode_steps: the most decode steps one program runs
+        (decode-only iterations; 1 = one step per iteration). state_slots: per-request state slots of
+        Gated DeltaNet layers (one per request the scheduler runs at once)."""
         self.fuse = fuse
+        self.max_decode_steps = max_decode_steps if fuse else 1
         self.model = model
         self.config = model.config
         self.kv_dtype = model.dtype
@@ -220,6 +222,8 @@ class JaxExecutor:
             blocks = plan.block_tables[rid]
             tables[i, :len(blocks)] = blocks
 
+        if plan.decode_steps > 1:
+            return self._run_decode_steps(plan, seq_of, tables, t0)
         whole = plan.groups[0]
         if self.fuse and len(plan.groups) == 1 and (whole.layer_start, whole.layer_end) == (0, L):
             tokens, counts = self._run_whole_model(plan, seq_of, tables)
@@ -228,6 +232,35 @@ class JaxExecutor:
         host_tokens, expert_tokens = jax.device_get((tokens, counts))
         sampled = {row.request_id: int(t) for row, t in zip(plan.sampling, host_tokens)}
         return self._result(plan, sampled, expert_tokens, t0)
+
+    def _run_decode_steps(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray, t0: float):
+        """A decode-only plan run for plan.decode_steps steps in one program (Model.decode_steps)."""
+        row_map = self._row_map(plan, plan.groups[0].slices, seq_of)
+        R = len(row_map.valid)
+        token_ids = np.zeros(R, np.int32)
+        order = np.array([row_map.offsets[i] for i in range(len(plan.slices))])  # slice -> its row
+        token_ids[order] = [s.token_ids[0] for s in plan.slices]
+        meta = attention_metadata(row_map.positions, row_map.seq_ids, tables, self.block_size, self.num_blocks,
+                                  valid=row_map.valid, sharding=self._sharding, once=True,
+                                  **self._state_slots(plan, seq_of))
+        stops = bucket(max(len(ids) for ids, _ in plan.decode_limits), minimum=1)
+        stop_ids, remaining = np.full((R, stops), -1, np.int32), np.ones(R, np.int32)
+        for row, (ids, left) in zip(order, plan.decode_limits):
+            stop_ids[row, :len(ids)], remaining[row] = ids, left
+        columns = [np.zeros(R, dtype) for dtype in (np.float32, np.int32, np.float32, np.uint32, np.int32)]
+        for row, r in zip(order, plan.sampling):  # decode slices are all sampled, in slice order
+            for column, value in zip(columns, (r.temperature, r.top_k, r.top_p, r.seed, r.output_index)):
+                column[row] = value
+        tokens, counts = self.model.decode_steps(
+            to_device(token_ids, self._replicated), self.kv, meta, np.int32(plan.decode_steps), self.max_decode_steps,
+            sample, to_device(tuple(columns), self._replicated), to_device(stop_ids, self._replicated),
+            to_device(remaining, self._replicated))
+        host_tokens, (expert_tokens, distinct) = jax.device_get((tokens, counts))
+        steps = {s.request_id: [int(t) for t in host_tokens[:, row] if t >= 0] for s, row in zip(plan.slices, order)}
+        result = self._result(plan.as_steps({rid: len(t) for rid, t in steps.items()}),
+                              {rid: t[0] for rid, t in steps.items()}, expert_tokens, t0, distinct)
+        result.sampled_steps = steps
+        return result
 
     def _run_whole_model(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray):
         """Every slice crosses every layer: one compiled program from tokens to sampled tokens."""
@@ -327,7 +360,7 @@ class JaxExecutor:
     def _sampling_inputs(self, plan: IterationPlan, offsets: dict[int, int]):
         """(rows of the last layer's output to sample from [R], the sampler's per-row columns)."""
         sampled_slices = [i for i, s in enumerate(plan.slices) if s.sample]
-        R = bucket(len(sampled_slices))
+        R = bucket(len(plan.block_tables))  # the requests' bucket, like the block tables: one bucket less to compile
         rows = [offsets[i] + plan.slices[i].num_tokens - 1 for i in sampled_slices]
         pad = R - len(rows)
         s = plan.sampling
@@ -338,10 +371,14 @@ class JaxExecutor:
                 ([r.output_index for r in s], np.int32))), self._replicated)
         return pad_tokens(rows, R, self._replicated), columns
 
-    def _result(self, plan: IterationPlan, sampled: dict[int, int], expert_tokens: np.ndarray, t0: float) -> StepResult:
+    def _result(self, plan: IterationPlan, sampled: dict[int, int], expert_tokens: np.ndarray, t0: float,
+                distinct: np.ndarray | None = None) -> StepResult:
+        """distinct: experts each layer activated, summed over the steps of a multi-step plan (whose
+        expert_tokens are summed over them too)."""
         cfg = self.config
-        return StepResult(sampled, time.perf_counter() - t0, routed_expert_bytes(cfg, expert_tokens),
-                          stats=lambda: layer_stats(cfg, plan, expert_tokens=expert_tokens))
+        distinct = (expert_tokens > 0).sum(axis=1) if distinct is None else distinct
+        return StepResult(sampled, time.perf_counter() - t0, routed_expert_bytes(cfg, distinct),
+                          stats=lambda: layer_stats(cfg, plan, expert_tokens=expert_tokens, distinct_experts=distinct))
 
 
 # --- construction (moejax.engine.build(..., "jax")) ------------------------------------------------------
@@ -395,7 +432,8 @@ def resolve_model(model, *, layout=None, dtype: str | None = None, seed: int = 0
 
 def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
            layout=None, dtype: str | None = None, num_blocks: int | None = None,
-           kv_budget_bytes: int | None = None, state_slots: int | None = None, fuse: bool = True):
+           kv_budget_bytes: int | None = None, state_slots: int | None = None, fuse: bool = True,
+           max_decode_steps: int = 8):
     from moejax.engine.factory import Built
 
     model = resolve_model(model, layout=layout, dtype=dtype, seed=seed)
@@ -404,5 +442,6 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
     num_blocks, shards = kv_blocks_for(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                        block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes,
                                        state_slots=state_slots)
-    return Built(JaxExecutor(model, num_blocks, block_size, max_model_len, fuse=fuse, state_slots=state_slots),
-                 num_blocks, max_model_len, kv_shards=shards, state_slots=state_slots)
+    executor = JaxExecutor(model, num_blocks, block_size, max_model_len, fuse=fuse, max_decode_steps=max_decode_steps,
+                           state_slots=state_slots)
+    return Built(executor, num_blocks, max_model_len, kv_shards=shards, state_slots=state_slots)

@@ -131,6 +131,13 @@ class KVCacheManager:
         return self.blocks_needed(req, num_new_tokens) <= self._allocator(req).num_free and \
             (not self.needs_slot(req) or self.state_slots.num_free > 0)
 
+    def can_allocate_all(self, requests: list[Request], num_new_tokens: int) -> bool:
+        """Whether every one of `requests` (running, each holding blocks) can grow by num_new_tokens."""
+        need = [0] * len(self.shards)
+        for r in requests:
+            need[self.shard_of(r)] += self.blocks_needed(r, num_new_tokens)
+        return all(n <= a.num_free for n, a in zip(need, self.shards))
+
     def allocate(self, req: Request, num_new_tokens: int) -> None:
         new = self.blocks_needed(req, num_new_tokens)
         if new:

@@ -39,7 +39,7 @@ def attention_metadata(positions: np.ndarray, seq_ids: np.ndarray, block_tables:
         positions, seq_ids = np.pad(positions, (0, T - n)), np.pad(seq_ids, (0, T - n))
     valid = np.asarray(valid, bool)
     positions, seq_ids = np.where(valid, positions, 0), np.where(valid, seq_ids, 0)
-    S = seq_bucket or bucket(len(block_tables), minimum=1)
+    S = seq_bucket or bucket(len(block_tables))
     tables = np.zeros((S, block_tables.shape[1]), np.int32)
     tables[: len(block_tables)] = block_tables
     slots = tables[seq_ids, positions // block_size] * block_size + positions % block_size

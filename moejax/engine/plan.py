@@ -16,7 +16,7 @@ cost model).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -77,10 +77,21 @@ class IterationPlan:
     kv_imports: tuple[tuple[int, tuple[int, ...], "KVPayload"], ...] = ()
     # request id -> its state slot, for the requests of the slices and imports (Gated DeltaNet layers)
     state_slots: dict[int, int] = field(default_factory=dict)
+    # Multi-step decode: every slice is a decode and runs up to `decode_steps` steps in one go, each
+    # step's token feeding the next; per sampled slice, (stop token ids, tokens it may still produce).
+    decode_steps: int = 1
+    decode_limits: tuple[tuple[tuple[int, ...], int], ...] = ()
 
     @property
     def num_tokens(self) -> int:
         return sum(s.num_tokens for s in self.slices)
+
+    def as_steps(self, produced: dict[int, int]) -> "IterationPlan":
+        """A multi-step decode plan as the rows it ran: each request's slice covering the `produced`
+        tokens it computed (for traffic accounting)."""
+        slices = tuple(s._replace(token_ids=s.token_ids * produced[s.request_id],
+                                  context_len=s.start + produced[s.request_id]) for s in self.slices)
+        return replace(self, slices=slices)
 
     @property
     def num_decode_tokens(self) -> int:
@@ -136,12 +147,13 @@ class StepResult:
     """What an executor reports for one plan. Per-layer traffic (`layer_stats`) is computed only when
     someone reads it: the engine loop needs just the routed-expert bytes."""
 
-    sampled: dict[int, int]  # request id -> new token
+    sampled: dict[int, int]  # request id -> new token (a multi-step plan: its first)
     elapsed_s: float  # wall time (real executors) or modelled time (simulator)
     expert_bytes: float  # routed-expert weight bytes the iteration had to read
     stats: Callable[[], LayerStats] | LayerStats | None = None  # the stats, or how to compute them
     energy_j: float = 0.0
     extra: dict = field(default_factory=dict)
+    sampled_steps: dict[int, list[int]] | None = None  # multi-step plans: every token, in order
 
     @cached_property
     def layer_stats(self) -> LayerStats:

@@ -199,11 +199,17 @@ class Scheduler:
         return make_slice(req, num_tokens, layer_start, L if layer_end is None else layer_end, L)
 
     # --- one iteration ------------------------------------------------------------------------------
-    def schedule(self) -> IterationPlan:
+    def schedule(self, max_decode_steps: int = 1) -> IterationPlan:
+        """The next iteration. max_decode_steps > 1: when it holds only decodes, let it run up to that
+        many steps at once (fewer when KV runs short, or so that a waiting request is admitted as soon
+        as a running one may have finished)."""
         self._scheduled = set()
         self._admit_prefilled()
         slices = self.policy.schedule(self)
         requests = [self.requests[s.request_id] for s in slices]
+        steps, limits = 1, ()
+        if max_decode_steps > 1 and slices and all(s.is_decode for s in slices):
+            steps, limits = self._decode_steps(requests, max_decode_steps)
         sampling = tuple(SamplingRow(r.request_id, r.params.temperature, r.params.top_p, r.params.top_k, r.seed,
                                      len(r.token_ids) - len(r.prompt_token_ids))
                          for s, r in zip(slices, requests) if s.sample)
@@ -212,11 +218,28 @@ class Scheduler:
             block_tables={r.request_id: r.block_ids for r in requests},
             sampling=sampling, released=tuple(self._released), num_layers=self.num_layers,
             kv_shards={r.request_id: self.kv.shard_of(r) for r in requests} if len(self.kv.shards) > 1 else {},
-            kv_imports=tuple(self._imports),
+            kv_imports=tuple(self._imports), decode_steps=steps, decode_limits=limits,
             state_slots={} if self.kv.state_slots is None else {
                 r.request_id: r.state_slot for r in requests + [self.requests[rid] for rid, *_ in self._imports]})
         self._released, self._imports = [], []
         return plan
+
+    def _decode_steps(self, requests: list[Request], most: int) -> tuple[int, tuple]:
+        """How many steps a decode-only iteration runs, its KV reserved for them -> (steps, per request
+        (stop ids, tokens it may still produce))."""
+        eos, max_len = self.model_config.eos_token_ids, self.config.max_model_len
+        remaining = [min(r.params.max_tokens - r.num_output_tokens, max_len - r.num_tokens) for r in requests]
+        steps = min(most, max(remaining))
+        if self.waiting:  # admit the next request as soon as the first running one can finish
+            steps = min(steps, min(remaining))
+        while steps > 1 and not self.kv.can_allocate_all(requests, steps):
+            steps //= 2
+        if steps <= 1:
+            return 1, ()
+        for r in requests:
+            self.kv.allocate(r, steps)
+        return steps, tuple((r.params.stop_token_ids + (() if r.params.ignore_eos else eos), left)
+                            for r, left in zip(requests, remaining))
 
     def update(self, plan: IterationPlan, result: StepResult, now: float) -> list[Request]:
         """Apply an executed plan: advance computed tokens, append sampled tokens, finish requests."""
@@ -227,8 +250,11 @@ class Scheduler:
                 continue  # aborted while the iteration ran
             if s.layer_end == L:
                 req.num_computed_tokens = s.context_len
-            if s.sample:
-                token = sampled[s.request_id]
+            if not s.sample:
+                continue
+            for token in (result.sampled_steps[s.request_id] if plan.decode_steps > 1 else (sampled[s.request_id],)):
+                if req.num_tokens > s.context_len:  # multi-step: this token's input is computed now
+                    req.num_computed_tokens += 1
                 req.token_ids.append(token)
                 req.token_times.append(now)
                 if req.first_token_time is None:
@@ -237,6 +263,7 @@ class Scheduler:
                 if reason:
                     self._finish(req, reason, now)
                     finished.append(req)
+                    break
         self.step += 1
         return finished
 

@@ -63,10 +63,11 @@ def _expert_bytes_per_layer(cfg: ModelConfig) -> np.ndarray:
     return np.array([s.expert_params for s in layer_shapes(cfg)], float) * cfg.dtype_bytes
 
 
-def routed_expert_bytes(cfg: ModelConfig, expert_tokens: np.ndarray) -> float:
-    """Routed-expert weight bytes an iteration must read, from its tokens per expert [L, E]: each
-    expert with a token, once per layer (what layer_stats(...).total_expert_bytes gives, cheaply)."""
-    return float((expert_tokens > 0).sum(axis=1) @ _expert_bytes_per_layer(cfg))
+def routed_expert_bytes(cfg: ModelConfig, distinct_experts: np.ndarray) -> float:
+    """Routed-expert weight bytes an iteration must read, from the experts each layer activated [L]
+    (summed over steps when it ran several): each once per layer and step (what
+    layer_stats(...).total_expert_bytes gives, cheaply)."""
+    return float(distinct_experts @ _expert_bytes_per_layer(cfg))
 
 
 def model_bytes(cfg: ModelConfig) -> int:

@@ -40,6 +40,18 @@ class AttentionMetadata:
     def replace(self, **kw) -> "AttentionMetadata":
         return dataclasses.replace(self, **kw)
 
+    def advance(self, steps: jax.Array, valid: jax.Array, block_size: int, num_slots: int) -> "AttentionMetadata":
+        """The metadata of decode rows `steps` tokens further on (traced, for multi-step decode): every
+        row one position later per step, its KV slot looked up in its block table; rows no longer
+        `valid` become padding (slot past the cache, position 0)."""
+        positions = self.positions + steps
+        blocks = self.block_tables[self.seq_ids, jnp.minimum(positions // block_size, self.block_tables.shape[1] - 1)]
+        positions = jnp.where(valid, positions, 0)
+        return self.replace(
+            positions=positions, valid=valid,
+            slot_mapping=jnp.where(valid, blocks * block_size + positions % block_size, num_slots),
+            num_kv_blocks=(jnp.max(jnp.where(valid, positions, 0)) // block_size + 1).astype(jnp.int32))
+
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):

@@ -173,7 +173,9 @@ class GatedDeltaNet(nnx.Module):
             return jnp.take(a, i, axis=0, mode="fill", fill_value=0)
 
         if rec.step_rows.shape[0]:  # single-token slices: one recurrent step each
-            rows, slots = rec.step_rows, rec.step_slots
+            # rows of requests that stopped inside a multi-step decode are no longer valid: not written
+            rows = rec.step_rows
+            slots = jnp.where(take(meta.valid, rows), rec.step_slots, conv_slots.shape[0])
             fresh = (take(positions, rows) == 0)[:, None, None]
             conv_in = jnp.where(fresh, 0, take(conv_slots, slots))
             y, inputs = causal_conv(conv_in, take(mixed, rows)[:, None], taps)

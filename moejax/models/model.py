@@ -108,6 +108,46 @@ def _whole_model(io_def, layer_defs, head, placement, num_experts, io_state, lay
     return head(io.logits(jnp.take(x, rows, axis=0)), *head_args), new_kv, jnp.stack(counts)
 
 
+def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, max_steps, paged, io_state, layer_states,
+                  expert_states, kv, token_ids, meta, num_steps, sampling, stop_ids, remaining):
+    """Up to `num_steps` decode steps of rows that each hold one sequence's last token, in one program:
+    embed -> layers -> logits -> sampler -> the next step's input, KV appended each step. A row stops
+    after the token that is one of its stop ids, or when `remaining` tokens are out; stopped rows
+    turn into padding (no KV written, no expert reached). -> (tokens [max_steps, R], -1 after a row
+    stopped; (tokens per expert summed over the steps [L, E], experts activated summed over the steps [L]))."""
+    io = nnx.merge(io_def, io_state)
+    block_size = kv[paged][0].shape[1]  # paged: an attention layer (a Gated DeltaNet layer holds state slots)
+    num_slots = kv[paged][0].shape[0] * block_size
+    temperature, top_k, top_p, seeds, output_index = sampling
+    R = token_ids.shape[0]
+
+    def step(carry):
+        j, tokens, kv, done, out, counts = carry
+        valid = meta.valid & ~done
+        m = meta.advance(j, valid, block_size, num_slots)
+        x = io.embed_tokens(tokens)
+        new_kv, layer_counts = [], []
+        for graphdef, state, experts, layer_kv in zip(layer_defs, layer_states, expert_states, kv):
+            x, layer_kv, c = _layer_step(graphdef, placement, num_experts, state, experts, x, layer_kv, m)
+            new_kv.append(layer_kv)
+            layer_counts.append(c)
+        sampled = sampler(io.logits(x), temperature, top_k, top_p, seeds, output_index + j)
+        stop = jnp.any(sampled[:, None] == stop_ids, axis=1) | (j + 1 >= remaining)
+        layer_counts = jnp.stack(layer_counts)
+        return (j + 1, jnp.where(valid, sampled, tokens), new_kv, done | (valid & stop),
+                out.at[j].set(jnp.where(valid, sampled, -1)),
+                (counts[0] + layer_counts, counts[1] + (layer_counts > 0).sum(axis=1)))
+
+    L = len(layer_defs)
+    carry = (jnp.int32(0), token_ids, kv, ~meta.valid, jnp.full((max_steps, R), -1, jnp.int32),
+             (jnp.zeros((L, num_experts), jnp.int32), jnp.zeros((L,), jnp.int32)))
+    _, _, kv, _, out, counts = jax.lax.while_loop(
+        lambda c: (c[0] < num_steps) & ~jnp.all(c[3]), step, carry)
+    # Replicated, so every process of a multi-host mesh can read the tokens and counts.
+    out, counts = jax.tree.map(lambda a: constrain(a, (None,) * a.ndim, placement), (out, counts))
+    return out, kv, counts
+
+
 def _logits_at(graphdef, state, hidden, rows):
     return nnx.merge(graphdef, state).logits(jnp.take(hidden, rows, axis=0))
 
@@ -230,6 +270,24 @@ class Model:
                     max(self.config.num_experts, 1)), donate_argnums=(3,)))
         out, kv_caches[:], counts = fn(self.io_state, self.layer_states, self.expert_states, kv_caches, token_ids,
                                        meta, rows, head_args)
+        return out, counts
+
+    def decode_steps(self, token_ids: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata,
+                     num_steps: jax.Array, max_steps: int, sampler: Callable, sampling: tuple, stop_ids: jax.Array,
+                     remaining: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Up to num_steps (<= max_steps, static) decode steps in one compiled program, for rows that
+        each hold one sequence's next input token (meta: their first step). sampling: the sampler's
+        per-row columns (temperature, top_k, top_p, seed, output index of the first step's token);
+        stop_ids [R, S] (-1: none) and remaining [R] (tokens each row may still produce) end a row.
+        The KV buffers are donated and replaced in kv_caches.
+        -> (tokens [max_steps, R], -1 once a row has stopped; (tokens per expert [L, E], experts
+        activated [L]), both summed over the steps)."""
+        fn = self._fn(("decode_steps", sampler, max_steps), lambda: jax.jit(
+            partial(_decode_steps, self.io_def, tuple(self.layer_defs), sampler, self.placement,
+                    max(self.config.num_experts, 1), max_steps, self.config.linear_layers.index(False)),
+            donate_argnums=(3,)))
+        out, kv_caches[:], counts = fn(self.io_state, self.layer_states, self.expert_states, kv_caches, token_ids,
+                                       meta, num_steps, sampling, stop_ids, remaining)
         return out, counts
 
     def run_layers(self, x: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata,

@@ -43,6 +43,7 @@ class SimExecutor:
         self.rng = np.random.default_rng(seed)
         self.sample_token = next(t for t in range(config.vocab_size) if t not in config.eos_token_ids)
         self.kv_dtype = config.dtype
+        self.max_decode_steps = 1  # modelled time is the same either way; one step per plan
         # what a scheduler deciding ahead can know: the cost of a plan under expected routing
         self.pricer = ExpectedPricer(config, self.hardware, self.routing, self.cost_model.calibration)
 

@@ -1,0 +1,95 @@
+"""Multi-step decode: several decode steps in one compiled program give the tokens one step at a time
+gives (greedy and seeded, every architecture), stop where one step at a time stops, account the same
+expert bytes, and stream / abort at the granularity of an iteration."""
+
+import numpy as np
+import pytest
+
+from moejax.config import get_preset
+from moejax.engine import build
+from moejax.engine.sampling import SamplingParams
+from moejax.models.model import build_model
+
+ARCHS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe"]
+
+
+def serve(model, prompts, params, steps, **options):
+    engine = build(model, max_model_len=64, block_size=4, num_blocks=128, max_decode_steps=steps, **options)
+    reqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    plans = []
+    while engine.has_unfinished:
+        plans.append(engine.step())
+    assert engine.scheduler.kv.num_free_blocks == engine.scheduler.kv.num_blocks
+    return reqs, plans, engine
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_multi_step_equals_one_step(arch):
+    model = build_model(get_preset(arch), seed=5)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (3, 17, 8, 26)]
+    params = [SamplingParams(max_tokens=11, ignore_eos=True),  # not a multiple of the steps
+              SamplingParams(max_tokens=9, temperature=0.9, top_p=0.8, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=20, temperature=1.2, top_k=20, seed=4, ignore_eos=True),
+              SamplingParams(max_tokens=40, ignore_eos=True)]  # stopped by max_model_len (64)
+    one, plans_one, _ = serve(model, prompts, params, 1)
+    many, plans_many, _ = serve(model, prompts, params, 8)
+    assert [r.output_token_ids for r in many] == [r.output_token_ids for r in one]
+    assert [r.finish_reason for r in many] == [r.finish_reason for r in one] == ["length"] * 4
+    assert len(many[3].output_token_ids) == 64 - 26
+    assert max(p.plan.decode_steps for p in plans_many) == 8 and all(p.plan.decode_steps == 1 for p in plans_one)
+    assert len(plans_many) < len(plans_one) / 3
+    bytes_one = sum(p.result.expert_bytes for p in plans_one)
+    assert sum(p.result.expert_bytes for p in plans_many) == bytes_one  # same rows each step, same routing
+
+
+def test_stop_tokens_inside_a_multi_step_iteration():
+    model = build_model(get_preset("tiny-qwen3-moe"), seed=5)
+    prompt = [5, 9, 13, 2, 7]
+    free, _, _ = serve(model, [prompt], [SamplingParams(max_tokens=24, ignore_eos=True)], 1)
+    tokens = free[0].output_token_ids
+    stop = tokens[5]
+    first = tokens.index(stop)
+    (req,), plans, _ = serve(model, [prompt], [SamplingParams(max_tokens=24, stop_token_ids=(stop,))], 8)
+    assert req.output_token_ids == tokens[:first + 1] and req.finish_reason == "stop"
+    assert any(p.plan.decode_steps == 8 for p in plans)
+
+
+def test_streaming_and_abort_at_iteration_granularity():
+    """A stream delivers each iteration's tokens at once (up to max_decode_steps per delta); an abort
+    takes effect between iterations: the request keeps what was delivered and ends with 'abort'."""
+    from moejax import LLM
+
+    llm = LLM("tiny-qwen3-moe", seed=5, max_model_len=64, block_size=4, max_decode_steps=4)
+    deltas = []
+    for delta in llm.stream([[5, 9, 13, 2, 7], [3, 3, 8]], SamplingParams(max_tokens=30, ignore_eos=True)):
+        deltas.append(delta)
+        if delta.request_id == 0 and len(deltas) == 3:
+            llm.abort(0)
+    by_request = {rid: [d for d in deltas if d.request_id == rid] for rid in (0, 1)}
+    assert max(len(d.token_ids) for d in deltas) == 4  # a multi-step iteration's worth
+    assert by_request[0][-1].finished and by_request[0][-1].finish_reason == "abort"
+    assert sum(len(d.token_ids) for d in by_request[0]) < 30
+    assert sum(len(d.token_ids) for d in by_request[1]) == 30 and by_request[1][-1].finish_reason == "length"
+
+
+def test_warmup_compiles_what_serving_meets():
+    """After Engine.warmup, requests of any count and length within the limits compile nothing, and
+    the warm-up leaves no trace (no steps, no finished requests, ids from 0)."""
+    from moejax.engine.compiles import count_compilations
+
+    model = build_model(get_preset("tiny-qwen3-moe"), seed=5)
+    engine = build(model, max_model_len=64, block_size=4, num_blocks=256, max_num_seqs=8, token_budget=32,
+                   max_decode_steps=4)
+    assert engine.warmup() > 0
+    assert not engine.steps and not engine.finished
+    rng = np.random.default_rng(7)
+    with count_compilations() as compiled:
+        for batch in (1, 3, 8):
+            for _ in range(batch):
+                prompt = rng.integers(0, model.config.vocab_size, int(rng.integers(1, 40))).tolist()
+                engine.add_request(prompt, SamplingParams(max_tokens=int(rng.integers(1, 12)), ignore_eos=True))
+            while engine.has_unfinished:
+                engine.step()
+    assert compiled.count == 0
+    assert sorted(r.request_id for r in engine.finished) == list(range(12))
