@@ -66,10 +66,12 @@ def run(model, prompts, **options):
 
 
 @pytest.mark.parametrize("options", [
-    dict(policy="chunked", token_budget=16),  # prompts cut into chunks that carry the state, mixed with decodes
-    dict(policy="no_chunk", token_budget=32),
-    dict(policy="layered"),  # a cohort of whole prompts crossing layer groups over iterations
-], ids=["chunked-16", "no_chunk", "layered"])
+    # prompts cut into chunks that carry the state, mixed with decodes (slow: ~4 min on a loaded 2-core box)
+    pytest.param(dict(policy="chunked", token_budget=16), marks=pytest.mark.slow, id="chunked-16"),
+    pytest.param(dict(policy="no_chunk", token_budget=32), marks=pytest.mark.slow, id="no_chunk"),
+    # a cohort of whole prompts crossing layer groups over iterations
+    pytest.param(dict(policy="layered"), id="layered"),
+])
 def test_greedy_matches_reference_with_slot_waits_and_preemption(model, prompts, expected, options):
     outputs, decode_steps = run(model, prompts, **options)
     assert outputs == expected
