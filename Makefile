@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
-EXTRAS := test,tokenizer,notebooks
+EXTRAS := test,serve,tokenizer,notebooks
 
 # JAX >= 0.11 needs Python >= 3.12. Take $PYTHON if set, else the first >= 3.12 on PATH, else pyenv's.
 define find_python

@@ -1,16 +1,19 @@
-"""Where a decode step's time goes: the stages of one engine iteration, and the step's compiled parts
-timed alone. Same checkpoint and prompts as decode_vs_hf.py (run that first: it writes the checkpoint).
+"""Where decode time goes, per batch size: the engine's stages per iteration (host / dispatch / device)
+and a decode step's compiled parts timed alone. Same checkpoint and prompts as decode_vs_hf.py (run
+that first: it writes the checkpoint).
 
-    .venv/bin/python benchmarks/decode_step_profile.py     # writes benchmarks/decode_step_profile.json
+    .venv/bin/python benchmarks/decode_step_profile.py [--batches 16 64 256]   # -> decode_step_profile.json
 
-Stage times wrap the engine's own functions with time.perf_counter during one warm generate (16
-prompts x 128 tokens), averaged per step. `device_get` is where the host waits for the compiled step;
-`forward_all` is its dispatch (the time until the call returns). The parts are a
-decode step's inputs captured mid-run, each jitted alone and timed over repeated calls.
+Stage times wrap the engine's own functions with time.perf_counter during one warm generate (BATCH
+prompts x NEW_TOKENS tokens), summed over the run and given per decode step (one token per request):
+`Model.decode_steps` is the dispatch of a multi-step program (the time until the call returns),
+`device_get` where the host waits for it, the rest host work. The parts are the last decode
+iteration's inputs captured mid-run, each jitted alone and timed over repeated calls.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
@@ -25,15 +28,16 @@ from flax import nnx
 
 import moejax.engine.jax_executor as executor_module
 from moejax import LLM, SamplingParams
+from moejax.engine.engine import Engine
 from moejax.engine.scheduler import Scheduler
 from moejax.kernels.paged_attention import paged_attention
 from moejax.models.model import Model
 
 HERE = Path(__file__).resolve().parent
 try:
-    from decode_vs_hf import BATCH, CKPT, NEW_TOKENS, PROMPT_LEN, prompts
+    from decode_vs_hf import CKPT, NEW_TOKENS, PROMPT_LEN, prompts
 except ImportError:  # run as a module from the repository root
-    from benchmarks.decode_vs_hf import BATCH, CKPT, NEW_TOKENS, PROMPT_LEN, prompts
+    from benchmarks.decode_vs_hf import CKPT, NEW_TOKENS, PROMPT_LEN, prompts
 
 
 def timed(owner, name: str, totals: dict) -> None:
@@ -47,9 +51,10 @@ def timed(owner, name: str, totals: dict) -> None:
         finally:
             totals[name] += time.perf_counter() - t0
     setattr(owner, name, wrapper)
+    return fn
 
 
-def per_call_ms(fn, n: int = 200) -> float:
+def per_call_ms(fn, n: int = 50) -> float:
     jax.block_until_ready(fn())
     t0 = time.perf_counter()
     for _ in range(n):
@@ -58,68 +63,85 @@ def per_call_ms(fn, n: int = 200) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
-def main() -> None:
-    if not CKPT.exists():
-        raise SystemExit(f"{CKPT} is missing: run benchmarks/decode_vs_hf.py (make bench-decode) first")
-    llm = LLM(str(CKPT), max_model_len=PROMPT_LEN + NEW_TOKENS, max_num_seqs=BATCH)
+def profile(llm: LLM, batch: int) -> dict:
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
-
     captured = {}
-    forward_all = Model.forward_all
+    decode_steps = Model.decode_steps
 
     def capture(self, *args):
-        captured["args"] = (self, *args)  # the last call: a decode step at full context
-        return forward_all(self, *args)
-    Model.forward_all = capture
+        captured["args"] = (self, *args)  # the last call: decode steps near full context
+        return decode_steps(self, *args)
+    Model.decode_steps = capture
     for _ in range(2):  # warm-up: compile every shape
-        llm.generate(prompts(512), params)
-    Model.forward_all = forward_all
+        llm.generate(prompts(512, batch), params)
+    Model.decode_steps = decode_steps
 
     totals: dict[str, float] = collections.defaultdict(float)
-    for owner, name in [(executor_module, "attention_metadata"), (executor_module, "layer_stats"),
-                        (executor_module.JaxExecutor, "_sampling_inputs"), (executor_module.JaxExecutor, "_layout"),
-                        (Model, "forward_all"), (executor_module.jax, "device_get"),
-                        (Scheduler, "schedule"), (Scheduler, "update")]:
-        timed(owner, name, totals)
+    wrapped = [(Engine, "step"), (Scheduler, "schedule"), (Scheduler, "update"),
+               (executor_module.JaxExecutor, "execute"), (Model, "decode_steps"), (executor_module.jax, "device_get")]
+    originals = [(owner, name, timed(owner, name, totals)) for owner, name in wrapped]
     t0 = time.perf_counter()
-    llm.generate(prompts(512), params)
-    steps = llm.last_stats["iterations"]
-    step_ms = (time.perf_counter() - t0) / steps * 1e3
-    stages = {name: seconds / steps * 1e3 for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1])}
+    llm.generate(prompts(512, batch), params)
+    wall = time.perf_counter() - t0
+    for owner, name, fn in originals:
+        setattr(owner, name, fn)
+    per_step = {name: seconds / NEW_TOKENS * 1e3 for name, seconds in totals.items()}
+    split = {
+        "device (waiting for results)": per_step["device_get"],
+        "dispatch (decode_steps call)": per_step["decode_steps"],
+        "host: schedule + update": per_step["schedule"] + per_step["update"],
+        "host: executor inputs": per_step["execute"] - per_step["decode_steps"] - per_step["device_get"],
+        "host: engine and LLM rest": wall / NEW_TOKENS * 1e3 - per_step["step"],
+        "host: engine step rest": per_step["step"] - per_step["execute"] - per_step["schedule"] - per_step["update"],
+    }
 
-    model, token_ids, kv, meta, rows, head, *head_args = captured["args"]
+    model, token_ids, kv, meta, num_steps, max_steps, sampler, *rest = captured["args"]
+    cfg = model.config
+    R = len(token_ids)
     kv = list(kv)
+    x = jnp.ones((R, cfg.hidden_size), model.dtype)
+    q = jnp.ones((R, cfg.num_heads, cfg.head_dim), model.dtype)
     layer = nnx.merge(model.layer_defs[0], model.layer_states[0])
-    io = nnx.merge(model.io_def, model.io_state)
-    x = jnp.ones((len(token_ids), model.config.hidden_size), model.dtype)
-    q = jnp.ones((len(token_ids), model.config.num_heads, model.config.head_dim), model.dtype)
     attend = jax.jit(lambda x, kv, meta: layer.attend(x, kv, meta))
-    ffn = jax.jit(lambda x, valid: layer.feed_forward(x, valid))
-    attention = jax.jit(partial(paged_attention, scale=model.config.head_dim ** -0.5))
-    head_fn = jax.jit(lambda x, rows, *args: head(io.logits(jnp.take(x, rows, axis=0)), *args))
-    empty = jax.jit(lambda x: x + 1)
-    whole = per_call_ms(lambda: forward_all(model, token_ids, kv, meta, rows, head, *head_args))
-    k_cache, v_cache = kv[0]  # the whole step donated and replaced the caches it was given
+    attention = jax.jit(partial(paged_attention, scale=cfg.head_dim ** -0.5))
+
+    def program():  # K steps of the whole model; the caches are donated and replaced in kv
+        return decode_steps(model, token_ids, kv, meta, num_steps, max_steps, sampler, *rest)
+
+    def fused_layer():
+        out, kv[0], counts = model.layer(0, x, kv[0], meta)
+        return out
+    k_cache, v_cache = kv[0]
     parts = {
-        "whole step (embed, all layers, logits, sampling)": whole,
+        "decode step of the whole model (in the multi-step program)": per_call_ms(program) / int(num_steps),
+        "one layer, fused": per_call_ms(fused_layer),
         "one layer: attention block": per_call_ms(lambda: attend(x, kv[0], meta)),
         "one layer: paged attention alone": per_call_ms(lambda: attention(
-            q, k_cache, v_cache, meta.positions, meta.seq_ids, meta.block_tables, meta.num_kv_blocks)),
-        "one layer: MoE block": per_call_ms(lambda: ffn(x, meta.valid)),
-        "logits + sampling": per_call_ms(lambda: head_fn(x, rows, *head_args)),
-        "an empty jitted call": per_call_ms(lambda: empty(x)),
+            q, kv[0][0], kv[0][1], meta.positions, meta.seq_ids, meta.block_tables, meta.num_kv_blocks)),
     }
+    return {"batch": batch, "decode_rows": R, "num_kv_blocks": int(meta.num_kv_blocks),
+            "iterations": llm.last_stats["iterations"], "ms_per_decode_step": wall / NEW_TOKENS * 1e3,
+            "split_ms_per_decode_step": split, "part_ms_per_call": parts}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
+    args = ap.parse_args()
+    if not CKPT.exists():
+        raise SystemExit(f"{CKPT} is missing: run benchmarks/decode_vs_hf.py (make bench-decode) first")
+    llm = LLM(str(CKPT), max_model_len=PROMPT_LEN + NEW_TOKENS, max_num_seqs=max(args.batches))
+    rows = []
+    for batch in args.batches:
+        rows.append(profile(llm, batch))
+        r = rows[-1]
+        print(f"batch {batch}: {r['ms_per_decode_step']:.2f} ms per decode step ({r['iterations']} iterations)")
+        for name, ms in {**r["split_ms_per_decode_step"], **r["part_ms_per_call"]}.items():
+            print(f"  {name:60s} {ms:7.3f} ms")
     result = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (no accelerator)",
-              "load_average_1min": os.getloadavg()[0], "decode_rows": len(token_ids),
-              "num_kv_blocks": int(meta.num_kv_blocks), "step_ms": step_ms, "stage_ms_per_step": stages,
-              "part_ms_per_call": parts}
+              "load_average_1min": os.getloadavg()[0], "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
+              "max_decode_steps": llm.engine.executor.max_decode_steps, "batches": rows}
     (HERE / "decode_step_profile.json").write_text(json.dumps(result, indent=1))
-    print(f"step {step_ms:.2f} ms; stages (ms/step):")
-    for name, ms in stages.items():
-        print(f"  {name:22s} {ms:6.3f}")
-    print("compiled parts alone (ms/call):")
-    for name, ms in parts.items():
-        print(f"  {name:50s} {ms:6.3f}")
 
 
 if __name__ == "__main__":

@@ -494,6 +494,25 @@ def params_from_hf(tensors: dict[str, np.ndarray], s: Shape) -> dict:
             "layers": {k: jnp.asarray(np.array(v)) for k, v in stacked.items()}}
 
 
+# A conversation as a Python module, what the model knows: the system message as its docstring, user
+# messages as comments, assistant messages as code; the answer starts a function (`moejax serve`'s chat).
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}\n"
+    "{%- if message['role'] == 'system' -%}\n"
+    "{{ '\"\"\"' + message['content'] + '\"\"\"\\n' }}\n"
+    "{%- elif message['role'] == 'user' -%}\n"
+    "{{ '# ' + message['content'] | replace('\\n', '\\n# ') + '\\n' }}\n"
+    "{%- elif message['role'] == 'assistant' -%}\n"
+    "{{ message['content'] + '\\n' }}\n"
+    "{%- else -%}\n"
+    "{{ raise_exception('stdlib-moe knows the roles system, user and assistant, not ' + message['role']) }}\n"
+    "{%- endif -%}\n"
+    "{%- endfor -%}\n"
+    "{%- if add_generation_prompt -%}\n"
+    "{{ 'def ' }}\n"
+    "{%- endif -%}\n")
+
+
 def save_checkpoint(params: dict, tokenizer, s: Shape, aux_coef: float, out_dir: Path) -> None:
     """config.json, model.safetensors (bf16), generation_config.json, tokenizer.json, tokenizer_config.json."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -506,8 +525,8 @@ def save_checkpoint(params: dict, tokenizer, s: Shape, aux_coef: float, out_dir:
         "use_cache": True})
     tokenizer.save(str(out_dir / "tokenizer.json"))
     write_json(out_dir / "tokenizer_config.json", {
-        "backend": "tokenizers", "eos_token": EOS, "model_max_length": s.max_position, "pad_token": EOS,
-        "tokenizer_class": "TokenizersBackend"})
+        "backend": "tokenizers", "chat_template": CHAT_TEMPLATE, "eos_token": EOS, "model_max_length": s.max_position,
+        "pad_token": EOS, "tokenizer_class": "TokenizersBackend"})
 
 
 def load_checkpoint(directory: Path = CHECKPOINT_DIR) -> tuple[dict, Shape]:

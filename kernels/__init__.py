@@ -1,4 +1,5 @@
-"""moejax.kernels: the fused expert computation behind one entry point, and paged attention.
+"""moejax.kernels: the fused expert computation behind one entry point, and paged attention (over
+per-head K/V, or over MLA's latent cache).
 
     route (in the model) -> moe_ffn: group rows by expert -> expert FFN (grouped GEMMs) -> combine
 
@@ -35,8 +36,10 @@ import jax
 import jax.numpy as jnp
 
 from . import reference
-from .paged_attention import paged_attention, write_kv
-from .permute import permute, sort_by_expert, unpermute_combine
+from .latent_attention import paged_latent_attention
+from .paged_attention import paged_attention, write_kv, write_rows
+from .permute import group_of_sorted_rows, permute, sort_by_expert, unpermute_combine
+from .reference import ClampedSwiGLU
 
 
 class _Backends(Mapping):
@@ -120,14 +123,24 @@ def grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, *, backen
     return _resolve(backend, w.shape[1], w.shape[2], x.dtype).grouped_matmul(x, w, jnp.asarray(group_sizes, jnp.int32))
 
 
-def expert_ffn(x_sorted, w_gate_up, w_down, group_sizes, activation: str = "silu", *, backend: str | None = None):
-    """SwiGLU experts on rows sorted by expert. x_sorted: [T, D], w_gate_up: [G, D, 2F]
-    (gate | up), w_down: [G, F, D], group_sizes: [G] -> [T, D] fp32 (rows past the groups: zeros)."""
+def expert_ffn(x_sorted, w_gate_up, w_down, group_sizes, activation: "reference.Activation" = "silu", *,
+               b_gate_up=None, b_down=None, backend: str | None = None):
+    """Gated experts on rows sorted by expert. x_sorted: [T, D], w_gate_up: [G, D, 2F]
+    (gate | up), w_down: [G, F, D], group_sizes: [G], optional biases b_gate_up: [G, 2F] and
+    b_down: [G, D] -> [T, D] fp32 (rows past the groups: zeros). activation: "silu", "gelu" or a
+    `ClampedSwiGLU`."""
     x_sorted, w_gate_up, w_down = map(jnp.asarray, (x_sorted, w_gate_up, w_down))
-    _check_ffn_weights(x_sorted, w_gate_up, w_down, activation)
+    _check_ffn_weights(x_sorted, w_gate_up, w_down, activation, b_gate_up, b_down)
     _check_groups(group_sizes, w_gate_up.shape[0])
+    group_sizes = jnp.asarray(group_sizes, jnp.int32)
     impl = _resolve(backend, x_sorted.shape[1], w_down.shape[1], x_sorted.dtype)
-    return impl.expert_ffn(x_sorted, w_gate_up, w_down, jnp.asarray(group_sizes, jnp.int32), activation)
+    out = impl.expert_ffn(x_sorted, w_gate_up, w_down, group_sizes, activation,
+                          None if b_gate_up is None else jnp.asarray(b_gate_up))
+    if b_down is None:
+        return out
+    rows = jnp.arange(x_sorted.shape[0])
+    group = group_of_sorted_rows(group_sizes, x_sorted.shape[0])
+    return out + jnp.where((rows < group_sizes.sum())[:, None], jnp.asarray(b_down, jnp.float32)[group], 0.0)
 
 
 def slot_ids(topk_ids: jax.Array, slot_of: jax.Array | None, num_slots: int) -> jax.Array:
@@ -142,26 +155,33 @@ def slot_ids(topk_ids: jax.Array, slot_of: jax.Array | None, num_slots: int) -> 
 
 
 def moe_ffn(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, w_gate_up: jax.Array,
-            w_down: jax.Array, slot_of: jax.Array | None = None, *, activation: str = "silu",
+            w_down: jax.Array, slot_of: jax.Array | None = None, *, activation: "reference.Activation" = "silu",
+            b_gate_up: jax.Array | None = None, b_down: jax.Array | None = None,
             backend: str | None = None) -> tuple[jax.Array, jax.Array]:
     """Routed experts for tokens x: [T, D] with topk_ids/topk_weights: [T, K].
 
     w_gate_up: [S, D, 2F] and w_down: [S, F, D] are a buffer of S expert slots; slot_of: [E] int
     maps each expert to its slot or -1 (None: slot e holds expert e). Rows routed to ids outside
     [0, E) (the padding id E) or to experts the buffer does not hold reach no slot.
+    Biased experts (GPT-OSS) also give b_gate_up: [S, 2F], added in the backend's fused gate/up
+    epilogue, and b_down: [S, D], summed here for every backend (sum_k w_k * b_down[slot_k]).
     Returns ([T, D] in x.dtype: the weighted sum over the buffer's experts, rows per slot [S]).
     """
     x, topk_ids, topk_weights, w_gate_up, w_down = map(jnp.asarray, (x, topk_ids, topk_weights, w_gate_up, w_down))
-    _check_ffn_weights(x, w_gate_up, w_down, activation)
+    _check_ffn_weights(x, w_gate_up, w_down, activation, b_gate_up, b_down)
     if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != x.shape[0]:
         raise ValueError(f"topk_ids {topk_ids.shape} and topk_weights {topk_weights.shape} must both "
                          f"be [T, K] with T = {x.shape[0]} (rows of x)")
     if slot_of is not None and jnp.ndim(slot_of) != 1:
         raise ValueError(f"slot_of must be [E] (a slot per expert), got shape {jnp.shape(slot_of)}")
     num_slots = w_gate_up.shape[0]
+    slots = slot_ids(topk_ids, slot_of, num_slots)
     impl = _resolve(backend, x.shape[1], w_down.shape[1], x.dtype)
-    out, slot_sizes = impl.moe_ffn(x, slot_ids(topk_ids, slot_of, num_slots), topk_weights, w_gate_up, w_down,
-                                   activation)
+    out, slot_sizes = impl.moe_ffn(x, slots, topk_weights, w_gate_up, w_down, activation,
+                                   None if b_gate_up is None else jnp.asarray(b_gate_up))
+    if b_down is not None:  # rows reaching no slot (index S) take the fill value 0
+        bias = jnp.take(jnp.asarray(b_down, jnp.float32), slots, axis=0, mode="fill", fill_value=0)  # [T, K, D]
+        out = out + jnp.einsum("tkd,tk->td", bias, topk_weights.astype(jnp.float32))
     return out.astype(x.dtype), slot_sizes
 
 
@@ -170,15 +190,19 @@ def _check_groups(group_sizes, num_groups: int) -> None:
         raise ValueError(f"group_sizes has shape {jnp.shape(group_sizes)}; the weights hold {num_groups} groups")
 
 
-def _check_ffn_weights(x, w_gate_up, w_down, activation):
+def _check_ffn_weights(x, w_gate_up, w_down, activation, b_gate_up=None, b_down=None):
     E, D, F = w_down.shape[0], x.shape[-1], w_down.shape[1]
     if w_gate_up.shape != (E, D, 2 * F) or w_down.shape != (E, F, D):
         raise ValueError(f"expert weights: w_gate_up {w_gate_up.shape} must be [E, D, 2F] and w_down "
                          f"{w_down.shape} [E, F, D] with D = {D} (x's last dim)")
-    if activation not in reference.ACTIVATIONS:
-        raise ValueError(f"activation {activation!r}: known {sorted(reference.ACTIVATIONS)}")
+    for name, bias, want in (("b_gate_up", b_gate_up, (E, 2 * F)), ("b_down", b_down, (E, D))):
+        if bias is not None and jnp.shape(bias) != want:
+            raise ValueError(f"expert bias {name} has shape {jnp.shape(bias)}; expected {want} "
+                             f"(E = {E} slots, F = {F}, D = {D})")
+    if not isinstance(activation, reference.ClampedSwiGLU) and activation not in reference.ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: known {sorted(reference.ACTIVATIONS)} or a ClampedSwiGLU")
 
 
-__all__ = ["BACKENDS", "backend_for", "platform_backend", "use_backend", "grouped_matmul",
+__all__ = ["BACKENDS", "ClampedSwiGLU", "backend_for", "platform_backend", "use_backend", "grouped_matmul",
            "expert_ffn", "moe_ffn", "slot_ids", "sort_by_expert", "permute", "unpermute_combine",
-           "paged_attention", "write_kv"]
+           "paged_attention", "paged_latent_attention", "write_kv", "write_rows"]

@@ -1,7 +1,7 @@
 """The CPU backend: a loop over the active tiles only, one fused expert FFN per tile.
 
 Each loop step slices one tile of rows and its expert's weights (a dynamic slice of the leading
-axis) and runs gate/up GEMM -> SwiGLU -> down GEMM on it. The trip count is the traced number of
+axis) and runs gate/up GEMM (+ bias) -> gated activation -> down GEMM on it. The trip count is the traced number of
 active tiles, so experts without rows cost nothing and decode reads each active expert's weights
 once. bf16 stays bf16 into the dots (XLA:CPU then uses the CPU's bf16 matrix units where it has
 them; upcasting each tile to fp32 measured 1.6-4.1x slower at the same tile height),
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from .tile_map import Tiles
-from .reference import ACTIVATIONS
+from .reference import glu
 from .tiled import Backend, TileKernels, shape_class
 
 # Tile height by shape class, measured on a 2-core Sapphire Rapids (benchmarks/kernels.md): small
@@ -51,12 +51,15 @@ def gmm(x, w, tiles: Tiles, cfg: Config, out_dtype):
                       lambda rows, e: jnp.dot(rows, w[e], preferred_element_type=jnp.float32))
 
 
-def ffn(x, w_gate_up, w_down, tiles: Tiles, cfg: Config, activation: str, out_dtype):
-    act = ACTIVATIONS[activation]
+def ffn(x, w_gate_up, w_down, tiles: Tiles, cfg: Config, activation, out_dtype, b_gate_up=None):
+    gated = glu(activation)
 
     def expert(rows, e):
-        gate, up = jnp.split(jnp.dot(rows, w_gate_up[e], preferred_element_type=jnp.float32), 2, axis=-1)
-        h = (act(gate) * up).astype(rows.dtype)
+        gate_up = jnp.dot(rows, w_gate_up[e], preferred_element_type=jnp.float32)
+        if b_gate_up is not None:
+            gate_up = gate_up + b_gate_up[e].astype(jnp.float32)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        h = gated(gate, up).astype(rows.dtype)
         return jnp.dot(h, w_down[e], preferred_element_type=jnp.float32)
 
     return _tile_loop(x, tiles, cfg.block_m, w_down.shape[2], out_dtype, expert)

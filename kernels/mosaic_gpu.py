@@ -3,7 +3,8 @@ tiles (tile_map.py). On any other platform they run in Pallas' GPU interpret mod
 
 One persistent kernel shape serves both GEMMs of the expert FFN:
 
-    gate_up: h[tile, cols]  = act(x[tile] @ W_gate[e][:, cols]) * (x[tile] @ W_up[e][:, cols])
+    gate_up: h[tile, cols]  = glu(x[tile] @ W_gate[e][:, cols] (+ b_gate[e][cols]),
+                                  x[tile] @ W_up[e][:, cols] (+ b_up[e][cols]))
     down:    y[tile, cols]  = h[tile] @ W_down[e][:, cols]                 (also grouped_matmul)
 
 Each CTA loops over work items (tile, column block) -- only over the *active* tiles, read from the
@@ -12,7 +13,8 @@ and nothing else, each work item streams exactly one expert's weight columns onc
 warp-specialised pipeline runs: one memory warpgroup issues TMA loads of x (bm, bk) and the weight
 blocks (bk, cols) into a `steps`-deep SMEM ring; two compute warpgroups split the CTA tile (by rows
 or columns) and issue wgmma into fp32 register accumulators -- two of them for gate_up, sharing
-the x block -- then apply the epilogue in registers and store through SMEM with TMA. Tiles are
+the x block -- then apply the epilogue in registers (biased experts: the bias columns, loaded straight
+from GMEM, added to the accumulators first) and store through SMEM with TMA. Tiles are
 whole (padding rows are real zero rows), so every TMA transfer has a static full shape.
 
 Work items are ordered with `planar_snake` so that the CTAs running at once share weight blocks
@@ -39,7 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .tile_map import Tiles
-from .reference import ACTIVATIONS
+from .reference import glu
 from .tiled import Backend, TileKernels, shape_class
 
 
@@ -100,10 +102,12 @@ def _swizzled(minor_elems: int, dtype) -> tuple:
 
 
 def _tiled_matmul(x, w, col_offsets: tuple[int, ...], n_out: int, tiles: Tiles, cfg: Config,
-                  epilogue, out_dtype):
-    """out[tile, :n_out] = epilogue(*(x[tile] @ w[e][:, off : off + n_out] for off in col_offsets)).
+                  epilogue, out_dtype, bias=None):
+    """out[tile, :n_out] = epilogue(*(x[tile] @ w[e][:, off : off + n_out] (+ bias[e][off : off + n_out])
+    for off in col_offsets)).
 
-    x: [P, K] tiled rows; w: [G, K, N] -> [P, n_out]. One accumulator per column offset.
+    x: [P, K] tiled rows; w: [G, K, N]; bias: [G, N] or None -> [P, n_out]. One accumulator per
+    column offset.
     """
     (P, K), dtype = x.shape, x.dtype
     num_ops, bm, bk = len(col_offsets), cfg.block_m, cfg.block_k
@@ -116,7 +120,8 @@ def _tiled_matmul(x, w, col_offsets: tuple[int, ...], n_out: int, tiles: Tiles, 
     n_iters, k_iters = n_out // cta_n, K // bk
     x_transforms, w_transforms = _swizzled(bk, dtype), _swizzled(cta_n, dtype)
 
-    def body(group_gmem, active_gmem, x_gmem, w_gmem, o_gmem):
+    def body(group_gmem, active_gmem, x_gmem, w_gmem, *refs):
+        b_gmem, o_gmem = refs if bias is not None else (None, *refs)
         wg = lax.axis_index("wg")
         wg_rows = pl.ds(wg * wg_m, wg_m) if cfg.split == "m" else slice(None)
         wg_cols = pl.ds(wg * bn, bn) if cfg.split == "n" else slice(None)
@@ -135,13 +140,17 @@ def _tiled_matmul(x, w, col_offsets: tuple[int, ...], n_out: int, tiles: Tiles, 
                 in_specs=[plgpu.BlockSpec((bm, bk), lambda k: (0, k), transforms=x_transforms)]
                 + [plgpu.BlockSpec((bk, cta_n), lambda k: (k, 0), transforms=w_transforms)] * num_ops)
 
+        # biased: per compute warpgroup, its bias columns of each operand (fp32) and a TMA barrier each
+        bias_scratch = {} if bias is None else dict(
+            b_smem=plgpu.SMEM((2, num_ops, bn), jnp.float32), b_barriers=plgpu.Barrier(num_barriers=2 * num_ops))
+
         @functools.partial(
             pl.run_scoped,
             allocs=pipeline(lambda _: None).get_allocations(
                 x_gmem, *[w_gmem.at[0, :, pl.ds(0, cta_n)]] * num_ops),
             out_smem=plgpu.SMEM((2, wg_m, epi_n), out_dtype, transforms=_swizzled(epi_n, out_dtype)),
-            collective_axes="wg")
-        def _(allocs, out_smem):
+            **bias_scratch, collective_axes="wg")
+        def _(allocs, out_smem, b_smem=None, b_barriers=None):
             @plgpu.nd_loop((active_gmem[0] * n_iters,), collective_axes="sm")
             def _(loop):
                 mi, ni = plgpu.planar_snake(loop.index[0], (active_gmem[0], n_iters), cfg.grid_minor,
@@ -153,8 +162,20 @@ def _tiled_matmul(x, w, col_offsets: tuple[int, ...], n_out: int, tiles: Tiles, 
                     @functools.partial(
                         pl.run_scoped, accs=[plgpu.ACC((wg_m, bn), jnp.float32)] * num_ops)
                     def _(accs):
+                        if b_gmem is not None:  # this warpgroup's bias columns, loaded while the GEMM runs
+                            first = ni * cta_n + (wg * bn if cfg.split == "n" else 0)
+                            for op, off in enumerate(col_offsets):
+                                plgpu.copy_gmem_to_smem(b_gmem.at[group_gmem[mi], pl.ds(off + first, bn)],
+                                                        b_smem.at[wg, op], b_barriers.at[wg * num_ops + op])
                         run_pipeline(tuple(accs))
-                        out = epilogue(*(acc[...] for acc in accs)).astype(out_dtype)
+                        parts = [acc[...] for acc in accs]
+                        if b_gmem is not None:  # broadcast over the warpgroup's rows
+                            for op in range(num_ops):
+                                plgpu.barrier_wait(b_barriers.at[wg * num_ops + op])
+                            parts = [part + lax.broadcast_in_dim(plgpu.load(
+                                b_smem.at[wg, op], layout=plgpu.Layout.WGMMA.reduce(0)), (wg_m, bn), [1])
+                                for op, part in enumerate(parts)]
+                        out = epilogue(*parts).astype(out_dtype)
                         dst = o_gmem.at[rows, cols].at[wg_rows, wg_cols]
                         for c in range(bn // epi_n):
                             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # previous store read out
@@ -174,7 +195,7 @@ def _tiled_matmul(x, w, col_offsets: tuple[int, ...], n_out: int, tiles: Tiles, 
         grid=(cfg.num_sms,), grid_names=("sm",), num_threads=3, thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if cfg.interpret else None)
-    return kernel(tiles.group, tiles.active[None], x, w)
+    return kernel(tiles.group, tiles.active[None], x, w, *(() if bias is None else (bias,)))
 
 
 def gmm(x, w, tiles: Tiles, cfg: Config, out_dtype):
@@ -182,15 +203,17 @@ def gmm(x, w, tiles: Tiles, cfg: Config, out_dtype):
     return _tiled_matmul(x, w, (0,), w.shape[2], tiles, cfg, lambda acc: acc, out_dtype)
 
 
-def gate_up(x, w_gate_up, tiles: Tiles, cfg: Config, activation: str):
-    """x: [P, D] tiled rows -> h = act(x @ W_gate) * (x @ W_up): [P, F] in x.dtype (one kernel)."""
-    F, act = w_gate_up.shape[2] // 2, ACTIVATIONS[activation]
-    return _tiled_matmul(x, w_gate_up, (0, F), F, tiles, cfg, lambda g, u: act(g) * u, x.dtype)
+def gate_up(x, w_gate_up, tiles: Tiles, cfg: Config, activation, b_gate_up=None):
+    """x: [P, D] tiled rows -> h = glu(x @ W_gate + b_gate, x @ W_up + b_up): [P, F] in x.dtype
+    (one kernel; no bias when b_gate_up is None)."""
+    F = w_gate_up.shape[2] // 2
+    bias = None if b_gate_up is None else b_gate_up.astype(jnp.float32)
+    return _tiled_matmul(x, w_gate_up, (0, F), F, tiles, cfg, glu(activation), x.dtype, bias)
 
 
-def ffn(x, w_gate_up, w_down, tiles: Tiles, cfg: Config, activation: str, out_dtype):
+def ffn(x, w_gate_up, w_down, tiles: Tiles, cfg: Config, activation, out_dtype, b_gate_up=None):
     """x: [P, D] tiled rows -> [P, D] out_dtype: the gate/up kernel, then the down GEMM."""
-    return gmm(gate_up(x, w_gate_up, tiles, cfg, activation), w_down, tiles, cfg, out_dtype)
+    return gmm(gate_up(x, w_gate_up, tiles, cfg, activation, b_gate_up), w_down, tiles, cfg, out_dtype)
 
 
 backend = Backend(TileKernels(config=config, gmm=gmm, ffn=ffn, unsupported=unsupported))

@@ -5,9 +5,10 @@ slowly). Two kernels, both with the tile index as the outer grid axis and the pe
 scalar-prefetched so the index maps can pick that expert's weight blocks:
 
     ffn: grid (tiles, F / bf)         x[tile] (bm, D) resident; per step the gate and up blocks
-                                      (D, bf), SwiGLU, then the down block (bf, D) accumulates into
-                                      a (bm, D) fp32 scratch. Gate/up/SwiGLU/down fully fused: the
-                                      hidden activation never leaves VMEM.
+                                      (D, bf) (+ their bias blocks (1, bf) for biased experts), the
+                                      gated activation, then the down block (bf, D) accumulates into
+                                      a (bm, D) fp32 scratch. Gate/up/activation/down fully fused:
+                                      the hidden activation never leaves VMEM.
     gmm: grid (tiles, N / bn, K / bk) a plain blocked matmul per tile (fp32 scratch accumulator).
 
 Grid steps past the active tiles keep every block index of the last active step, so the pipeline
@@ -27,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from .tile_map import Tiles
-from .reference import ACTIVATIONS
+from .reference import glu
 from .tiled import Backend, TileKernels, shape_class
 
 
@@ -106,7 +107,8 @@ def _accumulate(part, acc_ref, o_ref, step, num_steps):
         o_ref[...] = acc_ref[...].astype(o_ref.dtype)
 
 
-def _ffn_kernel(group_ref, active_ref, x_ref, w_gate_ref, w_up_ref, w_down_ref, o_ref, acc_ref, *, act):
+def _ffn_kernel(group_ref, active_ref, x_ref, w_gate_ref, w_up_ref, w_down_ref, *refs, gated, biased):
+    b_gate_ref, b_up_ref, o_ref, acc_ref = refs if biased else (None, None, *refs)
     f = pl.program_id(1)
 
     @pl.when(pl.program_id(0) < active_ref[0])
@@ -114,16 +116,20 @@ def _ffn_kernel(group_ref, active_ref, x_ref, w_gate_ref, w_up_ref, w_down_ref, 
         x = x_ref[...]  # [bm, D]
         gate = jnp.dot(x, w_gate_ref[...], preferred_element_type=jnp.float32)  # [bm, bf]
         up = jnp.dot(x, w_up_ref[...], preferred_element_type=jnp.float32)
-        h = (act(gate) * up).astype(x.dtype)
+        if biased:  # [1, bf] blocks, broadcast over the tile's rows
+            gate = gate + b_gate_ref[...].astype(jnp.float32)
+            up = up + b_up_ref[...].astype(jnp.float32)
+        h = gated(gate, up).astype(x.dtype)
         part = jnp.dot(h, w_down_ref[...], preferred_element_type=jnp.float32)  # [bm, D]
         _accumulate(part, acc_ref, o_ref, f, pl.num_programs(1))
 
 
-def ffn(x, w_gate_up, w_down, tiles: Tiles, cfg: Config, activation: str, out_dtype):
-    """x: [P, D] tiled rows -> [P, D] out_dtype."""
+def ffn(x, w_gate_up, w_down, tiles: Tiles, cfg: Config, activation, out_dtype, b_gate_up=None):
+    """x: [P, D] tiled rows -> [P, D] out_dtype; b_gate_up: [G, 2F] or None."""
     (P, D), F = x.shape, w_down.shape[1]
     bm, bf = cfg.block_m, _fit(cfg.block_f, F)
     nf = F // bf
+    biased = b_gate_up is not None
 
     def rows(i, f, group, active):
         return _step(active, i, (f, nf))[0], 0
@@ -141,19 +147,25 @@ def ffn(x, w_gate_up, w_down, tiles: Tiles, cfg: Config, activation: str, out_dt
         return group[t], f, 0
 
     w_block = (None, D, bf)
+    in_specs = [pl.BlockSpec((bm, D), rows), pl.BlockSpec(w_block, gate),
+                pl.BlockSpec(w_block, up), pl.BlockSpec((None, bf, D), down)]
+    operands = [x, w_gate_up, w_gate_up, w_down]
+    if biased:  # [G, 1, 2F]: the gate and up columns of a step are the same blocks' as the weights'
+        bias = b_gate_up.reshape(b_gate_up.shape[0], 1, 2 * F)
+        in_specs += [pl.BlockSpec((None, 1, bf), gate), pl.BlockSpec((None, 1, bf), up)]
+        operands += [bias, bias]
     return pl.pallas_call(
-        lambda *refs: _ffn_kernel(*refs, act=ACTIVATIONS[activation]),
+        lambda *refs: _ffn_kernel(*refs, gated=glu(activation), biased=biased),
         out_shape=jax.ShapeDtypeStruct((P, D), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(P // bm, nf),
-            in_specs=[pl.BlockSpec((bm, D), rows), pl.BlockSpec(w_block, gate),
-                      pl.BlockSpec(w_block, up), pl.BlockSpec((None, bf, D), down)],
+            in_specs=in_specs,
             out_specs=pl.BlockSpec((bm, D), rows),
             scratch_shapes=[pltpu.VMEM((bm, D), jnp.float32)]),
         compiler_params=_params(2, ((bm, D), x.dtype), ((3, D, bf), w_down.dtype), ((bm, D), out_dtype),
-                                ((bm, D), jnp.float32)),
+                                ((bm, D), jnp.float32), ((2, 1, bf), w_down.dtype)),
         interpret=cfg.interpret,
-    )(tiles.group, tiles.active[None], x, w_gate_up, w_gate_up, w_down)
+    )(tiles.group, tiles.active[None], *operands)
 
 
 def _gmm_kernel(group_ref, active_ref, x_ref, w_ref, o_ref, acc_ref):

@@ -33,3 +33,11 @@ def unpermute_combine(y_sorted: jax.Array, order: jax.Array, topk_weights: jax.A
     y = jnp.zeros((T * K, y_sorted.shape[-1]), y_sorted.dtype).at[order].set(y_sorted)
     y = y.reshape(T, K, -1).astype(jnp.float32)
     return jnp.einsum("tkd,tk->td", y, topk_weights.astype(jnp.float32))
+
+
+def group_of_sorted_rows(group_sizes: jax.Array, num_rows: int) -> jax.Array:
+    """The group of each row of a [num_rows]-row array sorted by group -> [num_rows] int32; rows past
+    sum(group_sizes) get the last group (callers mask them)."""
+    ends = jnp.cumsum(group_sizes)
+    rank = jnp.arange(num_rows, dtype=jnp.int32)
+    return jnp.minimum(jnp.searchsorted(ends, rank, side="right"), group_sizes.shape[0] - 1).astype(jnp.int32)

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .permute import group_of_sorted_rows
+
 
 class Tiles(NamedTuple):
     """Per-tile metadata of a tiled buffer (a pytree; block_m is static and kept by the caller)."""
@@ -61,7 +63,7 @@ def tile_rows(group_sizes: jax.Array, num_rows: int, block_m: int) -> tuple[Tile
     tiles, tiled_start = _tile_map(group_sizes, num_tiles, block_m)
     ends = jnp.cumsum(group_sizes)
     rank = jnp.arange(num_rows, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(ends, rank, side="right"), group_sizes.shape[0] - 1)
+    group = group_of_sorted_rows(group_sizes, num_rows)
     buffer_row = tiled_start[group] + rank - (ends - group_sizes)[group]
     num_buffer_rows = num_tiles * block_m
     return tiles, jnp.where(rank < ends[-1], buffer_row, num_buffer_rows).astype(jnp.int32), num_buffer_rows

@@ -1,7 +1,8 @@
 """The public entry points for backends that compute on tiles (`tile_map.py`).
 
 A tiled backend supplies three things (a `TileKernels`): its block sizes for a problem (tile height
-included), a grouped matmul over tiles and a fused SwiGLU expert FFN over tiles. This module does the rest the
+included), a grouped matmul over tiles and a fused gated expert FFN over tiles (the gate/up bias of
+biased experts added in its epilogue). This module does the rest the
 same way for all of them: place rows into tiles, run the kernel, and gather results back -- so the
 kernels themselves only ever see whole tiles of one expert each.
 """
@@ -35,7 +36,8 @@ class TileKernels:
 
     config(num_rows, num_groups, D, F, dtype) -> block sizes for this problem; `.block_m` is the tile height
     gmm(x [P, K], w [G, K, N], tiles, config, out_dtype) -> [P, N]
-    ffn(x [P, D], w_gate_up [G, D, 2F], w_down [G, F, D], tiles, config, activation, out_dtype) -> [P, D]
+    ffn(x [P, D], w_gate_up [G, D, 2F], w_down [G, F, D], tiles, config, activation, out_dtype,
+        b_gate_up [G, 2F] or None) -> [P, D]
     unsupported(D, F, dtype) -> None, or why this backend cannot run the shape (dispatch falls back)
 
     Rows of inactive tiles (index >= tiles.active) may be left unwritten; they are never read back.
@@ -70,13 +72,13 @@ class Backend:
         return self._on_tiles(x, group_sizes, w.shape[2],
                               lambda xt, tiles, cfg: self.kernels.gmm(xt, w, tiles, cfg, jnp.float32))
 
-    def expert_ffn(self, x_sorted, w_gate_up, w_down, group_sizes, activation):
+    def expert_ffn(self, x_sorted, w_gate_up, w_down, group_sizes, activation, b_gate_up=None):
         """x_sorted: [R, D] -> [R, D] fp32 (rows of no group: zeros)."""
         return self._on_tiles(x_sorted, group_sizes, w_down.shape[1],
                               lambda xt, tiles, cfg: self.kernels.ffn(xt, w_gate_up, w_down, tiles, cfg,
-                                                                      activation, jnp.float32))
+                                                                      activation, jnp.float32, b_gate_up))
 
-    def moe_ffn(self, x, slot_ids, topk_weights, w_gate_up, w_down, activation):
+    def moe_ffn(self, x, slot_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up=None):
         """x: [T, D], slot_ids: [T, K] (G = no slot) -> ([T, D] fp32, rows per slot [G]).
 
         Tokens are gathered straight into the tiled buffer and expert outputs gathered straight
@@ -88,6 +90,6 @@ class Backend:
         buffer_row = jnp.zeros((T * K,), jnp.int32).at[order].set(row_sorted)  # [T*K] in (token, k) order
         x_tiled = tile_map.gather_rows(x, tile_map.source_rows(row_sorted, num_buffer_rows, order // K))
         # Expert outputs in the input dtype: half the bytes for bf16; the k-sum below is fp32.
-        y_tiled = self.kernels.ffn(x_tiled, w_gate_up, w_down, tiles, cfg, activation, x.dtype)
+        y_tiled = self.kernels.ffn(x_tiled, w_gate_up, w_down, tiles, cfg, activation, x.dtype, b_gate_up)
         y = tile_map.gather_rows(y_tiled, buffer_row).reshape(T, K, D).astype(jnp.float32)
         return jnp.einsum("tkd,tk->td", y, topk_weights.astype(jnp.float32)), group_sizes

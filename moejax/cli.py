@@ -7,8 +7,11 @@ import json
 import sys
 
 import jax
+import numpy as np
 
 from moejax.config import DEFAULT_MODEL
+
+SERVE_MODEL = "stdlib-moe"  # a shipped trained checkpoint with a tokenizer and chat template: real text
 
 # Prompts for the embedded default model (it has no tokenizer): four lengths, fixed ids.
 DEFAULT_PROMPTS = [[(7 * i + 3 * n) % 500 + 1 for i in range(n)] for n in (5, 12, 23, 40)]
@@ -21,9 +24,9 @@ def _token_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"--prompt-token-ids {text!r}: expected comma-separated integers") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a preset or shipped checkpoint name, e.g. stdlib-moe (default {DEFAULT_MODEL})")
+def _add_model_args(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    p.add_argument("--model", default=default,
+                   help=f"a preset or shipped checkpoint name, e.g. stdlib-moe (default {default})")
     p.add_argument("--checkpoint", help="a HF or moejax checkpoint directory (overrides --model)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute/param dtype (default: the model's)")
     p.add_argument("--seed", type=int, default=0)
@@ -35,7 +38,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from moejax import LLM, SamplingParams
 
-    llm = LLM(args.checkpoint or args.model, dtype=args.dtype, seed=args.seed, layout=args.layout)
+    offload = _offload(args)
+    llm = LLM(args.checkpoint or args.model, dtype=args.dtype, seed=args.seed, layout=args.layout, offload=offload)
     prompts: list = [*(args.prompt or []), *(args.prompt_token_ids or [])]
     if not prompts:
         if llm.tokenizer is not None:
@@ -46,10 +50,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.sampling_seed, ignore_eos=args.ignore_eos)
     outputs = llm.generate(prompts, params)
     stats = llm.last_stats
+    offload = llm.engine.executor.offload_summary() if offload else None
     if args.json:
         json.dump({"outputs": [{"prompt_token_ids": o.prompt_token_ids, "token_ids": o.token_ids, "text": o.text,
                                 "finish_reason": o.finish_reason} for o in outputs],
-                   "stats": stats}, sys.stdout)
+                   "stats": stats, **({"offload": offload} if offload else {})}, sys.stdout)
         print()
         return 0
     console = Console()
@@ -67,7 +72,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
     console.print(f"{tokens} tokens in {stats['seconds']:.2f} s, of which {compile_s:.2f} s compiling "
                   f"{stats['compilations']} XLA programs (once per shape): {stats['tokens_per_s']:.1f} tokens/s, "
                   f"[bold]{serving_tokens_per_s:.1f} tokens/s not counting compilation[/bold]")
+    if offload:
+        rates = {k: "—" if offload[k] is None else f"{offload[k]:.3f}"
+                 for k in ("hit_rate", "prefetch_precision", "prefetch_recall")}
+        console.print(f"expert offload: {offload['slots']} of {offload['num_experts']} experts per layer on the device, "
+                      f"predictor {offload['predictor']}: hit rate {rates['hit_rate']}, prefetch precision "
+                      f"{rates['prefetch_precision']}, recall {rates['prefetch_recall']}, "
+                      f"{offload['bytes_h2d'] / 1e6:.2f} MB host -> device, stalled {offload['stall_s'] * 1e3:.1f} ms")
     return 0
+
+
+def _add_offload_args(p: argparse.ArgumentParser, simulated: bool | None) -> None:
+    """simulated: True (simulate only), False (real only), None (either)."""
+    from moejax.offload.config import LOAD_RULES, PREDICTORS
+
+    g = p.add_argument_group("expert offload (routed experts in host memory, a device expert cache)")
+    g.add_argument("--offload-experts", type=float, metavar="F",
+                   help="keep the fraction F of each MoE layer's routed experts only in host memory")
+    g.add_argument("--device-expert-slots", type=int, metavar="N", help="a device cache of N experts per MoE layer")
+    g.add_argument("--predictor", choices=PREDICTORS, help="which experts the next layers need (default none)")
+    g.add_argument("--load-rule", choices=LOAD_RULES, help="cross-layer presched (default) or layer-by-layer greedy")
+    g.add_argument("--host-compute", action="store_true", help="compute a missing expert on the host when cheaper")
+    if simulated is not False:
+        g.add_argument("--host-link", help="simulated host link: pcie3, pcie4, pcie5, nvlink-c2c (default: the "
+                                           "hardware's)")
+
+
+def _offload(args: argparse.Namespace) -> dict | None:
+    """The offload options given on the command line (None: no offload)."""
+    names = ("offload_experts", "device_expert_slots", "predictor", "load_rule", "host_link")
+    options = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if getattr(args, "host_compute", False):
+        options["host_compute"] = True
+    if options and getattr(args, "hardware", None) is None:
+        options.pop("host_link", None)  # real runs use the machine's link
+    return options or None
 
 
 def _add_common_serving(p: argparse.ArgumentParser) -> None:
@@ -112,6 +151,7 @@ def _run_options(args: argparse.Namespace) -> dict:
         opts.update(hardware=args.hardware, routing=args.routing)
     else:
         opts.update(layout=getattr(args, "layout", None), dtype=getattr(args, "dtype", None))
+    opts["offload"] = _offload(args)
     return opts
 
 
@@ -121,7 +161,11 @@ def _report(results: dict, title: str, json_path: str | None, ratio_to: str | No
     from moejax.engine.metrics import metrics_table
 
     runs = results["runs"] if "runs" in results else {results["policy"]: results}
-    Console().print(metrics_table(runs, title=title, ratio_to=ratio_to))
+    table = metrics_table(runs, title=title, ratio_to=ratio_to)
+    console = Console()
+    # piped, rich assumes 80 columns and would cut the run and ratio headers: print at the table's width
+    console.width = max(console.width, console.measure(table, options=console.options.update_width(1000)).maximum)
+    console.print(table)
     if json_path and jax.process_index() == 0:  # in a multi-host run every process has the same results
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
@@ -153,6 +197,58 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_predictor(args: argparse.Namespace) -> int:
+    from moejax.checkpoint import load_model
+    from moejax.offload.executor import predictor_dir
+    from moejax.offload.learned import record_features, text_sequences, topk_recall, train_predictor
+
+    source = args.checkpoint or args.model
+    out = args.out or predictor_dir(source)
+    if out is None:
+        raise ValueError(f"{source!r} is not a checkpoint directory: give --out DIR for the predictor")
+    model, tokenizer = load_model(source, dtype=args.dtype, seed=args.seed)
+    if tokenizer is None:
+        raise ValueError(f"{model.config.name} has no tokenizer: --text cannot be encoded")
+    prompts = text_sequences(tokenizer, args.text, glob=args.glob, skip_every=args.skip_every,
+                             num_sequences=args.num_sequences, seq_len=args.seq_len)
+    print(f"recording routing of {len(prompts)} sequences of {args.seq_len} tokens ...")
+    features = record_features(model, prompts)
+    trained = train_predictor(model, features, epochs=args.epochs, seed=args.seed, log=print)
+    path = trained.save(out)
+    k = model.config.num_experts_per_tok
+    for (m, d), _ in trained.nets.items():
+        recall = topk_recall(np.asarray(trained.row_logits(m, d, features.hidden[:, m - d], features.ids[:, m - d])),
+                             features.ids[:, m], k)
+        print(f"layer {m} from layer {m - d}: top-{k} recall on the training sequences {recall:.3f}")
+    print(f"saved the predictor for {model.config.name} to {path}")
+    return 0
+
+
+def cmd_serve_http(args: argparse.Namespace) -> int:
+    from moejax import LLM
+
+    try:
+        from moejax.serve import serve
+    except ImportError as e:
+        raise ValueError(f"moejax serve needs the 'serve' extra ({e.name} is missing): "
+                         "pip install 'moejax[serve]'") from None
+    from moejax.serve.engine_loop import follow
+    from moejax.serve.metrics import ServerMetrics
+
+    options = {k: v for k, v in (("max_model_len", args.max_model_len), ("num_blocks", args.num_blocks))
+               if v is not None}
+    llm = LLM(args.checkpoint or args.model, dtype=args.dtype, seed=args.seed, layout=args.layout,
+              policy=args.policy, max_num_seqs=args.max_num_seqs, token_budget=args.token_budget, **options)
+    if args.warmup:  # every process, in step (their engines run the same throwaway iterations)
+        llm.warmup(progress=jax.process_index() == 0)
+    if jax.process_index() != 0:  # multi-host: process 0 serves HTTP, this one follows its requests
+        follow(llm.engine, ServerMetrics(llm.config.name))
+        return 0
+    serve(llm, host=args.host, port=args.port, model_name=args.served_model_name, max_waiting=args.max_waiting,
+          log_level=args.log_level)
+    return 0
+
+
 def kernels_benchmark():
     from moejax.kernels import benchmark
 
@@ -177,7 +273,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampling-seed", type=int, default=None, help="seed of every request's sampler")
     g.add_argument("--ignore-eos", action="store_true")
     g.add_argument("--json", action="store_true", help="print {'outputs': [...]} as JSON")
+    _add_offload_args(g, simulated=False)
     g.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: the shipped stdlib-moe)")
+    _add_model_args(srv, default=SERVE_MODEL)
+    srv.add_argument("--layout", help="a moejax.meshes layout preset or .toml, over all processes' devices")
+    srv.add_argument("--policy", default="chunked", help="chunked, no_chunk or layered (name@budget allowed)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", help="the model's name in the API (default: the model's)")
+    srv.add_argument("--max-model-len", type=int, help="prompt + output tokens of one request")
+    srv.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
+    srv.add_argument("--max-waiting", type=int, default=256,
+                     help="requests queued beyond --max-num-seqs before answering 429")
+    srv.add_argument("--token-budget", type=int, default=512, help="tokens per iteration (chunked: chunk size)")
+    srv.add_argument("--num-blocks", type=int, help="KV cache blocks (default: as many as fit)")
+    srv.add_argument("--log-level", default="info", help="uvicorn's log level")
+    srv.add_argument("--warmup", action="store_true",
+                     help="compile every program serving can meet before listening (minutes on CPU at the "
+                          "default sizes), so that no request waits for a compiler")
+    srv.set_defaults(func=cmd_serve_http)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     kern = bench.add_parser("kernels", help="expert GEMM kernels against ragged_dot, peers and the roofline")
@@ -186,12 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve = bench.add_parser("serve", help="serve a workload with the real model and report serving metrics")
     _add_common_serving(serve)
     _add_placement_args(serve, simulated=False)
+    _add_offload_args(serve, simulated=False)
     serve.add_argument("--policy", default="chunked", help="chunked, no_chunk or layered (name@budget allowed)")
     serve.set_defaults(func=cmd_serve)
 
     sim = sub.add_parser("simulate", help="the same engine and metrics, on a cost model of real hardware")
     _add_common_serving(sim)
     _add_placement_args(sim, simulated=True)
+    _add_offload_args(sim, simulated=True)
     sim.add_argument("--policy", default="chunked", help="chunked, no_chunk or layered (name@budget allowed)")
     sim.set_defaults(func=cmd_serve)
 
@@ -199,7 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--policies", default="chunked,layered", help="comma-separated, e.g. chunked@256,layered")
     _add_common_serving(cmp)
     _add_placement_args(cmp, simulated=None)
+    _add_offload_args(cmp, simulated=None)
     cmp.set_defaults(func=cmd_compare)
+
+    off = sub.add_parser("offload", help="expert offload tools").add_subparsers(dest="offload_command", required=True)
+    tp = off.add_parser("train-predictor", help="record a model's routing on text and train LayerScope's learned "
+                                                "expert predictor (saved next to the checkpoint)")
+    _add_model_args(tp)
+    tp.add_argument("--text", action="append", required=True, metavar="PATH",
+                    help="a text file, or a directory of files matching --glob; repeatable")
+    tp.add_argument("--glob", default="*.py", help="files to read in --text directories (default *.py)")
+    tp.add_argument("--skip-every", type=int, default=0, metavar="N",
+                    help="leave out every N-th file (sorted): keep a held-out split unseen")
+    tp.add_argument("--num-sequences", type=int, default=64)
+    tp.add_argument("--seq-len", type=int, default=512)
+    tp.add_argument("--epochs", type=int, default=10)
+    tp.add_argument("--out", help="where to save it (default: offload_predictor/ in the checkpoint directory)")
+    tp.set_defaults(func=cmd_train_predictor)
     return parser
 
 

@@ -3,10 +3,12 @@
     run("tiny-qwen3-moe", policy="chunked", workload="sharegpt", rate=4)                 # real, local devices
     run("qwen3-30b-a3b", hardware="h100x2", policy="layered", workload="arxiv", rate=1.3)  # simulated
     compare(["chunked", "layered"], "qwen3-30b-a3b", hardware="h100x2", workload="arxiv")
+    run("stdlib-moe", offload={"device_expert_slots": 8, "predictor": "learned"})          # experts in host memory
 
 Both build the same engine (moejax.engine.build: scheduler + policy) and differ only in the executor:
-"jax" on a wall clock, or "sim" on a virtual one. The result is the stable JSON of
-moejax.engine.metrics.
+"jax" on a wall clock, or "sim" on a virtual one ("offload" / "sim-offload" with `offload=`). The
+result is the stable JSON of moejax.engine.metrics; offload runs add their offload_* metrics and an
+"offload" object (per-layer counters, settings).
 
 Policies are named `name[@token_budget]`: "chunked@256" is chunked prefill with 256-token chunks.
 """
@@ -34,7 +36,7 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
         max_model_len: int | None = None, token_budget: int = 512, max_num_seqs: int = 256,
         routing: str = "correlated", routing_params: dict | None = None, layout: str | None = None,
         progress: bool = False, dtype: str | None = None, details: bool = False, warmup: bool = True,
-        calibration: Calibration | None = None,
+        calibration: Calibration | None = None, offload: dict | None = None,
         **policy_options) -> dict:
     """Serve `num_requests` of `workload` arriving at `rate` req/s; returns settings + "metrics"
     (+ per-request "requests" and per-iteration "iterations" records when `details`).
@@ -43,7 +45,10 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
     a hardware name (moejax.sim.hardware) simulates the preset on that machine. Real runs measure steady
     state: with `warmup`, the workload is first served once, untimed (compiling the shapes it needs),
     and a fresh engine on the same model serves it again, timed; compilations left in the timed run
-    are reported as metrics["num_compilations"]."""
+    are reported as metrics["num_compilations"].
+
+    offload: expert offload options (moejax.offload: offload_experts or device_expert_slots,
+    predictor, load_rule, host_compute, ...; simulated also host_link, predictor_recall)."""
     token_budget = parse_policy(policy)[1].get("token_budget", token_budget)
     options = dict(policy=policy, token_budget=token_budget, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                    seed=seed, **policy_options)
@@ -52,17 +57,21 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
 
         m, _ = load_model(model, seed=seed, layout=layout, dtype=dtype)
         cfg = m.config
+        executor = "jax"
+        if offload is not None:  # both engines share the model (and its compilations): its experts stay put
+            from moejax.offload.executor import executor_options
+            executor, options = "offload", {**options, **executor_options(offload, model)}
 
         def make_engine():
-            return build(m, "jax", **options)
+            return build(m, executor, **options)
         engine = make_engine()
         where = f"{jax.devices()[0].platform}x{jax.device_count()}" + (f" ({layout})" if layout else "")
     else:
         cfg = get_preset(model)
         if policy.startswith("layered-adaptive"):
             options.setdefault("tbt_target_s", slo.tbt_s)
-        engine = build(cfg, "sim", hardware=hardware, routing=routing, routing_params=routing_params,
-                       calibration=calibration, **options)
+        engine = build(cfg, "sim" if offload is None else "sim-offload", hardware=hardware, routing=routing,
+                       routing_params=routing_params, calibration=calibration, **options, **(offload or {}))
         where = hardware
     max_model_len = engine.scheduler.config.max_model_len
     requests = make_workload(workload, rate, num_requests, seed=seed, max_model_len=max_model_len)
@@ -70,10 +79,10 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
     arrivals = [Arrival(r.arrival_s, p, SamplingParams(max_tokens=r.output_len, ignore_eos=True))
                 for r, p in zip(requests, prompts)]
     if hardware is None and warmup:  # the same arrivals once, untimed: compiles the shapes they need
-        engine.run(arrivals)
+        engine.run(arrivals, progress="warm-up (untimed, compiling)" if progress else False)
         engine = make_engine()
     with count_compilations() as compiled:
-        served = engine.run(arrivals, progress=progress)
+        served = engine.run(arrivals, progress="timed run" if progress else False)
     metrics = engine.metrics(served, slo)
     if hardware is None:
         metrics["num_compilations"] = compiled.count
@@ -83,6 +92,8 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
         metrics["energy_total_j"] += idle_j
         served_tokens = sum(r.num_tokens for r in served)
         metrics["energy_per_token_j"] = metrics["energy_total_j"] / served_tokens
+    if offload is not None:
+        metrics.update(engine.executor.residency.stats.metrics())
     result = {
         "model": cfg.name, "hardware": where, "simulated": hardware is not None, "policy": policy,
         "workload": workload, "rate": rate, "num_requests": num_requests, "seed": seed,
@@ -92,6 +103,8 @@ def run(model: str, *, hardware: str | None = None, policy: str = "chunked", wor
         "slo": {"ttft_s": slo.ttft_s, "tbt_s": slo.tbt_s}, "policy_options": policy_options,
         "metrics": metrics,
     }
+    if offload is not None:
+        result["offload"] = engine.executor.offload_summary()
     if details:
         result["requests"] = [
             {"prompt_len": r.num_prompt_tokens, "output_len": r.num_output_tokens, "arrival_s": r.arrival_time,

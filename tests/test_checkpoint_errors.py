@@ -146,6 +146,38 @@ def test_unsupported_dtype_in_file(mixtral):
 
 
 @pytest.fixture
+def gpt_oss(tmp_path):
+    d = tmp_path / "gpt_oss"
+    shutil.copytree(FIXTURES / "gpt_oss", d)
+    return d
+
+
+def test_gpt_oss_missing_sinks_and_expert_bias(gpt_oss):
+    rewrite(gpt_oss, lambda t: t.pop("model.layers.2.self_attn.sinks"))
+    with pytest.raises(CheckpointError, match=r"missing tensor: model\.layers\.2\.self_attn\.sinks "
+                                              r"\(for layers\.2\.attn\.sinks, shape \[4\]\)"):
+        load_hf(gpt_oss)
+    shutil.copy(FIXTURES / "gpt_oss" / "model.safetensors", gpt_oss / "model.safetensors")
+    rewrite(gpt_oss, lambda t: t.pop("model.layers.0.mlp.experts.gate_up_proj_bias"))
+    with pytest.raises(CheckpointError, match=r"missing tensor: model\.layers\.0\.mlp\.experts\.gate_up_proj_bias "
+                                              r"\(for experts\.0\.b_gate_up, shape \[8, 64\]\)"):
+        load_hf(gpt_oss)
+
+
+def test_gpt_oss_mxfp4_checkpoint_is_named(gpt_oss):
+    """Real GPT-OSS checkpoints ship MXFP4 experts (gate_up_proj_blocks / _scales): refused by name."""
+    edit_config(gpt_oss, quantization_config={"quant_method": "mxfp4"})
+    with pytest.raises(ConfigError, match=r"quantization_config\.quant_method 'mxfp4'.*dequantise"):
+        load_hf(gpt_oss)
+
+
+def test_gpt_oss_layer_types(gpt_oss):
+    edit_config(gpt_oss, layer_types=["sliding_attention", "chunked_attention", "full_attention"])
+    with pytest.raises(ConfigError, match=r"layer_types: unsupported layer types \['chunked_attention'\]"):
+        load_hf(gpt_oss)
+    edit_config(gpt_oss, layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(ConfigError, match=r"layer_types has 2 entries for 3 layers"):
+        load_hf(gpt_oss)
 def qwen3_next(tmp_path):
     d = tmp_path / "qwen3_next"
     shutil.copytree(FIXTURES / "qwen3_next", d)

@@ -25,14 +25,23 @@ ACTIVATIONS = {"silu": lambda v: v / (1 + np.exp(-v)),  # gelu: jax.nn.gelu's ta
                "gelu": lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))}
 
 
-def numpy_ffn_rows(x, w_gate_up, w_down, expert_of_row, activation="silu"):
-    """float64 gated expert per row; expert_of_row[i] < 0: the row reaches no expert (zeros)."""
-    F, act = w_down.shape[1], ACTIVATIONS[activation]
+def numpy_clamped_swiglu(gate, up, alpha=1.702, limit=7.0):
+    """GPT-OSS's GLU as transformers writes it (gate clamped above, up both sides)."""
+    gate, up = np.minimum(gate, limit), np.clip(up, -limit, limit)
+    return (up + 1) * gate / (1 + np.exp(-alpha * gate))
+
+
+def numpy_ffn_rows(x, w_gate_up, w_down, expert_of_row, activation="silu", b_gate_up=None, b_down=None):
+    """float64 gated expert per row; expert_of_row[i] < 0: the row reaches no expert (zeros).
+    activation: a name in ACTIVATIONS or "clamped_swiglu"; optional biases [E, 2F], [E, D]."""
+    F = w_down.shape[1]
+    glu = numpy_clamped_swiglu if activation == "clamped_swiglu" else \
+        lambda gate, up: ACTIVATIONS[activation](gate) * up
     out = np.zeros((x.shape[0], w_down.shape[2]))
     for i, e in enumerate(expert_of_row):
         if e >= 0:
-            gu = x[i] @ w_gate_up[e]
-            out[i] = (act(gu[:F]) * gu[F:]) @ w_down[e]
+            gu = x[i] @ w_gate_up[e] + (0 if b_gate_up is None else b_gate_up[e])
+            out[i] = glu(gu[:F], gu[F:]) @ w_down[e] + (0 if b_down is None else b_down[e])
     return out
 
 
@@ -135,17 +144,17 @@ def test_grouped_matmul(backend, dtype):
     assert_close(got, want, dtype)
 
 
-def numpy_moe(x, ids, weights, w_gate_up, w_down, slot_of=None):
+def numpy_moe(x, ids, weights, w_gate_up, w_down, slot_of=None, **ffn):
     """float64 routed experts of an expert buffer w_gate_up: [S, D, 2F] whose slot_of: [E] names each
     expert's slot or -1 (None: slot e holds expert e); ids outside [0, E) and experts of slot -1
-    contribute nothing."""
+    contribute nothing. ffn: activation and biases, as numpy_ffn_rows takes them."""
     S = w_gate_up.shape[0]
     slot_of = np.arange(S) if slot_of is None else np.asarray(slot_of)
     out = np.zeros((x.shape[0], w_down.shape[2]))
     for k in range(ids.shape[1]):
         in_range = (ids[:, k] >= 0) & (ids[:, k] < len(slot_of))
         slots = np.where(in_range, slot_of[np.clip(ids[:, k], 0, len(slot_of) - 1)], -1)
-        out += weights[:, k:k + 1] * numpy_ffn_rows(x, w_gate_up, w_down, slots)
+        out += weights[:, k:k + 1] * numpy_ffn_rows(x, w_gate_up, w_down, slots, **ffn)
     return out
 
 
@@ -212,3 +221,67 @@ def test_moe_ffn_expert_buffer_through_slot_map(backend):
         slot_of = np.where(np.arange(E) // 8 == shard, np.arange(E) % 8, -1)
         total = total + run(slot_of, w_gate_up[8 * shard:8 * shard + 8], w_down[8 * shard:8 * shard + 8])
     assert_close(total, numpy_moe(x, ids, weights, w_gate_up, w_down), dtype)
+
+
+def biased_experts(rng, E, D, F, dtype):
+    """GPT-OSS-like experts: gate/up pre-activations spread well past the clamp (|v| > 7 for about
+    a tenth to a quarter of them, so both clamps matter) and non-zero biases."""
+    w_gate_up = rng.normal(size=(E, D, 2 * F)) * 6 / np.sqrt(D)
+    w_down = rng.normal(size=(E, F, D)) / np.sqrt(F)
+    b_gate_up, b_down = rng.normal(size=(E, 2 * F)), rng.normal(size=(E, D))
+    return [np.asarray(jnp.asarray(w, dtype), np.float64) for w in (w_gate_up, w_down, b_gate_up, b_down)]
+
+
+@pytest.mark.parametrize("backend,dtype", [(b, "bfloat16") for b in ALL] + [("reference", "float32"),
+                                                                          ("cpu", "float32")])
+def test_moe_ffn_biased_clamped_swiglu(backend, dtype):
+    """GPT-OSS's experts: gate/up bias in the backend's fused epilogue, the down bias summed over
+    each row's k experts, the clamped SwiGLU; through a slot map holding a subset of the experts
+    (rows routed elsewhere take no bias either) and with a padding row."""
+    D, F, E, T, K = 128, 128, 8, 45, 4
+    rng = np.random.default_rng([ALL.index(backend), len(dtype), 7])
+    w_gate_up, w_down, b_gate_up, b_down = biased_experts(rng, E, D, F, dtype)
+    x = np.asarray(jnp.asarray(rng.normal(size=(T, D)), dtype), np.float64)
+    ids = np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)
+    ids[5] = E  # a padding row
+    weights = rng.random((T, K))
+    gate_up = np.einsum("td,edf->tef", x, w_gate_up) + b_gate_up
+    assert (gate_up[..., :F] > 7).mean() > 0.05 and (np.abs(gate_up[..., F:]) > 7).mean() > 0.05
+    slot_of = np.array([2, -1, 0, 4, -1, 1, 3, 5])  # experts 1 and 4 are not in the 6-slot buffer
+    held = np.flatnonzero(slot_of >= 0)
+    buffers = [np.full((6, *w.shape[1:]), 7.0) for w in (w_gate_up, w_down, b_gate_up, b_down)]
+    for buffer, w in zip(buffers, (w_gate_up, w_down, b_gate_up, b_down)):
+        buffer[slot_of[held]] = w[held]
+    want = numpy_moe(x, ids, weights, buffers[0], buffers[1], slot_of, activation="clamped_swiglu",
+                     b_gate_up=buffers[2], b_down=buffers[3])
+    gu, down, b_gu, b_down_ = as_jax(dtype, *buffers)
+    out, slot_sizes = kernels.moe_ffn(*as_jax(dtype, x), jnp.asarray(ids), jnp.asarray(weights, jnp.float32), gu,
+                                      down, jnp.asarray(slot_of, jnp.int32), activation=kernels.ClampedSwiGLU(),
+                                      b_gate_up=b_gu, b_down=b_down_, backend=backend)
+    assert_close(out, want, dtype)
+    np.testing.assert_array_equal(slot_sizes, np.bincount(slot_of[ids[(ids < E)]][slot_of[ids[ids < E]] >= 0],
+                                                          minlength=6))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "pallas"])  # mosaic_gpu's epilogue: test_moe_ffn_biased...
+def test_expert_ffn_biased_clamped_swiglu(backend):
+    """Rows sorted by expert (uneven groups, an empty one, rows past the groups: zeros, no bias)."""
+    rng = np.random.default_rng(ALL.index(backend) + 40)
+    sizes, rows, dtype, D, F = np.array([9, 0, 40, 3]), 60, "bfloat16", 128, 256
+    w_gate_up, w_down, b_gate_up, b_down = biased_experts(rng, 4, D, F, dtype)
+    x = np.asarray(jnp.asarray(rng.normal(size=(rows, D)), dtype), np.float64)
+    want = numpy_ffn_rows(x, w_gate_up, w_down, expert_of_sorted_rows(sizes, rows), "clamped_swiglu",
+                          b_gate_up, b_down)
+    got = kernels.expert_ffn(*as_jax(dtype, x, w_gate_up, w_down), jnp.asarray(sizes), kernels.ClampedSwiGLU(),
+                             b_gate_up=jnp.asarray(b_gate_up, dtype), b_down=jnp.asarray(b_down, dtype),
+                             backend=backend)
+    assert_close(got, want, dtype)
+
+
+def test_expert_bias_shapes_are_checked():
+    x, w_gate_up, w_down = jnp.zeros((3, 16)), jnp.zeros((4, 16, 16)), jnp.zeros((4, 8, 16))
+    ids, weights = jnp.zeros((3, 2), jnp.int32), jnp.ones((3, 2))
+    with pytest.raises(ValueError, match=r"b_gate_up has shape \(4, 8\); expected \(4, 16\)"):
+        kernels.moe_ffn(x, ids, weights, w_gate_up, w_down, b_gate_up=jnp.zeros((4, 8)))
+    with pytest.raises(ValueError, match=r"b_down has shape \(16,\); expected \(4, 16\)"):
+        kernels.moe_ffn(x, ids, weights, w_gate_up, w_down, b_down=jnp.zeros((16,)))

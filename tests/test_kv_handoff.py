@@ -1,10 +1,11 @@
 """KV hand-off between two engines in one process: engine A prefills and hands each request off with
 its KV, engine B imports it into other blocks and decodes. Greedy and seeded outputs equal one
-engine doing both, for every architecture (Qwen3-Next: its Gated DeltaNet layers hand off their
-state slot, the same size for every prompt); payloads of another model or with other shapes are
-rejected with what differs."""
+engine doing both, for every architecture (GPT-OSS: its window layers hand off only their window;
+Qwen3-Next: its Gated DeltaNet layers their state slot, the same size for every prompt); payloads
+of another model or with other shapes are rejected with what differs."""
 
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -16,9 +17,14 @@ from moejax.engine.kv_transfer import KVTransferError
 from moejax.engine.sampling import SamplingParams
 from moejax.models.model import build_model
 
-ARCHS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-qwen3-next"]
+ARCHS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-gpt-oss", "tiny-qwen3-next"]
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+
+
+@functools.cache
+def model_of(arch):
+    return build_model(get_preset(arch), seed=3)
 
 
 def engine(model):
@@ -34,7 +40,7 @@ def serve(e, requests):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_prefill_here_decode_there_equals_one_engine(arch):
-    model = build_model(get_preset(arch), seed=3)
+    model = model_of(arch)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (9, 23, 4)]
     params = [GREEDY, SAMPLED, GREEDY]
@@ -92,3 +98,23 @@ def test_bad_payloads_are_named_errors():
     one = engine(qwen)
     want = serve(one, [one.add_request([5, 6, 7, 8, 9], GREEDY)])
     assert serve(b, [b.add_prefilled(good)]) == want  # the untouched payload still goes in
+
+
+def test_window_layers_hand_off_only_their_window():
+    """GPT-OSS: a 30-token prompt's window layers (window 16) carry the last 15 tokens, all the next
+    token sees besides itself, its full-attention layers all 30; a full-length state in a window
+    layer is refused."""
+    model = model_of("tiny-gpt-oss")
+    cfg = model.config
+    a = engine(model)
+    a.add_request(list(range(1, 31)), GREEDY, handoff=True)
+    serve(a, [])
+    (h,) = a.handoffs
+    for layer, state in zip(h.kv.layers, h.kv.states):
+        window = cfg.sliding_windows[layer]
+        assert (state.kind, len(state.arrays["k"])) == (("paged", 30) if window is None else ("window", window - 1))
+    full = dict(h.kv.states[1].arrays)  # layer 1 attends fully: all 30 tokens
+    states = (dataclasses.replace(h.kv.states[0], arrays=full), *h.kv.states[1:])
+    wrong = dataclasses.replace(h, kv=dataclasses.replace(h.kv, states=states))
+    with pytest.raises(KVTransferError, match=r"layer 0 k: shape \[30, 2, 32\] float32; expected \[15, 2, 32\]"):
+        engine(model).add_prefilled(wrong)

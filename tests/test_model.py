@@ -4,6 +4,7 @@ different sequences do not interact, and padding rows reach no expert."""
 import numpy as np
 import pytest
 
+from moejax import kernels
 from moejax.config import get_preset
 from moejax.engine.metadata import attention_metadata, pad_tokens
 from moejax.models.model import build_model
@@ -73,3 +74,42 @@ def test_compilations_shared_by_layers_and_buckets(model):
     sizes = {k: f._cache_size() for k, f in fns.items()}
     forward(model, model.init_kv_cache(8, BS), [4, 5, 6, 7, 8], range(5), [0] * 5, tables)
     assert {k: f._cache_size() for k, f in fns.items()} == sizes
+
+
+def test_gpt_oss_config_fields_from_hf():
+    """What GPT-OSS's config.json decides: windows per `layer_types` (default: even layers slide), the
+    clamped SwiGLU's constants, biases and sinks."""
+    from moejax.config import from_hf_config
+
+    hf = dict(model_type="gpt_oss", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=16,
+              sliding_window=6, swiglu_limit=5.0, swiglu_alpha=1.5, attention_bias=False,
+              rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0, "truncate": False,
+                               "original_max_position_embeddings": 4096})
+    cfg = from_hf_config(hf)
+    assert cfg.sliding_windows == (6, None, 6, None)
+    assert (cfg.swiglu_limit, cfg.swiglu_alpha, cfg.qkv_bias, cfg.o_bias) == (5.0, 1.5, False, False)
+    assert cfg.attention_sinks and cfg.router_bias and cfg.expert_bias and cfg.rope.truncate is False
+    cfg = from_hf_config({**hf, "layer_types": ["full_attention", "sliding_attention"] * 2})
+    assert cfg.sliding_windows == (None, 6, None, 6)
+    model = build_model(cfg, seed=0)
+    assert model.expert_activation == kernels.ClampedSwiGLU(alpha=1.5, limit=5.0)
+
+
+def test_biased_router_is_softmax_over_the_top_k_biased_logits():
+    """GPT-OSS routes by top-k of (logits + bias), softmax over those k (transformers' order); moejax's
+    renormalised top-k of the full softmax must pick the same experts with the same weights."""
+    model = build_model(get_preset("tiny-gpt-oss"), seed=3)
+    y = np.random.default_rng(0).normal(size=(16, model.config.hidden_size)).astype(np.float32)
+    h = np.asarray(model.layer_states[1]["post_attn_norm"]["weight"][...])  # route() norms h first
+    normed = y / np.sqrt((y * y).mean(-1, keepdims=True) + model.config.rms_norm_eps) * h
+    w, b = (np.asarray(model.layer_states[1]["router"][k][...], np.float64) for k in ("w", "b"))
+    logits = normed @ w + b
+    k = model.config.num_experts_per_tok
+    want_ids = np.argsort(-logits, axis=1)[:, :k]
+    top = np.take_along_axis(logits, want_ids, axis=1)
+    want_weights = np.exp(top - top.max(1, keepdims=True))
+    want_weights /= want_weights.sum(1, keepdims=True)
+    _, weights, ids = model.route(1, y, np.ones(16, bool))
+    np.testing.assert_array_equal(np.asarray(ids), want_ids)
+    np.testing.assert_allclose(np.asarray(weights), want_weights, rtol=1e-5, atol=1e-6)

@@ -12,7 +12,7 @@ from moejax.config import get_preset
 from moejax.engine.metadata import attention_metadata, pad_tokens
 from moejax.models.model import build_model
 
-ARCHS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe"]
+ARCHS = ["tiny-qwen3-moe", "tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-gpt-oss"]
 BS = 4
 
 
@@ -34,11 +34,12 @@ def cache_holding(model, i, needed, rng, num_slots):
     slots = rng.permutation(num_slots)[:len(held)]
     slot_of = np.full(E, -1, np.int32)
     slot_of[held] = slots
-    w_gate_up, w_down = (np.asarray(w) for w in model.expert_weights(i))
-    buf_gu = np.full((num_slots, *w_gate_up.shape[1:]), 3.0, w_gate_up.dtype)
-    buf_down = np.full((num_slots, *w_down.shape[1:]), 3.0, w_down.dtype)
-    buf_gu[slots], buf_down[slots] = w_gate_up[held], w_down[held]
-    return (jax.numpy.asarray(buf_gu), jax.numpy.asarray(buf_down)), jax.numpy.asarray(slot_of)
+    buffer = []
+    for w in map(np.asarray, model.expert_weights(i)):  # weights (and biases of biased experts)
+        slot_array = np.full((num_slots, *w.shape[1:]), 3.0, w.dtype)
+        slot_array[slots] = w[held]
+        buffer.append(jax.numpy.asarray(slot_array))
+    return tuple(buffer), jax.numpy.asarray(slot_of)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,13 +1,17 @@
-"""Paged attention against a float64 numpy dense causal attention, on scattered block tables."""
+"""Paged attention against a float64 numpy dense causal attention, on scattered block tables, with
+and without sliding windows and attention sinks."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from moejax import kernels
+from moejax.kernels import native_attention
 
 
-def dense_reference(q, k_seq, v_seq, positions, window):
-    """q: [T, H, hd] for one sequence's rows at `positions`; k_seq/v_seq: [L, KV, hd] its whole KV."""
+def dense_reference(q, k_seq, v_seq, positions, window, sinks=None):
+    """q: [T, H, hd] for one sequence's rows at `positions`; k_seq/v_seq: [L, KV, hd] its whole KV;
+    sinks: [H] logits in each head's softmax denominator (no value), as transformers' GPT-OSS adds them."""
     T, H, hd = q.shape
     KV = k_seq.shape[1]
     out = np.zeros((T, H, hd))
@@ -17,16 +21,23 @@ def dense_reference(q, k_seq, v_seq, positions, window):
             if window is not None:
                 keys = keys[keys > positions[t] - window]
             s = (k_seq[keys, h // (H // KV)] @ q[t, h]) / np.sqrt(hd)
+            if sinks is not None:
+                s = np.append(s, sinks[h])
             p = np.exp(s - s.max())
-            out[t, h] = (p / p.sum()) @ v_seq[keys, h // (H // KV)]
+            p = p / p.sum()
+            out[t, h] = p[:len(keys)] @ v_seq[keys, h // (H // KV)]
     return out
 
 
-@pytest.mark.parametrize("method", ["rows", "tiles", "auto"])
-@pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("H,KV", [(4, 2), (4, 4), (6, 1)])
-def test_paged_attention_matches_dense(H, KV, window, method):
-    rng = np.random.default_rng(H * 10 + KV + (window or 0))
+# every method without sinks; sinks on the jnp methods (the native CPU kernel has none)
+CASES = [(H, KV, w, False, m) for H, KV in [(4, 2), (4, 4), (6, 1)] for w in (None, 5)
+         for m in ("rows", "tiles", "auto", "native")] + \
+        [(H, KV, w, True, m) for H, KV, w in [(4, 2, None), (6, 1, 5)] for m in ("rows", "tiles", "auto")]
+
+
+@pytest.mark.parametrize("H,KV,window,with_sinks,method", CASES)
+def test_paged_attention_matches_dense(H, KV, window, with_sinks, method):
+    rng = np.random.default_rng([H, KV, window or 0, with_sinks])
     bs, nb, hd = 4, 24, 8
     tables_width = 10
     lens = [3, 9, 34]  # three sequences, blocks scattered over the pool
@@ -45,16 +56,81 @@ def test_paged_attention_matches_dense(H, KV, window, method):
     seq_ids = np.array([s for s, _ in rows], np.int32)
     positions = np.array([p for _, p in rows], np.int32)
     q = rng.normal(size=(len(rows), H, hd)).astype(np.float32)
+    sinks = rng.normal(size=H).astype(np.float32) * 2 if with_sinks else None
     out = kernels.paged_attention(q, k_cache, v_cache, positions, seq_ids, tables,
                                   np.int32(positions.max() // bs + 1), scale=hd ** -0.5, window=window,
-                                  method=method)
+                                  sinks=sinks, method=method)
     for s, n in enumerate(lens):
         mask = seq_ids == s
         flat = np.concatenate([np.arange(b * bs, b * bs + bs) for b in tables[s, :-(-n // bs)]])
         k_seq = k_cache.reshape(-1, KV, hd)[flat].astype(np.float64)
         v_seq = v_cache.reshape(-1, KV, hd)[flat].astype(np.float64)
-        ref = dense_reference(q[mask].astype(np.float64), k_seq, v_seq, positions[mask], window)
+        ref = dense_reference(q[mask].astype(np.float64), k_seq, v_seq, positions[mask], window, sinks)
         np.testing.assert_allclose(np.asarray(out)[mask], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rows", "tiles"])
+@pytest.mark.parametrize("with_sinks", [False, True])
+def test_windowed_rows_read_no_block_before_their_window(method, with_sinks):
+    """A window-aware cache frees the blocks before a request's window and hands them to others:
+    here they hold NaN, so reading any of them (even masked) would poison the output. A prompt
+    chunk filling a whole tile (the tiles method's one-sequence path), a chunk sharing a tile with
+    decode rows, and decode rows deep into their sequences."""
+    rng = np.random.default_rng([3, with_sinks])
+    bs, hd, H, KV, window, width = 4, 8, 4, 2, 6, 24
+    rows = [(0, p) for p in range(40, 72)] + [(1, p) for p in range(20, 25)] + [(2, 57), (3, 9)]
+    lens = [72, 25, 58, 10]
+    nb = sum(-(-n // bs) for n in lens) + 1  # the last block: what unused table entries point at
+    k_cache = rng.normal(size=(nb, bs, KV, hd)).astype(np.float32)
+    v_cache = rng.normal(size=(nb, bs, KV, hd)).astype(np.float32)
+    tables = np.full((len(lens), width), nb - 1, np.int32)
+    perm, used = rng.permutation(nb - 1), 0
+    for s, n in enumerate(lens):
+        tables[s, :-(-n // bs)] = perm[used:used + -(-n // bs)]
+        used += -(-n // bs)
+    seq_ids = np.array([s for s, _ in rows], np.int32)
+    positions = np.array([p for _, p in rows], np.int32)
+    dense = [(k_cache.reshape(-1, KV, hd)[np.concatenate([np.arange(b * bs, b * bs + bs) for b in tables[s, :-(-n // bs)]])],
+              v_cache.reshape(-1, KV, hd)[np.concatenate([np.arange(b * bs, b * bs + bs) for b in tables[s, :-(-n // bs)]])])
+             for s, n in enumerate(lens)]  # each sequence's KV, read before the poisoning
+    for s in range(len(lens)):
+        first_key = positions[seq_ids == s].min() - window + 1
+        freed = tables[s, :max(first_key, 0) // bs]
+        k_cache[freed], v_cache[freed] = np.nan, np.nan
+    assert np.isnan(k_cache).any()
+    q = rng.normal(size=(len(rows), H, hd)).astype(np.float32)
+    sinks = rng.normal(size=H).astype(np.float32) if with_sinks else None
+    out = np.asarray(kernels.paged_attention(q, k_cache, v_cache, positions, seq_ids, tables,
+                                             np.int32(positions.max() // bs + 1), scale=hd ** -0.5,
+                                             window=window, sinks=sinks, method=method))
+    assert np.isfinite(out).all()
+    for s in range(len(lens)):
+        mask = seq_ids == s
+        ref = dense_reference(q[mask].astype(np.float64), *(a.astype(np.float64) for a in dense[s]),
+                              positions[mask], window, sinks)
+        np.testing.assert_allclose(out[mask], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_native_matches_rows_in_bfloat16_on_decode_batches(window):
+    """The native CPU kernel (the default on CPU) against the jnp rows method on a decode batch of
+    bf16 rows: many sequences, scattered tables, a head size with a remainder past the vector width,
+    padding rows (position 0 of sequence 0) and a table entry past the pool (clamped by both)."""
+    assert native_attention.available()
+    rng = np.random.default_rng(3 + (window or 0))
+    bs, nb, H, KV, hd, S, width = 16, 400, 8, 2, 12, 37, 9
+    k_cache, v_cache = (jnp.asarray(rng.normal(size=(nb, bs, KV, hd)), jnp.bfloat16) for _ in range(2))
+    tables = rng.permutation(nb)[:S * width].reshape(S, width).astype(np.int32)
+    tables[5, 3] = nb + 4
+    positions = np.concatenate([rng.integers(0, width * bs, S), np.zeros(3, int)]).astype(np.int32)
+    seq_ids = np.concatenate([rng.permutation(S), np.zeros(3, int)]).astype(np.int32)
+    q = jnp.asarray(rng.normal(size=(len(positions), H, hd)), jnp.bfloat16)
+    args = (q, k_cache, v_cache, positions, seq_ids, tables, np.int32(positions.max() // bs + 1))
+    native = kernels.paged_attention(*args, scale=hd ** -0.5, window=window)  # the CPU default
+    rows = kernels.paged_attention(*args, scale=hd ** -0.5, window=window, method="rows")
+    assert native.dtype == rows.dtype == jnp.bfloat16
+    # both accumulate in float32 from the same bf16 inputs: apart by bf16 rounding of the output
+    np.testing.assert_allclose(np.asarray(native, np.float32), np.asarray(rows, np.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_write_kv_drops_padding_slots():

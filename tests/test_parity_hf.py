@@ -12,7 +12,8 @@ from moejax.checkpoint import load_hf
 from moejax.models.reference import greedy_generate, prompt_logits
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FP32_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_moe_bf16", "qwen3_next"]
+FP32_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_moe_bf16", "gpt_oss", "deepseek_v2", "deepseek_v3",
+               "qwen3_next"]
 
 
 def reference(name):
@@ -45,7 +46,8 @@ def test_greedy_tokens_match_transformers(loaded):
         assert greedy_generate(model, prompt, 16) == want.tolist(), (name, len(prompt))
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen3_next"])
+# deepseek_v2: MLA without q LoRA; the q-LoRA form serves in tests/test_deepseek_engine.py
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v2", "qwen3_next"])
 def test_engine_generate_matches_transformers(name):
     """The batched engine (all prompts at once) reproduces HF's greedy tokens."""
     ref, prompts, _ = reference(name)
@@ -81,3 +83,18 @@ def test_bf16_compute_is_as_accurate_as_transformers_bf16():
         ours_agree.append((ours.argmax(-1) == truth.argmax(-1)).mean())
         hf_agree.append((hf.argmax(-1) == truth.argmax(-1)).mean())
     assert np.mean(ours_agree) >= np.mean(hf_agree)
+
+
+def test_gpt_oss_fixture_exercises_windows_sinks_and_clamps():
+    """What makes the gpt_oss parity meaningful: prompts longer than the window on both layer kinds,
+    non-zero sinks and biases, and clamps the SwiGLU really applies (recorded by the generator)."""
+    ref, prompts, _ = reference("gpt_oss")
+    model = load_hf(FIXTURES / "hf" / "gpt_oss", dtype="float32")
+    cfg = model.config
+    windows = [w for w in cfg.sliding_windows if w is not None]
+    assert None in cfg.sliding_windows and windows and max(map(len, prompts)) > max(windows)
+    layer = model.layer_states[0]
+    assert np.abs(np.asarray(layer["attn"]["sinks"][...])).min() > 0
+    assert np.abs(np.asarray(layer["router"]["b"][...])).min() > 0
+    assert np.abs(np.asarray(model.expert_states[0]["b_gate_up"][...])).min() > 0
+    assert ref["swiglu_clamp_fraction_gate"] > 0.01 and ref["swiglu_clamp_fraction_up"] > 0.01

@@ -1,8 +1,9 @@
 """Qwen3-Next on the engine: every request holds one state slot (its Gated DeltaNet layers' state)
 beside its KV blocks. Greedy outputs equal the one-request reference for every policy (prompt chunks
 carrying their state, whole prompts, a cohort crossing layer groups), under preemption and with
-fewer slots than requests; slots are taken at admission and given back at finish and preemption;
-KV + state bytes per request agree with the real cache, the simulator's traffic and an export."""
+fewer slots than requests, on the jax and the offload executor; slots are taken at admission and given
+back at finish and preemption; KV + state bytes per request agree with the real cache, the simulator's
+traffic and an export; the simulators (sim, sim-offload) budget state slots before blocks."""
 
 import dataclasses
 
@@ -78,6 +79,13 @@ def test_greedy_matches_reference_with_slot_waits_and_preemption(model, prompts,
     assert max(decode_steps) > 1  # multi-step decode carried the state through its steps too
 
 
+def test_offload_executor_matches_reference(model, prompts, expected):
+    """The offload executor (experts in host memory, a device cache of 3 of the 8 per layer) runs the
+    Gated DeltaNet layers in its layer steps over the same state slots."""
+    outputs, decode_steps = run(model, prompts, executor="offload", device_expert_slots=3, predictor="lfru")
+    assert outputs == expected and decode_steps == {1}  # one decode step per plan (it routes on the host)
+
+
 def test_bytes_per_token_and_request_agree_with_the_cache_and_the_simulator(model):
     cfg = model.config
     engine = build(model, **ENGINE)
@@ -132,3 +140,12 @@ def test_simulated_qwen3_next_prices_state_not_per_token_kv():
     assert np.all(long.kv_read_bytes[~linear] > 3.9 * short.kv_read_bytes[~linear])
     engine = build("qwen3-next-80b-a3b", "sim", hardware="h200x2", max_num_seqs=64)
     assert engine.scheduler.kv.state_slots.num_slots == 64
+    offload = build("qwen3-next-80b-a3b", "sim-offload", hardware="h200x2", max_num_seqs=64, offload_experts=0.5)
+    assert offload.scheduler.kv.state_slots.num_slots == 64
+    # the same budget holds fewer blocks beside 64 state slots than beside 8
+    fewer_slots = build("qwen3-next-80b-a3b", "sim", hardware="h200x2", max_num_seqs=64, state_slots=8)
+    assert fewer_slots.scheduler.kv.num_blocks > engine.scheduler.kv.num_blocks
+    request = offload.add_request(list(range(100)), SamplingParams(max_tokens=4, ignore_eos=True))
+    while offload.has_unfinished:
+        offload.step()
+    assert request.finish_reason == "length" and offload.scheduler.kv.state_slots.num_free == 64

@@ -1,7 +1,9 @@
 """Property tests of the scheduler and KV allocator with a fast fake executor: under random request
 streams, aborts, budgets, cache sizes and multi-step decode, no block is leaked or owned twice, the
 token budget holds, and every request finishes (or is aborted) with exactly the tokens a
-non-preempted one-step run would give."""
+non-preempted one-step run would give. The same with a window-aware cache (a full-attention pool and
+a sliding-window pool): every key a slice's rows can see is in a live block, and the window pool
+alone can force preemption."""
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from hypothesis import strategies as st
 
 from moejax.config import get_preset
 from moejax.engine.engine import Engine
-from moejax.engine.kv_cache import KVCacheManager
+from moejax.engine.kv_cache import FREED, KVCacheManager
 from moejax.engine.plan import StepResult
 from moejax.engine.policies import make_policy
 from moejax.engine.sampling import SamplingParams
@@ -34,16 +36,25 @@ class FakeExecutor:
         self.max_tokens_seen = 0
 
     def execute(self, plan):
-        owners: dict[int, int] = {}
-        for rid, blocks in plan.block_tables.items():
-            for b in blocks:
-                assert b not in owners, f"block {b} owned by {owners[b]} and {rid}"
-                owners[b] = rid
+        kv, bs = self.s.kv, self.s.kv.block_size
+        tables = {rid: (t, *plan.group_block_tables.get(rid, ())) for rid, t in plan.block_tables.items()}
+        for g in range(len(kv.groups)):
+            owners: dict[int, int] = {}
+            for rid, group_tables in tables.items():
+                for b in group_tables[g]:
+                    assert b not in owners or b == FREED, f"group {g}: block {b} owned by {owners[b]} and {rid}"
+                    owners[b] = rid
         self.max_tokens_seen = max(self.max_tokens_seen, plan.num_tokens)
         sampled = {}
-        for sl in plan.slices:
+        # multi-step: KV reserved for every step a request may still take (decode_limits: in slice order)
+        steps = ([min(plan.decode_steps, left) for _, left in plan.decode_limits] if plan.decode_steps > 1
+                 else [1] * len(plan.slices))
+        for sl, reserved in zip(plan.slices, steps):
             req = self.s.requests[sl.request_id]
-            assert len(plan.block_tables[sl.request_id]) * self.s.kv.block_size >= sl.start + sl.num_tokens
+            end = sl.start + max(sl.num_tokens, reserved)
+            assert len(plan.block_tables[sl.request_id]) * bs >= end
+            for group, table in zip(kv.groups, tables[sl.request_id]):  # every key the rows see is live
+                assert FREED not in table[group.first_live_block(sl.start, bs):-(-end // bs)]
             assert tuple(req.token_ids[sl.start:sl.start + sl.num_tokens]) == sl.token_ids
             if sl.sample:
                 sampled[sl.request_id] = next_token(tuple(req.token_ids))
@@ -52,7 +63,6 @@ class FakeExecutor:
         steps = {}  # as the device loop does: each token feeds the next, a row stops at a stop id or its limit
         for sl, (stop_ids, left) in zip(plan.slices, plan.decode_limits):
             ctx, out = list(self.s.requests[sl.request_id].token_ids), []
-            assert len(plan.block_tables[sl.request_id]) * self.s.kv.block_size >= sl.start + plan.decode_steps
             while len(out) < plan.decode_steps:
                 out.append(next_token(tuple(ctx)))
                 ctx.append(out[-1])
@@ -69,12 +79,15 @@ def expected_output(prompt, max_tokens):
     return ctx[len(prompt):]
 
 
-def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps=1) -> int:
+def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps=1, window=None,
+               window_blocks=0) -> int:
     """Serve `requests` (prompt length, max tokens, unused) checking every invariant after each
     step, decode-only iterations running up to `decode_steps` steps; returns how many preemptions
-    the stream caused."""
+    the stream caused. window: add a sliding-window KV group of window_blocks blocks."""
     block_size, max_len = 4, 64  # one request needs at most 16 blocks
-    kv = KVCacheManager(num_blocks, block_size)
+    kv = KVCacheManager(num_blocks, block_size) if window is None else \
+        KVCacheManager((num_blocks, window_blocks), block_size, windows=(None, window))
+    num_blocks = kv.num_blocks
     budget = max(budget, max_len) if policy == "no_chunk" else budget
     sched = Scheduler(CFG, kv, make_policy(policy),
                       SchedulerConfig(max_num_seqs=max_seqs, token_budget=budget, max_model_len=max_len))
@@ -93,12 +106,12 @@ def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_
             engine.abort(aborts[step])
         if engine.has_unfinished:
             engine.step()
-        held = sum(len(r.block_ids) for r in sched.running)
+        held = sum(sum(b != FREED for b in t) for r in sched.running for t in kv.tables(r))
         assert held + kv.num_free_blocks == num_blocks  # every block is free or held exactly once
-        assert all(not r.block_ids for r in sched.waiting)
+        assert all(not r.block_ids and not r.group_block_ids for r in sched.waiting)
     else:
         raise AssertionError("requests did not finish")
-    assert executor.max_tokens_seen <= budget or policy == "no_chunk"
+    assert executor.max_tokens_seen <= budget or policy in ("no_chunk", "layered")  # whole prompts
     assert kv.num_free_blocks == num_blocks
     for r, (plen, max_tokens, _) in zip(reqs, requests):
         assert r.is_finished
@@ -126,3 +139,26 @@ def test_invariants_hold_through_preemption(policy):
     crowded = [(40, 20, 0)] * 6  # six requests of up to 15 blocks each into 24 blocks
     assert run_stream(policy, 64, 6, 24, crowded, []) > 0
     assert run_stream(policy, 64, 6, 24, crowded, [], decode_steps=4) > 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(policy=st.sampled_from(["chunked", "no_chunk", "layered"]), budget=st.integers(1, 64),
+       max_seqs=st.integers(1, 6), num_blocks=st.integers(16, 60), window=st.integers(1, 24),
+       window_blocks=st.integers(16, 40),
+       requests=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 20), st.integers(0, 30)), min_size=1, max_size=10),
+       abort_at=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 9)), max_size=3),
+       decode_steps=st.sampled_from([1, 3, 8]))
+def test_scheduler_invariants_with_a_window_group(policy, budget, max_seqs, num_blocks, window, window_blocks,
+                                                  requests, abort_at, decode_steps):
+    run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps, window, window_blocks)
+
+
+@pytest.mark.parametrize("policy", ["chunked", "no_chunk"])
+def test_window_pool_alone_forces_preemption(policy):
+    """Full-attention blocks for every request at once, but a window pool smaller than eight decode
+    windows (3 blocks each once past the window): short prompts admitted together outgrow it as they
+    decode, and preemption (with outputs unchanged) comes from the window group alone."""
+    crowded = [(1, 20, 0)] * 8  # 6 blocks each: 48 full-attention blocks
+    assert run_stream(policy, 64, 8, 96, crowded, []) == 0
+    assert run_stream(policy, 64, 8, 96, crowded, [], window=8, window_blocks=16) > 0
+    assert run_stream(policy, 64, 8, 96, crowded, [], 4, window=8, window_blocks=16) > 0

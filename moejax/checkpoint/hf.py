@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.checkpoint.hf_mapping import IGNORED_PREFIXES, IGNORED_SUFFIXES, Source, dotted, param_sources
+from moejax.checkpoint.hf_mapping import Source, dotted, ignored, param_sources
 from moejax.checkpoint.safetensors_file import CheckpointError, SafetensorsFile
-from moejax.config import load_hf_config
+from moejax.config import ModelConfig, load_hf_config
 from moejax.models.decoder import CausalLM
 from moejax.meshes.placement import Placements
 from moejax.models.model import Model, variable_sharding
@@ -66,7 +66,7 @@ class CheckpointFiles:
 
 
 def _check(files: CheckpointFiles, sources: dict[str, Source], shapes: dict[str, tuple[int, ...]],
-           arch: str) -> None:
+           cfg: ModelConfig) -> None:
     """Every tensor the model needs is there with the right shape, and nothing else is."""
     needed: dict[str, tuple[str, tuple[int, ...]]] = {}
     for path, source in sources.items():
@@ -77,12 +77,11 @@ def _check(files: CheckpointFiles, sources: dict[str, Source], shapes: dict[str,
         shown = "; ".join(f"{n} (for {needed[n][0]}, shape {list(needed[n][1])})" for n in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"{files.directory}: missing tensor{'s' if len(missing) > 1 else ''}: {shown}{more}")
-    unexpected = sorted(n for n in files.names - set(needed)
-                        if not n.endswith(IGNORED_SUFFIXES) and not n.startswith(IGNORED_PREFIXES))
+    unexpected = sorted(n for n in files.names - set(needed) if not ignored(cfg, n))
     if unexpected:
         more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
         raise CheckpointError(f"{files.directory}: unexpected tensor{'s' if len(unexpected) > 1 else ''} "
-                              f"for a {arch} model with this config: {', '.join(unexpected[:5])}{more}")
+                              f"for a {cfg.architecture} model with this config: {', '.join(unexpected[:5])}{more}")
     for name, (path, shape) in needed.items():
         if tuple(files.shape(name)) != tuple(shape):
             raise CheckpointError(f"{files.directory}: tensor {name} has shape {list(files.shape(name))}, "
@@ -103,13 +102,13 @@ def load_hf(directory: str | Path, *, dtype: str | None = None, placements: Plac
     variables = {dotted(p): v for p, v in nnx.to_flat_state(state)}
     sources = param_sources(cfg, files.names)
     assert set(sources) == set(variables), set(sources) ^ set(variables)  # mapping covers the model
-    _check(files, sources, {p: tuple(v.shape) for p, v in variables.items()}, cfg.architecture)
+    _check(files, sources, {p: tuple(v.shape) for p, v in variables.items()}, cfg)
 
     for path, var in variables.items():
         source = sources[path]
-        var.set_value(jax.make_array_from_callback(
+        var.set_value(jax.make_array_from_callback(  # in the parameter's dtype: the model's, or fp32 where it keeps one
             tuple(var.shape), variable_sharding(var, placements),
-            lambda index, source=source: np.ascontiguousarray(source.read(files.get, index), dtype=target_dtype)))
+            lambda index, source=source, dtype=var.dtype: np.ascontiguousarray(source.read(files.get, index), dtype=dtype)))
     nnx.update(module, state)
     return Model(cfg, module, placements)
 

@@ -19,7 +19,7 @@ from moejax.engine.kv_transfer import Handoff
 from moejax.engine.metrics import SLO, StepRecord, summarize
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.engine.request import Request
-from moejax.engine.sampling import RequestError, SamplingParams
+from moejax.engine.sampling import RequestError, SamplingParams, check_token_ids
 from moejax.engine.scheduler import Scheduler
 
 
@@ -49,6 +49,15 @@ class VirtualClock:
 
     def wait_until(self, t: float) -> None:
         self._t = max(self._t, t)
+
+
+class StepError(RuntimeError):
+    """The executor failed on an iteration: `request_ids` are the requests it was running (the engine
+    is otherwise intact; a server finishes those requests with an error and goes on)."""
+
+    def __init__(self, request_ids: list[int], cause: BaseException):
+        super().__init__(f"the executor failed on an iteration of requests {request_ids}: {cause!r}")
+        self.request_ids = request_ids
 
 
 @dataclass
@@ -111,13 +120,25 @@ class Engine:
         self.scheduler.add(req, kv=handoff.kv)
         return req
 
+    def check_request(self, prompt_token_ids: Sequence[int], params: SamplingParams, *,
+                      prompt_param: str = "prompt", max_tokens_param: str = "max_tokens") -> list[int]:
+        """What every front end (LLM, CLI, HTTP) checks before queueing: integer token ids in the
+        vocabulary, and a prompt plus max_tokens that fit max_model_len (never silently cut short).
+        Errors name the front end's field (`prompt_param`, `max_tokens_param`)."""
+        ids = self._checked_tokens(prompt_token_ids, prompt_param)
+        limit = self.scheduler.config.max_model_len
+        if len(ids) >= limit:
+            raise RequestError(f"{prompt_param} of {len(ids)} tokens does not fit max_model_len={limit} (it must "
+                               "leave room for one output token)", param=prompt_param)
+        if len(ids) + params.max_tokens > limit:
+            raise RequestError(f"{max_tokens_param}={params.max_tokens} with a prompt of {len(ids)} tokens exceeds "
+                               f"max_model_len={limit}: at most {limit - len(ids)}", param=max_tokens_param)
+        return ids
+
     def _checked_tokens(self, token_ids: Sequence[int], what: str) -> list[int]:
-        ids = [int(t) for t in token_ids]
-        if what == "prompt" and not ids:
-            raise RequestError("prompt is empty")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise RequestError(f"{what} token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
+        ids = check_token_ids(token_ids, what, self.config.vocab_size)
+        if what in ("prompt", "prompt_token_ids") and not ids:
+            raise RequestError(f"{what} is empty", param=what)
         return ids
 
     def _new_id(self, request_id: int | None) -> int:
@@ -127,9 +148,14 @@ class Engine:
         return request_id
 
     def abort(self, request_id: int) -> Request | None:
+        """Finish an unfinished request with reason "abort" (its KV freed) -> it, or None when it had
+        finished already. An id this engine never gave out is an error."""
         req = self.scheduler.abort(request_id, self.clock.now())
         if req is not None:
             self.finished.append(req)
+        elif not 0 <= request_id < self._next_id:
+            raise RequestError(f"abort: no request {request_id} on this engine (ids so far: 0 .. {self._next_id - 1})",
+                               param="request_id")
         return req
 
     @property
@@ -144,9 +170,16 @@ class Engine:
         plan = self.scheduler.schedule(self._decode_steps(until))
         if plan.is_empty and self.scheduler.has_unfinished and not plan.released:
             raise RuntimeError("the scheduler planned nothing while requests are unfinished")
-        result = self.executor.execute(plan)
+        try:
+            result = self.executor.execute(plan)
+        except Exception as e:
+            raise StepError(sorted({s.request_id for s in plan.slices}), e) from e
         self.clock.advance(result.elapsed_s)
         now = self.clock.now()
+        for rid, logprobs in result.logprobs.items():  # before update: a request finishing now has them too
+            req = self.scheduler.requests.get(rid)
+            if req is not None:
+                req.logprobs.append(logprobs)
         finished = self.scheduler.update(plan, result, now)
         self.finished.extend(finished)
         for req in list(self.scheduler.handed_off):
@@ -172,7 +205,8 @@ class Engine:
 
     def _hand_off(self, req: Request) -> None:
         """Export a handed-off request's KV (all but its last token: the next engine computes that one)."""
-        kv = self.executor.export_kv(req.block_ids, req.num_computed_tokens, req.state_slot)
+        kv = self.executor.export_kv(req.block_ids, req.num_computed_tokens, req.group_block_ids,
+                                       req.state_slot)
         self.handoffs.append(Handoff(req.request_id, list(req.prompt_token_ids), req.output_token_ids, req.params,
                                      req.seed, kv, req.arrival_time, req.first_token_time))
         self.scheduler.release_handoff(req)
@@ -195,6 +229,7 @@ class Engine:
         cells = [(t, r) for t in token_buckets for r in request_buckets if r <= t]
         params = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
         bar = _progress() if progress else None
+        before = (len(self.steps), len(self.finished), self._next_id)
         with count_compilations() as compiled, bar or contextlib.nullcontext():
             task = bar.add_task("compiling", total=len(cells)) if bar else None
             for tokens, requests in cells:
@@ -207,20 +242,21 @@ class Engine:
                     self.step()
                 if bar:
                     bar.advance(task)
-        self.steps.clear()
-        self.finished.clear()
-        self._next_id = 0
+        del self.steps[before[0]:], self.finished[before[1]:]  # the throwaway requests leave no trace
+        self._next_id = before[2]
         return compiled.count
 
-    def run(self, arrivals: Sequence[Arrival], *, progress: bool = False,
+    def run(self, arrivals: Sequence[Arrival], *, progress: bool | str = False,
             on_step: Callable[[StepOutput], None] | None = None) -> list[Request]:
-        """Serve a workload: requests join at their arrival times (on this engine's clock, from now)."""
+        """Serve a workload: requests join at their arrival times (on this engine's clock, from now).
+        progress: show a progress bar (a string: its label)."""
         pending = sorted(arrivals, key=lambda a: a.arrival_s)
         t0 = self.clock.now()
         requests: list[Request] = []
         bar = _progress() if progress else None
         with bar or contextlib.nullcontext():
-            task = bar.add_task("requests", total=len(pending)) if bar else None
+            label = progress if isinstance(progress, str) else "requests"
+            task = bar.add_task(label, total=len(pending)) if bar else None
             i = 0
             while i < len(pending) or self.has_unfinished:
                 now = self.clock.now()

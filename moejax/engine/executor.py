@@ -33,7 +33,9 @@ class Executor(Protocol):
         sampled rows sampled, and the state of `plan.released` requests (kept hidden rows) dropped."""
         ...
 
-    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int, state_slot: int | None = None) -> KVPayload:
-        """One request's KV: tokens 0 .. num_tokens-1 of the blocks `block_ids`, every layer (Gated
-        DeltaNet layers: its state slot `state_slot`)."""
+    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int,
+                  group_block_ids: tuple[tuple[int, ...], ...] = (), state_slot: int | None = None) -> KVPayload:
+        """One request's KV: tokens 0 .. num_tokens-1 of the blocks `block_ids` (and for a hybrid model
+        the other KV groups' tables), every layer (a sliding-window layer: its last tokens,
+        kv_transfer.layer_kv_state; a Gated DeltaNet layer: its state slot `state_slot`)."""
         ...

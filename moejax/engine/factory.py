@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from moejax.engine.engine import Engine
 from moejax.engine.executor import Executor
-from moejax.engine.kv_cache import KVCacheManager
+from moejax.engine.kv_cache import KVCacheManager, kv_groups
 from moejax.engine.layered import WithinTarget
 from moejax.engine.policies import make_policy, parse_policy, policy_options
 from moejax.engine.scheduler import Scheduler, SchedulerConfig
@@ -32,7 +32,7 @@ class Built:
     """What an executor factory returns."""
 
     executor: Executor
-    num_blocks: int  # KV blocks the executor holds
+    num_blocks: int | tuple[int, ...]  # KV blocks the executor holds: per KV group (kv_cache.kv_groups), or one count
     max_model_len: int  # as the caller gave it, or the executor's default
     kv_shards: int = 1  # request shards the blocks are split over (data parallelism)
     state_slots: int = 0  # per-request state slots the executor holds (models with Gated DeltaNet layers)
@@ -44,6 +44,8 @@ Factory = Callable[..., Built]
 EXECUTORS: dict[str, str | Factory] = {
     "jax": "moejax.engine.jax_executor:create",
     "sim": "moejax.sim.executor:create",
+    "offload": "moejax.offload.executor:create",  # routed experts in host memory, a device expert cache
+    "sim-offload": "moejax.offload.sim:create",  # the same, priced on a cost model's host link
 }
 
 
@@ -68,11 +70,16 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
 
     Other options go to the policy (layered: group_table, cohorts_in_flight, max_prefill_tokens, ...;
     layered-adaptive also tbt_target_s, and prices iterations with the executor's cost model) or to
-    the executor's factory (jax: layout, dtype, num_blocks, kv_budget_bytes, state_slots, fuse, max_decode_steps; sim:
-    hardware, routing, routing_params, calibration, memory_fraction, state_slots); an option neither
-    takes is an error."""
+    the executor's factory (jax: layout, dtype, num_blocks, kv_budget_bytes, state_slots, fuse,
+    max_decode_steps; sim: hardware, routing, routing_params, calibration, memory_fraction, state_slots;
+    offload / sim-offload: theirs, state_slots too); an option neither takes is an error. state_slots:
+    per-request state slots of Gated DeltaNet layers (Qwen3-Next), default one per max_num_seqs."""
     name, overrides = parse_policy(policy)
     token_budget = overrides.get("token_budget", token_budget)
+    for field, value, least in (("token_budget", token_budget, 1), ("max_num_seqs", max_num_seqs, 1),
+                                ("block_size", block_size, 1), ("max_model_len", max_model_len or 2, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{field}={value!r}: must be an integer >= {least}")
     factory = _factory(executor)
     executor_takes = set(inspect.signature(factory).parameters) - set(_SIZES)
     policy_takes = policy_options(name) | ({"tbt_target_s"} if name == "layered-adaptive" else set())
@@ -94,7 +101,9 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
             chosen_options["choose_layers"] = WithinTarget(built.executor.pricer, target_s=target_s)
     chosen = make_policy(name, **chosen_options)
     built.executor.attach(chosen)
-    kv = KVCacheManager(built.num_blocks, block_size, num_shards=built.kv_shards, num_state_slots=built.state_slots)
+    windows = [g.window for g in kv_groups(built.executor.config)]
+    kv = KVCacheManager(built.num_blocks, block_size, num_shards=built.kv_shards, windows=windows,
+                        num_state_slots=built.state_slots)
     scheduler = Scheduler(built.executor.config, kv, chosen, SchedulerConfig(
         max_num_seqs=max_num_seqs, token_budget=token_budget, max_model_len=built.max_model_len))
     return Engine(scheduler, built.executor, virtual_time=built.virtual_time, seed=seed)

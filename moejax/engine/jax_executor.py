@@ -6,10 +6,14 @@ metadata, run the group's layers. Row counts are padded to power-of-two buckets,
 compiles nothing. Everything is dispatched asynchronously; the only host sync is reading the sampled
 tokens and the per-layer expert counts at the end.
 
-KV hand-off: `export_kv` reads one request's KV out of its blocks (every layer, one program, one
-transfer to the host) as a KVPayload; plans carry payloads to import into a request's blocks. Gated
-DeltaNet layers (Qwen3-Next) keep a request's state in its state slot instead: the plan names the
-slot, the layers read and write it, and hand-off moves the slot's contents.
+KV hand-off: `export_kv` reads one request's KV out of its blocks (every layer; one program per KV
+group, one transfer to the host) as a KVPayload; plans carry payloads to import into a request's blocks.
+
+Hybrid models (sliding-window and full-attention layers) keep a pool of blocks per KV group
+(kv_cache.kv_groups): the window layers' caches are smaller, and each iteration's attention metadata
+carries every group's block tables. Gated DeltaNet layers (Qwen3-Next) keep a request's state in its
+state slot instead of blocks: the plan names the slot, the metadata maps rows to it, the layers read
+and write it, and hand-off moves the slot's contents (kind "recurrent").
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.engine.kv_cache import kv_block_bytes, kv_capacity, state_slot_bytes, state_slots_for
-from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout
+from moejax.engine.kv_cache import group_blocks, kv_groups, kv_pool_blocks, state_slots_for
+from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout, layer_kv_state
 from moejax.engine.metadata import attention_metadata, bucket, pad_tokens, to_device
 from moejax.engine.plan import IterationPlan, StepResult
-from moejax.engine.sampling import sample
+from moejax.engine.sampling import TokenLogprobs, sample, sample_with_logprobs
 from moejax.engine.traffic import layer_stats, routed_expert_bytes
+from moejax.models.decoder import cache_layouts
 from moejax.models.model import Model
 
 
@@ -38,19 +43,17 @@ def _scatter_rows(pool: jax.Array, x: jax.Array, src: jax.Array, dst: jax.Array)
 
 
 @jax.jit
-def _read_kv(kv: list, slots: jax.Array) -> jax.Array:
-    """Every layer's K and V at flat cache slots [n] -> [L, 2, n, KV, hd]."""
-    return jnp.stack([jnp.stack([c.reshape(-1, *c.shape[2:])[slots] for c in layer]) for layer in kv])
+def _read_kv(kv: list, slots: jax.Array) -> list:
+    """Each given layer's cache arrays at flat cache slots [n] -> per layer a tuple of [n, ...]."""
+    return [tuple(c.reshape(-1, *c.shape[2:])[slots] for c in layer) for layer in kv]
 
 
 @partial(jax.jit, donate_argnums=(0,))
-def _write_kv(kv: list, slots: jax.Array, values: jax.Array) -> list:
-    """values [L, 2, n, KV, hd] into every layer's cache at flat slots [n] (out of range: dropped)."""
-    out = []
-    for layer, v in zip(kv, values):
-        out.append(tuple(c.reshape(-1, *c.shape[2:]).at[slots].set(x.astype(c.dtype), mode="drop").reshape(c.shape)
-                         for c, x in zip(layer, v)))
-    return out
+def _write_kv(kv: list, slots: jax.Array, values: list) -> list:
+    """values (per layer a tuple of [n, ...]) into each given layer's cache at flat slots [n] (out of
+    range: dropped)."""
+    return [tuple(c.reshape(-1, *c.shape[2:]).at[slots].set(x.astype(c.dtype), mode="drop").reshape(c.shape)
+                  for c, x in zip(layer, v)) for layer, v in zip(kv, values)]
 
 
 @jax.jit
@@ -127,9 +130,10 @@ class JaxExecutor:
 
     pricer = None  # no cost model: it measures
 
-    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int, fuse: bool = True,
-                 max_decode_steps: int = 8, state_slots: int = 0):
-        """fuse: run iterations whose slices all cross every layer as one compiled program (else layer by
+    def __init__(self, model: Model, num_blocks: int | tuple[int, ...], block_size: int, max_model_len: int,
+                 fuse: bool = True, max_decode_steps: int = 8, state_slots: int = 0):
+        """num_blocks: blocks of each KV group (kv_cache.kv_groups), or one count for every group.
+        fuse: run iterations whose slices all cross every layer as one compiled program (else layer by
         layer, as every other iteration runs). max_decode_steps: the most decode steps one program runs
         (decode-only iterations; 1 = one step per iteration). state_slots: per-request state slots of
         Gated DeltaNet layers (one per request the scheduler runs at once)."""
@@ -139,15 +143,20 @@ class JaxExecutor:
         self.config = model.config
         self.kv_dtype = model.dtype
         self.max_model_len = max_model_len
-        self.num_blocks = num_blocks
+        self.kv_groups = kv_groups(model.config)
+        self.group_num_blocks = (num_blocks,) * len(self.kv_groups) if isinstance(num_blocks, int) else num_blocks
+        self.num_blocks = max(self.group_num_blocks)  # a padding row's slot lies past every pool
         self.block_size = block_size
         placement = model.placement  # attention and experts on one mesh (refused otherwise)
         self.row_shards = placement.shards("batch") if placement else 1
         self.max_blocks_per_seq = math.ceil(max_model_len / block_size)
+        per_layer = [0] * model.config.num_layers
+        for group, n in zip(self.kv_groups, self.group_num_blocks):
+            for i in group.layers:
+                per_layer[i] = n
         self.num_state_slots = state_slots
-        self.kv = model.init_kv_cache(num_blocks, block_size, state_slots)
-        self.linear_layers = [i for i, linear in enumerate(model.config.linear_layers) if linear]
-        self.paged_layers = [i for i, linear in enumerate(model.config.linear_layers) if not linear]
+        self.kv = model.init_kv_cache(per_layer, block_size, state_slots)
+        self.state_layers = [i for i, linear in enumerate(model.config.linear_layers) if linear]
         self._sharding = placement.sharding if placement else None
         # Inputs with no layout axis (token ids, row indices, sampling columns) are replicated. In one
         # process they stay uncommitted and jit places them; on a mesh over several processes (one per
@@ -160,89 +169,133 @@ class JaxExecutor:
         self.stash.reserve(policy.max_kept_rows(self.max_model_len))
 
     # --- KV hand-off ----------------------------------------------------------------------------------
-    def _slots(self, block_ids: tuple[int, ...], num_tokens: int) -> np.ndarray:
-        """Flat cache slots of tokens 0 .. num_tokens-1, padded to a bucket with an out-of-range slot."""
-        t = np.arange(num_tokens)
+    def _slots(self, block_ids: tuple[int, ...], first: int, num_tokens: int) -> np.ndarray:
+        """Flat cache slots of tokens first .. num_tokens-1, padded to a bucket with an out-of-range slot."""
+        t = np.arange(first, num_tokens)
         slots = np.asarray(block_ids, np.int64)[t // self.block_size] * self.block_size + t % self.block_size
-        return np.pad(slots, (0, bucket(num_tokens) - num_tokens),
+        return np.pad(slots, (0, bucket(len(t)) - len(t)),
                       constant_values=self.num_blocks * self.block_size).astype(np.int32)
 
-    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int, state_slot: int | None = None) -> KVPayload:
-        """The KV of a request's first num_tokens tokens in `block_ids` (Gated DeltaNet layers: the state
-        in its `state_slot`), every layer, on the host."""
-        cfg, states = self.config, {}
-        if self.paged_layers:
-            values = np.asarray(_read_kv([self.kv[i] for i in self.paged_layers],
-                                         to_device(self._slots(block_ids, num_tokens), self._replicated)))
-            for j, i in enumerate(self.paged_layers):
-                states[i] = LayerKVState("paged", {"k": values[j, 0, :num_tokens], "v": values[j, 1, :num_tokens]})
-        if self.linear_layers:
-            if state_slot is None:
-                raise ValueError(f"{cfg.name} keeps Gated DeltaNet state in state slots: export_kv needs the "
-                                 "request's state_slot")
-            read = jax.device_get(_read_states([self.kv[i] for i in self.linear_layers], np.int32(state_slot)))
-            for i, (conv, recurrent) in zip(self.linear_layers, read):
-                states[i] = LayerKVState("recurrent", {"conv": conv, "recurrent": recurrent})
-        return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(range(cfg.num_layers)),
-                         tuple(states[i] for i in range(cfg.num_layers)))
+    def _group_spans(self, tables: tuple[tuple[int, ...], ...], num_tokens: int):
+        """(layers, block table, first token, token count) of each KV group's part of a payload."""
+        for group, table in zip(self.kv_groups, tables):
+            _, n = layer_kv_state(self.config, group.layers[0], num_tokens)
+            yield group.layers, table, num_tokens - n, n
 
-    def import_kv(self, block_ids: tuple[int, ...], payload: KVPayload, state_slot: int | None = None) -> None:
-        """Write a payload's KV into `block_ids` and its Gated DeltaNet states into `state_slot`
+    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int,
+                  group_block_ids: tuple[tuple[int, ...], ...] = (), state_slot: int | None = None) -> KVPayload:
+        """The KV of a request's first num_tokens tokens in its blocks (`block_ids`, and the other
+        KV groups' tables for a hybrid model), every layer, on the host: per layer the arrays its
+        attention caches (k, v; MLA: latent, k_rope); a sliding-window layer's only for the last
+        tokens its next token sees; a Gated DeltaNet layer's state in `state_slot`."""
+        cfg = self.config
+        if self.state_layers and state_slot is None:
+            raise ValueError(f"{cfg.name} keeps Gated DeltaNet state in state slots: export_kv needs the "
+                             "request's state_slot")
+        spans = list(self._group_spans((block_ids, *group_block_ids), num_tokens))
+        values = jax.device_get([_read_kv([self.kv[i] for i in layers], to_device(
+            self._slots(table, first, num_tokens), self._replicated)) for layers, table, first, _ in spans])
+        states = [None] * cfg.num_layers
+        for (layers, _, _, n), group_values in zip(spans, values):
+            for i, arrays in zip(layers, group_values):
+                layout, _ = layer_kv_state(cfg, i, num_tokens)
+                states[i] = LayerKVState(layout.kind, {a.name: np.asarray(x)[:n] for a, x in zip(layout.arrays, arrays)})
+        if self.state_layers:
+            slot_states = jax.device_get(_read_states([self.kv[i] for i in self.state_layers], np.int32(state_slot)))
+            for i, arrays in zip(self.state_layers, slot_states):
+                layout, _ = layer_kv_state(cfg, i, num_tokens)
+                states[i] = LayerKVState(layout.kind, {a.name: x for a, x in zip(layout.arrays, arrays)})
+        return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(range(cfg.num_layers)),
+                         tuple(states))
+
+    def import_kv(self, block_ids: tuple[int, ...], payload: KVPayload,
+                  group_block_ids: tuple[tuple[int, ...], ...] = (), state_slot: int | None = None) -> None:
+        """Write a payload's KV into a request's blocks, its Gated DeltaNet states into `state_slot`
         (checked against this model first)."""
         payload.check(self.config, self.model.dtype, payload.num_tokens)
-        if self.paged_layers:
-            n, pad = payload.num_tokens, bucket(payload.num_tokens) - payload.num_tokens
-            values = np.stack([np.stack([np.pad(np.asarray(payload.states[i].arrays[name]), ((0, pad), (0, 0), (0, 0)))
-                                         for name in ("k", "v")]) for i in self.paged_layers])
-            written = _write_kv([self.kv[i] for i in self.paged_layers],
-                                to_device(self._slots(block_ids, n), self._replicated), to_device(values, self._replicated))
-            for i, layer in zip(self.paged_layers, written):
-                self.kv[i] = layer
-        if self.linear_layers:
-            values = [tuple(np.asarray(payload.states[i].arrays[name]) for name in ("conv", "recurrent"))
-                      for i in self.linear_layers]
-            written = _write_states([self.kv[i] for i in self.linear_layers], np.int32(state_slot),
+        spans = list(self._group_spans((block_ids, *group_block_ids), payload.num_tokens))
+        layouts = cache_layouts(self.config)
+        for layers, table, first, n in spans:
+            pad = bucket(n) - n
+            values = [tuple(np.pad(np.asarray(payload.states[i].arrays[a.name]), [(0, pad)] + [(0, 0)] * len(a.shape))
+                            for a in layouts[i].arrays) for i in layers]
+            written = _write_kv([self.kv[i] for i in layers],
+                                to_device(self._slots(table, first, payload.num_tokens), self._replicated),
+                                to_device(values, self._replicated))
+            for i, layer_kv in zip(layers, written):
+                self.kv[i] = layer_kv
+        if self.state_layers:
+            values = [tuple(np.asarray(payload.states[i].arrays[a.name]) for a in layouts[i].arrays)
+                      for i in self.state_layers]
+            written = _write_states([self.kv[i] for i in self.state_layers], np.int32(state_slot),
                                     to_device(values, self._replicated))
-            for i, layer in zip(self.linear_layers, written):
-                self.kv[i] = layer
+            for i, layer_kv in zip(self.state_layers, written):
+                self.kv[i] = layer_kv
 
     def execute(self, plan: IterationPlan) -> StepResult:
         t0 = time.perf_counter()
         for rid in plan.released:
             self.stash.release(rid)
         for rid, block_ids, payload in plan.kv_imports:
-            self.import_kv(block_ids, payload, plan.state_slots.get(rid))
+            self.import_kv(block_ids, payload, plan.group_block_tables.get(rid, ()), plan.state_slots.get(rid))
         L, E = self.config.num_layers, max(self.config.num_experts, 1)
         if not plan.slices:
             return self._result(plan, {}, np.zeros((L, E), np.int64), t0)
 
         seq_of = {rid: i for i, rid in enumerate(plan.block_tables)}
-        tables = np.zeros((len(seq_of), self.max_blocks_per_seq), np.int32)
-        for rid, i in seq_of.items():
-            blocks = plan.block_tables[rid]
-            tables[i, :len(blocks)] = blocks
-
+        tables = self._tables(plan, seq_of)
         if plan.decode_steps > 1:
             return self._run_decode_steps(plan, seq_of, tables, t0)
         whole = plan.groups[0]
+        head = sample_with_logprobs if any(r.logprobs for r in plan.sampling) else sample
         if self.fuse and len(plan.groups) == 1 and (whole.layer_start, whole.layer_end) == (0, L):
-            tokens, counts = self._run_whole_model(plan, seq_of, tables)
+            out, counts = self._run_whole_model(plan, seq_of, tables, head)
         else:
-            tokens, counts = self._run_groups(plan, seq_of, tables)
-        host_tokens, expert_tokens = jax.device_get((tokens, counts))
+            out, counts = self._run_groups(plan, seq_of, tables, head)
+        out, expert_tokens = jax.device_get((out, counts))
+        host_tokens = out if head is sample else out[0]
         sampled = {row.request_id: int(t) for row, t in zip(plan.sampling, host_tokens)}
-        return self._result(plan, sampled, expert_tokens, t0)
+        result = self._result(plan, sampled, expert_tokens, t0)
+        if head is sample_with_logprobs:
+            result.logprobs = _logprobs_of(plan, *out[1:])
+        return result
 
-    def _run_decode_steps(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray, t0: float):
+    def _tables(self, plan: IterationPlan, seq_of: dict[int, int]):
+        """The block tables of the plan's requests [S, max_blocks] (KV group 0), and of the other KV
+        groups' (one per window); freed entries (-1) point at block 0, never read; each request's state
+        slot [S] (None without Gated DeltaNet layers)."""
+        groups = [(None, plan.block_tables)] + [
+            (g.window, {rid: plan.group_block_tables[rid][j] for rid in seq_of})
+            for j, g in enumerate(self.kv_groups[1:])]
+        out = []
+        for _, per_request in groups:
+            tables = np.zeros((len(seq_of), self.max_blocks_per_seq), np.int32)
+            for rid, i in seq_of.items():
+                blocks = per_request[rid]
+                tables[i, :len(blocks)] = blocks
+            out.append(np.maximum(tables, 0))
+        slots = None
+        if self.num_state_slots:
+            slots = np.zeros(len(seq_of), np.int32)
+            for rid, i in seq_of.items():
+                slots[i] = plan.state_slots[rid]
+        return out[0], {w: t for (w, _), t in zip(groups[1:], out[1:])}, slots
+
+    def _meta(self, row_map: "RowMap", tables, once: bool = False):
+        block_tables, window_tables, state_slots = tables
+        return attention_metadata(row_map.positions, row_map.seq_ids, block_tables, self.block_size,
+                                  self.num_blocks, valid=row_map.valid, sharding=self._sharding, once=once,
+                                  window_tables=window_tables, state_slots=state_slots,
+                                  num_state_slots=self.num_state_slots)
+
+    def _run_decode_steps(self, plan: IterationPlan, seq_of: dict[int, int], tables, t0: float):
         """A decode-only plan run for plan.decode_steps steps in one program (Model.decode_steps)."""
         row_map = self._row_map(plan, plan.groups[0].slices, seq_of)
         R = len(row_map.valid)
         token_ids = np.zeros(R, np.int32)
         order = np.array([row_map.offsets[i] for i in range(len(plan.slices))])  # slice -> its row
         token_ids[order] = [s.token_ids[0] for s in plan.slices]
-        meta = attention_metadata(row_map.positions, row_map.seq_ids, tables, self.block_size, self.num_blocks,
-                                  valid=row_map.valid, sharding=self._sharding, once=True,
-                                  **self._state_slots(plan, seq_of))
+        meta = self._meta(row_map, tables, once=True)
         stops = bucket(max(len(ids) for ids, _ in plan.decode_limits), minimum=1)
         stop_ids, remaining = np.full((R, stops), -1, np.int32), np.ones(R, np.int32)
         for row, (ids, left) in zip(order, plan.decode_limits):
@@ -262,19 +315,17 @@ class JaxExecutor:
         result.sampled_steps = steps
         return result
 
-    def _run_whole_model(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray):
+    def _run_whole_model(self, plan: IterationPlan, seq_of: dict[int, int], tables, head):
         """Every slice crosses every layer: one compiled program from tokens to sampled tokens."""
         row_map = self._row_map(plan, plan.groups[0].slices, seq_of)
         token_ids = np.zeros(len(row_map.valid), np.int32)
         for i, s in enumerate(plan.slices):
             token_ids[row_map.offsets[i]:row_map.offsets[i] + s.num_tokens] = s.token_ids
-        meta = attention_metadata(row_map.positions, row_map.seq_ids, tables, self.block_size, self.num_blocks,
-                                  valid=row_map.valid, sharding=self._sharding, once=True,
-                                  **self._state_slots(plan, seq_of))
+        meta = self._meta(row_map, tables, once=True)
         rows, columns = self._sampling_inputs(plan, row_map.offsets)
-        return self.model.forward_all(to_device(token_ids, self._replicated), self.kv, meta, rows, sample, *columns)
+        return self.model.forward_all(to_device(token_ids, self._replicated), self.kv, meta, rows, head, *columns)
 
-    def _run_groups(self, plan: IterationPlan, seq_of: dict[int, int], tables: np.ndarray):
+    def _run_groups(self, plan: IterationPlan, seq_of: dict[int, int], tables, head):
         """Group by group through the layers, hidden rows carried, embedded or kept between iterations."""
         L = self.config.num_layers
         counts = jnp.zeros((L, max(self.config.num_experts, 1)), jnp.int32)  # layers no slice crosses: zeros
@@ -283,8 +334,7 @@ class JaxExecutor:
             row_map = self._row_map(plan, group.slices, seq_of)
             x = self._group_rows(plan, group.slices, row_map, x, offsets)
             offsets = row_map.offsets
-            meta = attention_metadata(row_map.positions, row_map.seq_ids, tables, self.block_size, self.num_blocks,
-                                      valid=row_map.valid, sharding=self._sharding, **self._state_slots(plan, seq_of))
+            meta = self._meta(row_map, tables)
             x, group_counts = self.run_layers(x, meta, group.layer_start, group.layer_end)
             counts = counts.at[group.layer_start:group.layer_end].set(jnp.stack(group_counts))
             for i in group.slices:  # slices stopping here before the last layer keep their rows
@@ -295,17 +345,7 @@ class JaxExecutor:
             if s.layer_end == L:
                 self.stash.release(s.request_id)
         rows, columns = self._sampling_inputs(plan, offsets)
-        return sample(self.model.logits(x, rows), *columns), counts
-
-    def _state_slots(self, plan: IterationPlan, seq_of: dict[int, int]) -> dict:
-        """attention_metadata's state-slot arguments: each block-table row's slot (models with Gated
-        DeltaNet layers; none otherwise)."""
-        if not self.num_state_slots:
-            return {}
-        slots = np.zeros(len(seq_of), np.int32)
-        for rid, i in seq_of.items():
-            slots[i] = plan.state_slots[rid]
-        return {"state_slots": slots, "num_state_slots": self.num_state_slots}
+        return head(self.model.logits(x, rows), *columns), counts
 
     def run_layers(self, x: jax.Array, meta, start: int, end: int) -> tuple[jax.Array, list[jax.Array]]:
         """Layers [start, end) on hidden rows x -> (x, tokens per expert per layer). The one place an
@@ -381,6 +421,12 @@ class JaxExecutor:
                           stats=lambda: layer_stats(cfg, plan, expert_tokens=expert_tokens, distinct_experts=distinct))
 
 
+def _logprobs_of(plan: IterationPlan, chosen: np.ndarray, top_ids: np.ndarray, top_logprobs: np.ndarray) -> dict:
+    """The sampler's log-probability outputs ([R], [R, K], [R, K] on the host) of the rows that asked."""
+    return {row.request_id: TokenLogprobs(float(chosen[i]), tuple(top_ids[i].tolist()), tuple(top_logprobs[i].tolist()))
+            for i, row in enumerate(plan.sampling) if row.logprobs}
+
+
 # --- construction (moejax.engine.build(..., "jax")) ------------------------------------------------------
 
 def default_kv_budget() -> int:
@@ -398,24 +444,20 @@ def default_kv_budget() -> int:
 
 
 def kv_blocks_for(model: Model, *, max_num_seqs: int, max_model_len: int, block_size: int,
-                  num_blocks: int | None, kv_budget_bytes: int | None, state_slots: int = 0) -> tuple[int, int]:
-    """(KV blocks, request shards): `num_blocks`, else as many as fit `kv_budget_bytes` (default: free
-    device memory) after `state_slots` state slots, but no more than max_num_seqs full requests; a
-    multiple of the request shards."""
+                  num_blocks: int | None, kv_budget_bytes: int | None,
+                  state_slots: int = 0) -> tuple[tuple[int, ...], int]:
+    """(KV blocks of each KV group, request shards). The full-attention layers get `num_blocks`, else
+    as many as fit `kv_budget_bytes` (default: free device memory) with the window groups' pools
+    (kv_cache.group_blocks) and `state_slots` state slots but no more than max_num_seqs full requests;
+    multiples of the request shards."""
     attention = model.placements.attention
     shards = attention.shards("batch") if attention else 1
-    if num_blocks is None:
-        wanted = max_num_seqs * math.ceil(max_model_len / block_size)
-        cfg = model.config
-        budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget()
-        if state_slots and budget - state_slots * state_slot_bytes(cfg) < kv_block_bytes(cfg, block_size):
-            raise ValueError(f"KV cache budget of {budget} bytes: {state_slots} state slots of "
-                             f"{state_slot_bytes(cfg)} bytes leave no room for a block of {kv_block_bytes(cfg, block_size)} "
-                             "(fewer state_slots or max_num_seqs, or a larger kv_budget_bytes)")
-        budget -= state_slots * state_slot_bytes(cfg)
-        num_blocks = min(wanted, kv_capacity(cfg, block_size, min(budget, wanted * kv_block_bytes(cfg, block_size))))
-        num_blocks = max(shards, num_blocks - num_blocks % shards)
-    return num_blocks, shards
+    sizes = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_shards=shards)
+    if num_blocks is not None:
+        return group_blocks(model.config, block_size, num_blocks, **sizes), shards
+    budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget()
+    return kv_pool_blocks(model.config, block_size, budget, max_full_blocks=max_num_seqs * math.ceil(
+        max_model_len / block_size), state_slots=state_slots, **sizes), shards
 
 
 def resolve_model(model, *, layout=None, dtype: str | None = None, seed: int = 0) -> Model:

@@ -2,11 +2,11 @@
 
 A prefill engine finishes a request marked `handoff` after its first token, exporting the KV of its
 prompt (every layer, or a range of layers while it prefills); a decode engine admits the request
-with that KV (`Engine.add_prefilled`) and continues from its next token. Payloads are checked on
-import: a payload of another model or with other shapes is rejected with what differs.
-
-An attention layer's state is its per-token KV ("paged"); a Gated DeltaNet layer's is the request's
-fixed-size state slot ("recurrent"), the same size however long the prompt: `layer_state_spec`.
+with that KV (`Engine.add_prefilled`) and continues from its next token. A sliding-window layer
+exports only what the next token can see (kind "window": the last window - 1 tokens); a Gated
+DeltaNet layer its request's fixed-size state slot (kind "recurrent", the same size however long the
+prompt). Payloads are checked on import: a payload of another model or with other shapes is rejected
+with what differs.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.engine.sampling import SamplingParams
+from moejax.models.attention import CacheArray, LayerCache
+from moejax.models.decoder import cache_layout
 
 
 class KVTransferError(ValueError):
@@ -31,22 +33,29 @@ def kv_layout(cfg: ModelConfig, dtype) -> dict:
             "linear_layers": list(cfg.linear_layers)}
 
 
-def layer_state_spec(cfg: ModelConfig, layer: int, num_tokens: int, dtype) -> tuple[str, dict[str, tuple]]:
-    """What a request's state in `layer` is after num_tokens tokens: (kind, {array: (shape, dtype)}).
-    "paged": k, v [num_tokens, KV heads, head_dim]; "recurrent" (Gated DeltaNet): conv [K-1, conv_dim]
-    (the conv's last inputs, model dtype) and recurrent [value heads, key_head_dim, value_head_dim] fp32."""
-    if cfg.linear_layers[layer]:
-        s = cfg.linear_attention
-        return "recurrent", {"conv": ((s.conv_kernel - 1, s.conv_dim), jnp.dtype(dtype)),
-                             "recurrent": ((s.num_value_heads, s.key_head_dim, s.value_head_dim), jnp.dtype("float32"))}
-    shape = (num_tokens, cfg.num_kv_heads, cfg.head_dim)
-    return "paged", {"k": (shape, jnp.dtype(dtype)), "v": (shape, jnp.dtype(dtype))}
+def layer_kv_state(cfg: ModelConfig, layer: int, num_tokens: int) -> tuple[LayerCache, int]:
+    """(cache layout, tokens) of what a payload holds for `layer` of a request with num_tokens computed
+    tokens: the arrays its attention caches (the layout's kind names them) for all of them; for a
+    sliding-window layer (kind "window"), the last min(num_tokens, window - 1): every key the next
+    token attends to besides its own; for a Gated DeltaNet layer (per request, kind "recurrent") its
+    state slot, whatever num_tokens (`payload_shape`)."""
+    window = cfg.sliding_windows[layer]
+    return cache_layout(cfg, layer), num_tokens if window is None else min(num_tokens, window - 1)
+
+
+def payload_shape(layout: LayerCache, spec: CacheArray, tokens: int, dtype) -> tuple[tuple[int, ...], jnp.dtype]:
+    """(shape, dtype) of one array of a layer's payload: [tokens, *per-token shape], or a per-request
+    layout's array as it is; the model's dtype unless the array declares its own."""
+    return (spec.shape if layout.per_request else (tokens, *spec.shape)), jnp.dtype(spec.dtype or dtype)
 
 
 @dataclass(frozen=True)
 class LayerKVState:
-    """One layer's state of one request, as `layer_state_spec` describes it: kind "paged" (arrays k, v)
-    or "recurrent" (arrays conv, recurrent)."""
+    """One layer's state of one request, as its attention's cache layout declares it (LayerCache):
+    kind "paged": k, v, each [num_tokens, KV heads, head_dim]; kind "window": the same arrays for the
+    request's last tokens only (`layer_kv_state`); kind "latent" (MLA): latent [num_tokens,
+    kv_lora_rank] and k_rope [num_tokens, qk_rope_head_dim]; kind "recurrent" (Gated DeltaNet): conv
+    [K-1, conv_dim] and recurrent [value heads, key_head_dim, value_head_dim] fp32."""
 
     kind: str
     arrays: dict[str, object]  # name -> jax.Array or numpy array
@@ -83,15 +92,16 @@ class KVPayload:
             raise KVTransferError(f"KV payload holds layers {list(self.layers)}; importing needs all "
                                   f"{cfg.num_layers} layers of {cfg.name!r}")
         for layer, state in zip(self.layers, self.states):
-            kind, want = layer_state_spec(cfg, layer, num_tokens, dtype)
-            if state.kind != kind or set(state.arrays) != set(want):
+            layout, tokens = layer_kv_state(cfg, layer, num_tokens)
+            names = [a.name for a in layout.arrays]
+            if state.kind != layout.kind or set(state.arrays) != set(names):
                 raise KVTransferError(f"KV payload layer {layer}: kind {state.kind!r} with arrays "
-                                      f"{sorted(state.arrays)}; expected {kind!r} with {' and '.join(want)}")
-            for name, a in state.arrays.items():
-                shape, want_dtype = want[name]
-                if tuple(a.shape) != shape or jnp.dtype(a.dtype) != want_dtype:
-                    raise KVTransferError(f"KV payload layer {layer} {name}: shape {list(a.shape)} "
-                                          f"{jnp.dtype(a.dtype).name}; expected {list(shape)} {want_dtype.name}")
+                                      f"{sorted(state.arrays)}; expected {layout.kind!r} with {' and '.join(names)}")
+            for spec in layout.arrays:
+                a, (want, want_dtype) = state.arrays[spec.name], payload_shape(layout, spec, tokens, dtype)
+                if tuple(a.shape) != want or jnp.dtype(a.dtype) != want_dtype:
+                    raise KVTransferError(f"KV payload layer {layer} {spec.name}: shape {list(a.shape)} "
+                                          f"{jnp.dtype(a.dtype).name}; expected {list(want)} {want_dtype.name}")
 
 
 @dataclass

@@ -18,17 +18,21 @@ def bucket(n: int, minimum: int = 8) -> int:
 def attention_metadata(positions: np.ndarray, seq_ids: np.ndarray, block_tables: np.ndarray,
                        block_size: int, num_blocks: int, row_bucket: int | None = None,
                        seq_bucket: int | None = None, valid: np.ndarray | None = None,
-                       sharding=None, once: bool = False, state_slots: np.ndarray | None = None,
+                       sharding=None, once: bool = False,
+                       window_tables: dict[int, np.ndarray] | None = None, state_slots: np.ndarray | None = None,
                        num_state_slots: int = 0) -> AttentionMetadata:
     """Device metadata for a row set. Either n real rows (positions, seq_ids: [n]) padded at the end
     to `row_bucket`, or rows already laid out with padding in between (`valid`: [T] marks real rows).
     The rows of one sequence are consecutive.
 
-    Padding rows sit at position 0 of sequence 0, write to a slot past the cache (dropped) and are
-    marked invalid so no expert sees them. `sharding(logical_axes)` places the arrays (None: default).
-    once: the metadata feeds a single jitted call; unsharded, it then stays on the host (see to_device).
+    Padding rows sit at position 0 of sequence 0, write to a slot past the cache (dropped: num_blocks
+    must be at least every pool's size) and are marked invalid so no expert sees them.
+    window_tables: a window-aware cache's block tables of the layers of each window (like
+    block_tables; their freed entries may hold any block id: the attention never reads them).
     state_slots: [len(block_tables)] each sequence's state slot of `num_state_slots` (models with
     Gated DeltaNet layers: see recurrent_metadata).
+    `sharding(logical_axes)` places the arrays (None: default). once: the metadata feeds a single
+    jitted call; unsharded, it then stays on the host (see to_device).
     """
     positions = np.asarray(positions, np.int32)
     seq_ids = np.asarray(seq_ids, np.int32)
@@ -40,24 +44,33 @@ def attention_metadata(positions: np.ndarray, seq_ids: np.ndarray, block_tables:
     valid = np.asarray(valid, bool)
     positions, seq_ids = np.where(valid, positions, 0), np.where(valid, seq_ids, 0)
     S = seq_bucket or bucket(len(block_tables))
-    tables = np.zeros((S, block_tables.shape[1]), np.int32)
-    tables[: len(block_tables)] = block_tables
-    slots = tables[seq_ids, positions // block_size] * block_size + positions % block_size
+
+    def padded(block_tables):  # -> ([S, max_blocks] tables, [T] slot of each row)
+        tables = np.zeros((S, block_tables.shape[1]), np.int32)
+        tables[: len(block_tables)] = block_tables
+        slots = tables[seq_ids, positions // block_size] * block_size + positions % block_size
+        return tables, np.where(valid, slots, num_blocks * block_size).astype(np.int32)
+
+    tables, slots = padded(block_tables)
+    windows = {w: padded(t) for w, t in (window_tables or {}).items()}
     meta = AttentionMetadata(
         positions=positions,
-        slot_mapping=np.where(valid, slots, num_blocks * block_size).astype(np.int32),
+        slot_mapping=slots,
         seq_ids=seq_ids,
         block_tables=tables,
         num_kv_blocks=np.int32(positions[valid].max() // block_size + 1 if valid.any() else 0),
         valid=valid,
+        window_slots={w: s for w, (_, s) in windows.items()},
+        window_tables={w: t for w, (t, _) in windows.items()},
         recurrent=None if state_slots is None else recurrent_metadata(
             seq_ids, valid, np.asarray(state_slots, np.int32), num_state_slots),
     )
     if sharding is None:
         return meta if once else jax.device_put(meta)  # reused by every layer: transfer it once
-    rows = sharding(("batch",))
+    rows, table = sharding(("batch",)), sharding((None, None))
     recurrent = None if state_slots is None else jax.tree.map(lambda a: sharding((None,) * a.ndim), meta.recurrent)
-    return to_device(meta, AttentionMetadata(rows, rows, rows, sharding((None, None)), sharding(()), rows, recurrent))
+    return to_device(meta, AttentionMetadata(rows, rows, rows, table, sharding(()), rows,
+                                             {w: rows for w in windows}, {w: table for w in windows}, recurrent))
 
 
 def recurrent_metadata(seq_ids: np.ndarray, valid: np.ndarray, state_slots: np.ndarray,

@@ -19,6 +19,9 @@ METRIC_NAMES = (
     "requests_per_s", "output_tokens_per_s", "slo_attainment",
     "expert_bytes_total", "expert_bytes_per_token", "energy_total_j", "energy_per_token_j",
     "num_iterations", "iteration_mean_s", "num_preemptions", "num_compilations", "duration_s",
+    # expert offload runs only (moejax.offload): per-layer detail in the result's "offload" object
+    "offload_hit_rate", "offload_prefetch_precision", "offload_prefetch_recall", "offload_bytes_h2d",
+    "offload_stall_s",
 )
 
 
@@ -92,7 +95,7 @@ def _fmt(name: str, value) -> str:
         return f"{value:,.4g}/s"
     if name.endswith("_s"):
         return f"{value * 1e3:.3g} ms" if abs(value) < 1 else f"{value:,.3g} s"
-    if name.endswith("bytes_total"):
+    if name.endswith("bytes_total") or name.endswith("bytes_h2d"):
         return f"{value / 1e9:,.4g} GB"
     if name.endswith("bytes_per_token"):
         return f"{value / 1e6:,.4g} MB"

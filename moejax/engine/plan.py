@@ -24,6 +24,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from moejax.engine.kv_transfer import KVPayload
+    from moejax.engine.sampling import TokenLogprobs
 
 
 class RowSlice(NamedTuple):  # a NamedTuple: hundreds are made per iteration, it must be cheap
@@ -61,6 +62,7 @@ class SamplingRow(NamedTuple):
     top_k: int
     seed: int
     output_index: int  # index of the token being drawn in the request's output
+    logprobs: bool = False  # also report log-probabilities (SamplingParams.logprobs)
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,16 @@ class IterationPlan:
     step: int
     slices: tuple[RowSlice, ...]
     groups: tuple[LayerGroup, ...]
-    block_tables: dict[int, tuple[int, ...]]  # request id -> its KV blocks (all layers share them)
+    block_tables: dict[int, tuple[int, ...]]  # request id -> its KV blocks (KV group 0's: all layers' when one group)
     sampling: tuple[SamplingRow, ...]  # in the order of the sampled slices
     released: tuple[int, ...] = ()  # requests whose executor-side state (kept hidden rows) can go
     num_layers: int = 0
     kv_shards: dict[int, int] = field(default_factory=dict)  # request id -> request shard owning its KV (if > 1)
     # (request id, its blocks, KV) to write before the iteration runs: requests prefilled elsewhere
     kv_imports: tuple[tuple[int, tuple[int, ...], "KVPayload"], ...] = ()
+    # Hybrid models: request id -> block tables of KV groups 1.. (sliding windows; -1: freed), for the
+    # requests of block_tables and kv_imports (engine/kv_cache.py)
+    group_block_tables: dict[int, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
     # request id -> its state slot, for the requests of the slices and imports (Gated DeltaNet layers)
     state_slots: dict[int, int] = field(default_factory=dict)
     # Multi-step decode: every slice is a decode and runs up to `decode_steps` steps in one go, each
@@ -154,6 +159,7 @@ class StepResult:
     energy_j: float = 0.0
     extra: dict = field(default_factory=dict)
     sampled_steps: dict[int, list[int]] | None = None  # multi-step plans: every token, in order
+    logprobs: dict[int, "TokenLogprobs"] = field(default_factory=dict)  # request id -> for rows that asked
 
     @cached_property
     def layer_stats(self) -> LayerStats:

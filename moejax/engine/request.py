@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from moejax.engine.sampling import SamplingParams
+from moejax.engine.sampling import SamplingParams, TokenLogprobs
 
 
 class Status(enum.Enum):
@@ -25,6 +25,9 @@ class Request:
     status: Status = Status.WAITING
     num_computed_tokens: int = 0  # tokens whose KV is written in every layer
     block_ids: tuple[int, ...] = ()  # immutable: plans share it instead of copying it every iteration
+    # Hybrid models (sliding-window and full-attention layers): the block tables of KV groups 1.. (block_ids is
+    # group 0's), indexed by logical block, -1 where a window's expired block was freed (engine/kv_cache.py)
+    group_block_ids: tuple[tuple[int, ...], ...] = ()
     state_slot: int | None = None  # its fixed-size state slot (models with Gated DeltaNet layers)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "handoff" (continued by another engine)
     handoff: bool = False  # after its first token, hand the request and its KV to another engine
@@ -32,6 +35,7 @@ class Request:
     token_times: list[float] = field(default_factory=list)  # when each output token was produced
     finish_time: float | None = None
     num_preemptions: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # per output token, when params.logprobs is set
 
     def __post_init__(self):
         if not self.token_ids:

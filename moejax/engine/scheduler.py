@@ -94,7 +94,7 @@ class Scheduler:
             raise ValueError(f"{model_config.name} keeps per-request state slots (Gated DeltaNet layers); "
                              "the KV cache manager has none (KVCacheManager(..., num_state_slots=...))")
         blocks_per_seq = -(-config.max_model_len // kv.block_size)
-        if blocks_per_seq > kv.blocks_per_shard:
+        if blocks_per_seq > kv.blocks_per_shard:  # a window group too: a prompt is written before it attends
             raise ValueError(f"the KV cache holds {kv.blocks_per_shard} blocks of {kv.block_size} tokens per request "
                              f"shard, fewer than one request of max_model_len={config.max_model_len} needs "
                              f"({blocks_per_seq})")
@@ -208,17 +208,22 @@ class Scheduler:
         slices = self.policy.schedule(self)
         requests = [self.requests[s.request_id] for s in slices]
         steps, limits = 1, ()
-        if max_decode_steps > 1 and slices and all(s.is_decode for s in slices):
+        # one step at a time while a request wants logprobs (the multi-step program returns tokens only)
+        if max_decode_steps > 1 and slices and all(s.is_decode for s in slices) \
+                and not any(r.params.logprobs is not None for r in requests):
             steps, limits = self._decode_steps(requests, max_decode_steps)
         sampling = tuple(SamplingRow(r.request_id, r.params.temperature, r.params.top_p, r.params.top_k, r.seed,
-                                     len(r.token_ids) - len(r.prompt_token_ids))
+                                     len(r.token_ids) - len(r.prompt_token_ids), r.params.logprobs is not None)
                          for s, r in zip(slices, requests) if s.sample)
+        hybrid = len(self.kv.groups) > 1
         plan = IterationPlan(
             step=self.step, slices=tuple(slices), groups=layer_groups(slices, self.num_layers),
             block_tables={r.request_id: r.block_ids for r in requests},
             sampling=sampling, released=tuple(self._released), num_layers=self.num_layers,
             kv_shards={r.request_id: self.kv.shard_of(r) for r in requests} if len(self.kv.shards) > 1 else {},
             kv_imports=tuple(self._imports), decode_steps=steps, decode_limits=limits,
+            group_block_tables={r.request_id: r.group_block_ids for r in requests + [
+                self.requests[rid] for rid, _, _ in self._imports]} if hybrid else {},
             state_slots={} if self.kv.state_slots is None else {
                 r.request_id: r.state_slot for r in requests + [self.requests[rid] for rid, *_ in self._imports]})
         self._released, self._imports = [], []
@@ -236,8 +241,8 @@ class Scheduler:
             steps //= 2
         if steps <= 1:
             return 1, ()
-        for r in requests:
-            self.kv.allocate(r, steps)
+        for r, left in zip(requests, remaining):  # no slot past what a request may still produce
+            self.kv.allocate(r, min(steps, left))
         return steps, tuple((r.params.stop_token_ids + (() if r.params.ignore_eos else eos), left)
                             for r, left in zip(requests, remaining))
 

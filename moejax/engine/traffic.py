@@ -117,6 +117,29 @@ class LayerWork:
     keys_read: np.ndarray  # [L] sum over the slices of the distinct keys their rows attend to (bytes)
     slices: np.ndarray  # [L] slices that pass each layer (state slots written)
     resumed: np.ndarray  # [L] of those, slices past position 0 (state slots read)
+    attention_flops: np.ndarray  # [L] scores and values (MLA: with its kv up-projection), `attention_core_flops`
+
+
+def kv_up_params(cfg: ModelConfig) -> int:
+    """MLA's kv up-projection (W_uk | W_uv of every head): applied per key read (naive form) or per row
+    (absorbed form) rather than per new token; 0 without MLA."""
+    m = cfg.mla
+    return 0 if m is None else m.kv_lora_rank * cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim)
+
+
+def attention_core_flops(cfg: ModelConfig, n: np.ndarray, attended: np.ndarray, read: np.ndarray) -> np.ndarray:
+    """[S] FLOPs of slices of n rows attending `attended` keys in all, `read` distinct: scores and values
+    per head (2 per multiply-add). MLA runs each slice in the cheaper of its forms, as its kernel
+    chooses: naive decompresses every key read, then attends per head over nope + rope and v dims;
+    absorbed folds W_uk / W_uv into each row's query and output (the up-projection once per row) and
+    attends over the latent, r + rope for scores and r for values. Decode rows: absorbed."""
+    H = cfg.num_heads
+    if cfg.mla is None:
+        return 4.0 * attended * H * cfg.head_dim
+    m, up = cfg.mla, kv_up_params(cfg)
+    naive = 2.0 * (read * up + attended * H * (m.qk_head_dim + m.v_head_dim))
+    absorbed = 2.0 * (n * up + attended * H * (2 * m.kv_lora_rank + m.qk_rope_head_dim))
+    return np.minimum(naive, absorbed)
 
 
 def layer_work(cfg: ModelConfig, plan: IterationPlan) -> LayerWork:
@@ -128,18 +151,21 @@ def layer_work(cfg: ModelConfig, plan: IterationPlan) -> LayerWork:
     first = np.fromiter((s.layer_start for s in plan.slices), np.int64, S)
     end = np.fromiter((s.layer_end for s in plan.slices), np.int64, S)
 
-    def over_layers(per_slice: np.ndarray) -> np.ndarray:  # [S] -> [L]
+    def over_layers(per_slice: np.ndarray, dtype=np.int64) -> np.ndarray:  # [S] -> [L]
         diff = np.bincount(first, per_slice, L + 1) - np.bincount(end, per_slice, L + 1)  # exact below 2**53
-        return np.cumsum(diff[:L]).astype(np.int64)
+        return np.cumsum(diff[:L]).astype(dtype)
 
     windows = cfg.sliding_windows
     attended, read = np.zeros(L, np.int64), np.zeros(L, np.int64)
-    for w in set(windows):
-        in_layer = np.array([x == w for x in windows])
-        attended += over_layers(attended_keys_many(start, n, w)) * in_layer
-        read += over_layers(keys_read(start, n, w)) * in_layer
+    flops = np.zeros(L)
+    for w in set(windows):  # attention layers of each window (Gated DeltaNet layers attend to no keys)
+        in_layer = np.array([x == w and not linear for x, linear in zip(windows, cfg.linear_layers)])
+        slice_attended, slice_read = attended_keys_many(start, n, w), keys_read(start, n, w)
+        attended += over_layers(slice_attended) * in_layer
+        read += over_layers(slice_read) * in_layer
+        flops += over_layers(attention_core_flops(cfg, n, slice_attended, slice_read), float) * in_layer
     return LayerWork(over_layers(n), attended, read, over_layers(np.ones(S, np.int64)),
-                     over_layers((start > 0).astype(np.int64)))
+                     over_layers((start > 0).astype(np.int64)), flops)
 
 
 def layer_stats(cfg: ModelConfig, plan: IterationPlan, expert_tokens: np.ndarray | None = None,
@@ -185,11 +211,10 @@ def layer_flops_parts(cfg: ModelConfig, plan: IterationPlan,
     shapes = layer_shapes(cfg)
     work = work if work is not None else layer_work(cfg, plan)
     k = cfg.num_experts_per_tok
-    attn_params = np.array([s.attn_params for s in shapes], float)
+    # per new token: every attention projection but MLA's kv up-projection (in work.attention_flops)
+    proj_params = np.array([s.attn_params - kv_up_params(cfg) for s in shapes], float)
     ffn_params = np.array([s.dense_ffn_params + k * s.expert_params for s in shapes], float)
-    full = ~np.array(cfg.linear_layers)
-    attn = 2.0 * work.tokens * attn_params + 4.0 * work.attended_keys * full * cfg.num_heads * cfg.head_dim \
-        + work.tokens * mixer_flops_per_token(cfg)
+    attn = 2.0 * work.tokens * proj_params + work.attention_flops + work.tokens * mixer_flops_per_token(cfg)
     return attn, 2.0 * work.tokens * ffn_params
 
 

@@ -1,4 +1,5 @@
-"""The decoder: pre-norm layers (attention, then MoE or dense feed-forward) and the causal-LM wrapper.
+"""The decoder: pre-norm layers (attention -- grouped-query, or DeepSeek's multi-head latent attention --
+then MoE or dense feed-forward) and the causal-LM wrapper.
 
 A layer is four steps, so that executors can run the routed experts elsewhere:
 
@@ -20,17 +21,35 @@ from flax import nnx
 
 from moejax.config import ModelConfig
 from moejax.meshes.placement import Placement
-from moejax.models.attention import Attention, AttentionMetadata, LayerKV
+from moejax.models.attention import Attention, AttentionMetadata, LayerCache, LayerKV
 from moejax.models.gated_deltanet import GatedDeltaNet
 from moejax.models.layers import RMSNorm, SwiGLU, init_normal, param
+from moejax.models.mla import MultiHeadLatentAttention
 from moejax.models.moe import RoutedExperts, Router
+
+
+def attention_class(cfg: ModelConfig, layer: int) -> type[Attention | MultiHeadLatentAttention | GatedDeltaNet]:
+    """`layer`'s token mixer: Gated DeltaNet where linear_layers marks it, else MLA or GQA attention."""
+    if cfg.linear_layers[layer]:
+        return GatedDeltaNet
+    return Attention if cfg.mla is None else MultiHeadLatentAttention
+
+
+def cache_layout(cfg: ModelConfig, layer: int) -> LayerCache:
+    """What `layer`'s token mixer keeps in the KV cache (per token, or per request)."""
+    return attention_class(cfg, layer).cache_layout(cfg, layer)
+
+
+def cache_layouts(cfg: ModelConfig) -> list[LayerCache]:
+    """What each layer's token mixer keeps in the KV cache."""
+    return [cache_layout(cfg, i) for i in range(cfg.num_layers)]
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
         D, zero_centered = cfg.hidden_size, cfg.zero_centered_norm
         self.input_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs, zero_centered=zero_centered)
-        self.attn = GatedDeltaNet(cfg, dtype, rngs) if cfg.linear_layers[layer] else Attention(cfg, layer, dtype, rngs)
+        self.attn = attention_class(cfg, layer)(cfg, layer, dtype, rngs)
         self.post_attn_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs, zero_centered=zero_centered)
         moe = cfg.moe_layers[layer]
         self.router = Router(cfg, dtype, rngs) if moe else None

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.config import ModelConfig
+from moejax.models.attention import CacheArray, LayerCache
 from moejax.models.layers import RMSNorm, init_normal, param
 
 CHUNK = 64  # rows of a prefill tile: one chunk of the chunked form
@@ -115,7 +116,17 @@ class GatedDeltaNet(nnx.Module):
     head g, w_qkvz's columns hold [q_g | k_g | v of its value heads | z of its value heads] and
     w_ba's [b | a] of its value heads."""
 
-    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    @staticmethod
+    def cache_layout(cfg: ModelConfig, layer: int) -> LayerCache:
+        """Per request: the conv's last K-1 inputs [K-1, conv_dim] and the recurrent state
+        [Hv, dk, dv] (fp32: it accumulates over the whole sequence)."""
+        s = cfg.linear_attention
+        return LayerCache("recurrent", (
+            CacheArray("conv", (s.conv_kernel - 1, s.conv_dim), (None, None)),
+            CacheArray("recurrent", (s.num_value_heads, s.key_head_dim, s.value_head_dim), (None, None, None),
+                       "float32")), per_request=True)
+
+    def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
         s = cfg.linear_attention
         D = cfg.hidden_size
         self.shape = s
@@ -206,11 +217,3 @@ class GatedDeltaNet(nnx.Module):
             out = out.at[rec.tile_rows.reshape(-1)].set(o.reshape(-1, *o.shape[2:]), mode="drop")
         return out, (conv_slots, state_slots)
 
-
-def init_state_slots(cfg: ModelConfig, num_slots: int, dtype, sharding=None) -> GatedDeltaNetState:
-    """Zeroed state slots of one Gated DeltaNet layer: conv [slots, K-1, conv_dim] in `dtype`,
-    recurrent [slots, Hv, dk, dv] fp32."""
-    s = cfg.linear_attention
-    return (jnp.zeros((num_slots, s.conv_kernel - 1, s.conv_dim), dtype, device=sharding),
-            jnp.zeros((num_slots, s.num_value_heads, s.key_head_dim, s.value_head_dim), jnp.float32,
-                      device=sharding))

@@ -112,27 +112,37 @@ def _yarn(rope: RopeConfig, dim: int, pos_freqs: np.ndarray) -> tuple[np.ndarray
 
 @dataclass(frozen=True)
 class Rope:
-    """Rotary embedding with HF's rotate-half convention; cos/sin computed from positions on the fly.
-    Partial (cfg.rotary_dim < head_dim): only the first rotary_dim dims of each head rotate.
+    """Rotary embedding; cos/sin computed from positions on the fly. Frequency i rotates the pair
+    (x[i], x[i + d/2]) (HF's rotate-half convention) or, interleaved (DeepSeek), (x[2i], x[2i+1]);
+    the interleaved result comes out de-interleaved (evens' rotations, then odds'), as transformers'
+    DeepSeek-V3 writes it: q . k is the same either way, only the layout of the rotated dims differs.
+    Partial (x wider than the rotated width, Qwen3-Next's cfg.rotary_dim): only the first dims rotate.
 
     Frozen and hashable: it is static structure of the attention module (part of its graphdef).
     """
 
-    inv_freq: tuple[float, ...]  # [rotary_dim // 2]
+    inv_freq: tuple[float, ...]  # [dim // 2]
     scaling: float
+    interleaved: bool = False
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig) -> "Rope":
-        inv_freq, scaling = rope_frequencies(cfg.rope, cfg.rotary_dim)
-        return cls(tuple(float(f) for f in inv_freq), scaling)
+    def from_config(cls, cfg: ModelConfig, dim: int | None = None, interleaved: bool = False) -> "Rope":
+        """dim: the rotated width (default cfg.rotary_dim: head_dim unless partial; MLA rotates only its rope part)."""
+        inv_freq, scaling = rope_frequencies(cfg.rope, dim or cfg.rotary_dim)
+        return cls(tuple(float(f) for f in inv_freq), scaling, interleaved)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [T, heads, head_dim], positions: [T] -> x rotated."""
-        rotary_dim = 2 * len(self.inv_freq)
-        if rotary_dim < x.shape[-1]:
-            return jnp.concatenate([self(x[..., :rotary_dim], positions), x[..., rotary_dim:]], axis=-1)
+        """x: [T, heads, width >= dim], positions: [T] -> x, its first dim dims rotated."""
+        dim = 2 * len(self.inv_freq)
+        if dim < x.shape[-1]:
+            return jnp.concatenate([self(x[..., :dim], positions), x[..., dim:]], axis=-1)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
+        freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, dim/2]
+        if self.interleaved:
+            cos = (jnp.cos(freqs) * self.scaling).astype(x.dtype)[:, None, :]
+            sin = (jnp.sin(freqs) * self.scaling).astype(x.dtype)[:, None, :]
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         cos = (jnp.cos(emb) * self.scaling).astype(x.dtype)[:, None, :]
         sin = (jnp.sin(emb) * self.scaling).astype(x.dtype)[:, None, :]

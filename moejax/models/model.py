@@ -24,7 +24,7 @@ under `placements.experts`. Colocated, both are one placement and a layer (or a 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import jax
@@ -36,13 +36,14 @@ from moejax import kernels
 from moejax.config import ModelConfig
 from moejax.meshes.placement import Placement, Placements, constrain
 from moejax.models.attention import AttentionMetadata, LayerKV
-from moejax.models.decoder import CausalLM
-from moejax.models.gated_deltanet import init_state_slots
+from moejax.models.decoder import CausalLM, cache_layouts
 from moejax.models.layers import ExpertParam
-from moejax.models.moe import expert_counts, routed_experts
+from moejax.models.moe import expert_activation, expert_counts, routed_experts
 
 ROWS = ("batch", None)  # hidden [T, D]: rows split by request under data parallelism
-ExpertBuffer = tuple[jax.Array, jax.Array]  # (w_gate_up [S, D, 2F], w_down [S, F, D])
+# (w_gate_up [S, D, 2F], w_down [S, F, D]), biased experts (GPT-OSS): + (b_gate_up [S, 2F], b_down [S, D])
+ExpertBuffer = tuple[jax.Array, ...]
+EXPERT_ARRAYS = ("w_gate_up", "w_down", "b_gate_up", "b_down")  # a buffer's arrays, in order
 
 
 def _attend(graphdef, placement, state, x, kv, meta):
@@ -67,13 +68,19 @@ def _require_resident(ids: np.ndarray, slot_of: np.ndarray) -> None:
                          "(slot -1): the executor must load them before the experts run")
 
 
-def _experts(placement, check, y, ids, weights, w_gate_up, w_down, slot_of):
+def _buffer(experts) -> ExpertBuffer:
+    """A layer's routed-expert state as a buffer holding expert e in slot e."""
+    return tuple(experts[name][...] for name in EXPERT_ARRAYS if name in experts)
+
+
+def _experts(placement, check, activation, y, ids, weights, buffer, slot_of):
     if check and slot_of is not None:
         jax.debug.callback(_require_resident, ids, slot_of)
-    return routed_experts(y, ids, weights, w_gate_up, w_down, slot_of, placement)
+    w_gate_up, w_down, *biases = buffer
+    return routed_experts(y, ids, weights, w_gate_up, w_down, slot_of, placement, *biases, activation=activation)
 
 
-def _layer_step(graphdef, placement, num_experts, state, experts, x, kv, meta):
+def _layer_step(graphdef, placement, num_experts, activation, state, experts, x, kv, meta):
     """One colocated layer: attend -> route -> all experts -> combine -> (x, kv, tokens per expert [E])."""
     layer = nnx.merge(graphdef, state)
     x = constrain(x, ROWS, placement)
@@ -81,7 +88,8 @@ def _layer_step(graphdef, placement, num_experts, state, experts, x, kv, meta):
     y, weights, ids = layer.route(h, meta.valid)
     if ids is None:
         return constrain(layer.combine(h, y, None), ROWS, placement), kv, jnp.zeros((num_experts,), jnp.int32)
-    routed = routed_experts(y, ids, weights, experts["w_gate_up"][...], experts["w_down"][...], None, placement)
+    w_gate_up, w_down, *biases = _buffer(experts)
+    routed = routed_experts(y, ids, weights, w_gate_up, w_down, None, placement, *biases, activation=activation)
     return constrain(layer.combine(h, y, routed), ROWS, placement), kv, expert_counts(ids, num_experts)
 
 
@@ -95,29 +103,36 @@ def _gather_rows(graphdef, placement, state, x_prev, token_ids, extra, rows):
     return constrain(jnp.take(jnp.concatenate(parts), rows, axis=0), ROWS, placement)
 
 
-def _whole_model(io_def, layer_defs, head, placement, num_experts, io_state, layer_states, expert_states, kv,
-                 token_ids, meta, rows, head_args):
+def _whole_model(io_def, layer_defs, head, placement, num_experts, activation, io_state, layer_states,
+                 expert_states, kv, token_ids, meta, rows, head_args):
     """Every layer in one program: embed -> layers -> logits of `rows` -> head(logits, *head_args)."""
     io = nnx.merge(io_def, io_state)
-    x = io.embed_tokens(token_ids)
+    x, new_kv, counts = _all_layers(layer_defs, placement, num_experts, activation, layer_states, expert_states,
+                                    io.embed_tokens(token_ids), kv, meta)
+    return head(io.logits(jnp.take(x, rows, axis=0)), *head_args), new_kv, counts
+
+
+def _all_layers(layer_defs, placement, num_experts, activation, layer_states, expert_states, x, kv, meta):
+    """x through every layer -> (x, new KV per layer, tokens per expert [L, E])."""
     new_kv, counts = [], []
     for graphdef, state, experts, layer_kv in zip(layer_defs, layer_states, expert_states, kv):
-        x, layer_kv, c = _layer_step(graphdef, placement, num_experts, state, experts, x, layer_kv, meta)
+        x, layer_kv, c = _layer_step(graphdef, placement, num_experts, activation, state, experts, x, layer_kv, meta)
         new_kv.append(layer_kv)
         counts.append(c)
-    return head(io.logits(jnp.take(x, rows, axis=0)), *head_args), new_kv, jnp.stack(counts)
+    return x, new_kv, jnp.stack(counts)
 
 
-def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, max_steps, paged, io_state, layer_states,
-                  expert_states, kv, token_ids, meta, num_steps, sampling, stop_ids, remaining):
+def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, activation, max_steps, attention_layers,
+                  io_state, layer_states, expert_states, kv, token_ids, meta, num_steps, sampling, stop_ids, remaining):
     """Up to `num_steps` decode steps of rows that each hold one sequence's last token, in one program:
     embed -> layers -> logits -> sampler -> the next step's input, KV appended each step. A row stops
     after the token that is one of its stop ids, or when `remaining` tokens are out; stopped rows
     turn into padding (no KV written, no expert reached). -> (tokens [max_steps, R], -1 after a row
     stopped; (tokens per expert summed over the steps [L, E], experts activated summed over the steps [L]))."""
     io = nnx.merge(io_def, io_state)
-    block_size = kv[paged][0].shape[1]  # paged: an attention layer (a Gated DeltaNet layer holds state slots)
-    num_slots = kv[paged][0].shape[0] * block_size
+    paged = [kv[i] for i in attention_layers]  # Gated DeltaNet layers hold state slots, not blocks
+    block_size = paged[0][0].shape[1]
+    num_slots = max(k.shape[0] for k, _ in paged) * block_size  # past every layer's cache (window pools are smaller)
     temperature, top_k, top_p, seeds, output_index = sampling
     R = token_ids.shape[0]
 
@@ -125,15 +140,10 @@ def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, max_steps
         j, tokens, kv, done, out, counts = carry
         valid = meta.valid & ~done
         m = meta.advance(j, valid, block_size, num_slots)
-        x = io.embed_tokens(tokens)
-        new_kv, layer_counts = [], []
-        for graphdef, state, experts, layer_kv in zip(layer_defs, layer_states, expert_states, kv):
-            x, layer_kv, c = _layer_step(graphdef, placement, num_experts, state, experts, x, layer_kv, m)
-            new_kv.append(layer_kv)
-            layer_counts.append(c)
+        x, new_kv, layer_counts = _all_layers(layer_defs, placement, num_experts, activation, layer_states,
+                                              expert_states, io.embed_tokens(tokens), kv, m)
         sampled = sampler(io.logits(x), temperature, top_k, top_p, seeds, output_index + j)
         stop = jnp.any(sampled[:, None] == stop_ids, axis=1) | (j + 1 >= remaining)
-        layer_counts = jnp.stack(layer_counts)
         return (j + 1, jnp.where(valid, sampled, tokens), new_kv, done | (valid & stop),
                 out.at[j].set(jnp.where(valid, sampled, -1)),
                 (counts[0] + layer_counts, counts[1] + (layer_counts > 0).sum(axis=1)))
@@ -167,6 +177,7 @@ class Model:
         first_of: dict = {}
         self.layer_kind = [first_of.setdefault(g, i) for i, g in enumerate(self.layer_defs)]
         self.check_experts = os.environ.get("MOEJAX_DEBUG", "") not in ("", "0")  # see experts()
+        self.expert_activation = expert_activation(config)
         self._fns: dict[tuple, Callable] = {}
 
     @property
@@ -227,21 +238,26 @@ class Model:
         return fn(self.layer_states[i], h, valid)
 
     def expert_weights(self, i: int) -> ExpertBuffer:
-        """MoE layer i's routed experts as a buffer holding expert e in slot e."""
+        """MoE layer i's routed experts as a buffer holding expert e in slot e: (w_gate_up, w_down), and
+        (b_gate_up, b_down) after them for biased experts."""
         state = self.expert_states[i]
         if state is None:
             raise ValueError(f"layer {i} of {self.config.name} is dense: it has no routed experts")
-        return state["w_gate_up"][...], state["w_down"][...]
+        return _buffer(state)
 
     def experts(self, y: jax.Array, ids: jax.Array, weights: jax.Array, buffer: ExpertBuffer,
                 slot_of: jax.Array | None = None) -> jax.Array:
         """Routed experts of rows y [T, D] (ids / weights [T, K]) computed with the experts of `buffer`
-        ([S, D, 2F], [S, F, D]); slot_of [E] names each expert's slot or -1 (None: slot e is expert e).
-        Every expert a valid row needs must be in the buffer; with MOEJAX_DEBUG=1 a missing one is an
-        error (checked on the host, so only in debug mode)."""
+        ([S, D, 2F], [S, F, D], and for biased experts [S, 2F], [S, D]); slot_of [E] names each expert's
+        slot or -1 (None: slot e is expert e). Every expert a valid row needs must be in the buffer;
+        with MOEJAX_DEBUG=1 a missing one is an error (checked on the host, so only in debug mode)."""
+        want = EXPERT_ARRAYS[:4 if self.config.expert_bias else 2]
+        if len(buffer) != len(want):
+            raise ValueError(f"expert buffer of {len(buffer)} arrays; {self.config.name}'s experts need "
+                             f"{len(want)}: {', '.join(want)}")
         fn = self._fn(("experts", slot_of is None, self.check_experts), lambda: jax.jit(
-            partial(_experts, self.placements.experts, self.check_experts)))
-        return fn(y, ids, weights, *buffer, slot_of)
+            partial(_experts, self.placements.experts, self.check_experts, self.expert_activation)))
+        return fn(y, ids, weights, tuple(buffer), slot_of)
 
     def combine(self, i: int, h: jax.Array, y: jax.Array, routed: jax.Array | None) -> jax.Array:
         """Layer i's output from its attention output h, normed rows y and routed-expert output."""
@@ -255,8 +271,8 @@ class Model:
         """One decoder layer as one program: -> (x [T, D], new layer KV, tokens per expert [E])."""
         kind = self.layer_kind[i]
         fn = self._fn(("layer", kind), lambda: jax.jit(
-            partial(_layer_step, self.layer_defs[kind], self.placement, max(self.config.num_experts, 1)),
-            donate_argnums=(3,)))
+            partial(_layer_step, self.layer_defs[kind], self.placement, max(self.config.num_experts, 1),
+                    self.expert_activation), donate_argnums=(3,)))
         return fn(self.layer_states[i], self.expert_states[i], x, kv, meta)
 
     def forward_all(self, token_ids: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata, rows: jax.Array,
@@ -267,7 +283,7 @@ class Model:
         -> (head's output, tokens per expert [L, E])."""
         fn = self._fn(("whole", head), lambda: jax.jit(
             partial(_whole_model, self.io_def, tuple(self.layer_defs), head, self.placement,
-                    max(self.config.num_experts, 1)), donate_argnums=(3,)))
+                    max(self.config.num_experts, 1), self.expert_activation), donate_argnums=(3,)))
         out, kv_caches[:], counts = fn(self.io_state, self.layer_states, self.expert_states, kv_caches, token_ids,
                                        meta, rows, head_args)
         return out, counts
@@ -284,7 +300,8 @@ class Model:
         activated [L]), both summed over the steps)."""
         fn = self._fn(("decode_steps", sampler, max_steps), lambda: jax.jit(
             partial(_decode_steps, self.io_def, tuple(self.layer_defs), sampler, self.placement,
-                    max(self.config.num_experts, 1), max_steps, self.config.linear_layers.index(False)),
+                    max(self.config.num_experts, 1), self.expert_activation, max_steps,
+                    tuple(i for i, linear in enumerate(self.config.linear_layers) if not linear)),
             donate_argnums=(3,)))
         out, kv_caches[:], counts = fn(self.io_state, self.layer_states, self.expert_states, kv_caches, token_ids,
                                        meta, num_steps, sampling, stop_ids, remaining)
@@ -304,30 +321,40 @@ class Model:
         return x, counts
 
     def layer_routing(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
-        """Layer i in steps, also returning each row's chosen experts -> (x, new layer KV, expert ids
-        [T, K]; -1 in a dense layer). For recording routing traces; the serving path never pays for it."""
+        """Layer i in steps, also returning each row's chosen experts and the rows the router saw ->
+        (x, new layer KV, expert ids [T, K] (-1 in a dense layer), h [T, D]: x + attention, the
+        router's input before its norm). For recording routing traces and predictor features; the
+        serving path never pays for it."""
         h, kv = self.attend(i, x, kv, meta)
         y, weights, ids = self.route(i, h, meta.valid)
         if ids is None:
-            return self.combine(i, h, y, None), kv, jnp.full((x.shape[0], 1), -1, jnp.int32)
-        return self.combine(i, h, y, self.experts(y, ids, weights, self.expert_weights(i))), kv, ids
+            return self.combine(i, h, y, None), kv, jnp.full((x.shape[0], 1), -1, jnp.int32), h
+        return self.combine(i, h, y, self.experts(y, ids, weights, self.expert_weights(i))), kv, ids, h
 
-    def init_kv_cache(self, num_blocks: int, block_size: int, state_slots: int = 0) -> list[LayerKV]:
-        """Zeroed cache, per layer: attention layers (k, v), each [num_blocks, block_size, KV, head_dim];
-        Gated DeltaNet layers `state_slots` fixed-size request states (conv [slots, K-1, conv_dim],
-        recurrent [slots, Hv, dk, dv] fp32). Under a placement, blocks are split by request shard and
-        heads by head shard; state slots are replicated."""
+    def init_kv_cache(self, num_blocks: int | Sequence[int], block_size: int, state_slots: int = 0) -> list[LayerKV]:
+        """Zeroed KV cache: per layer the arrays its token mixer declares (`cache_layouts`), each
+        [num_blocks, block_size, *per-token shape] -- GQA: k, v [.., KV, head_dim]; MLA: latent [.., r],
+        k_rope [.., rope] -- or, per request (Gated DeltaNet), [state_slots, *shape]: conv [.., K-1,
+        conv_dim], recurrent [.., Hv, dk, dv] fp32. num_blocks: one count for every layer, or one per
+        layer (a window-aware cache gives window layers fewer; a Gated DeltaNet layer's is unused).
+        Under a placement, blocks are split by request shard, heads by head shard; state slots are
+        replicated (any request shard's request may hold any slot)."""
         c = self.config
         if c.has_state_slots and state_slots < 1:
             raise ValueError(f"{c.name} has Gated DeltaNet layers: its cache needs state_slots >= 1 "
                              f"(one per running request), got {state_slots}")
-        shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        per_layer = [num_blocks] * c.num_layers if isinstance(num_blocks, int) else list(num_blocks)
+        if len(per_layer) != c.num_layers:
+            raise ValueError(f"init_kv_cache: {len(per_layer)} block counts for {c.num_layers} layers")
         p = self.placements.attention
-        device = None if p is None else p.sharding(("batch", None, "kv_heads", None))
-        return [init_state_slots(c, state_slots, self.dtype, None if p is None else p.sharding(()))
-                if c.linear_layers[i] else
-                (jnp.zeros(shape, self.dtype, device=device), jnp.zeros(shape, self.dtype, device=device))
-                for i in range(c.num_layers)]
+
+        def zeros(a, lead, lead_axes):
+            device = None if p is None else p.sharding((*lead_axes, *a.axes))
+            return jnp.zeros((*lead, *a.shape), a.dtype or self.dtype, device=device)
+
+        return [tuple(zeros(a, (state_slots,), (None,)) if layer.per_request else
+                      zeros(a, (n, block_size), ("batch", None)) for a in layer.arrays)
+                for n, layer in zip(per_layer, cache_layouts(c))]
 
     def params(self) -> nnx.State:
         """All parameters as one state tree: {"io", "layers": {i}, "experts": {i}} (saving / inspection)."""

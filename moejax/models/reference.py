@@ -22,7 +22,7 @@ class _Sequence:
         self.model, self.block_size = model, block_size
         attention = model.placements.attention
         self.shards = attention.shards("batch") if attention else 1
-        nb = math.ceil(max_len / block_size)
+        nb = bucket(math.ceil(max_len / block_size))  # a bucket: prompts of other lengths reuse the compiled layers
         self.num_blocks = nb * self.shards
         self.tables = np.arange(nb, dtype=np.int32)[None]
         self.kv = model.init_kv_cache(self.num_blocks, block_size, state_slots=1)
@@ -41,19 +41,24 @@ class _Sequence:
         return x
 
 
-def prompt_routing(model: Model, prompt: list[int], block_size: int = 16) -> np.ndarray:
-    """[len(prompt), L, K] experts each prompt token chose in each layer (-1 in dense layers)."""
+def prompt_routing(model: Model, prompt: list[int], block_size: int = 16, hidden: bool = False):
+    """[len(prompt), L, K] experts each prompt token chose in each layer (-1 in dense layers); with
+    `hidden`, also the rows each layer's router saw before its norm (x + attention): ([n, L, K],
+    [n, L, D] fp32) -- the features of a learned expert predictor (moejax.offload)."""
     seq = _Sequence(model, len(prompt), block_size)
     n = len(prompt)
     meta = seq.metadata(0, n)
     x = model.embed(pad_tokens(prompt, meta.positions.shape[0]))
     k = max(model.config.num_experts_per_tok, 1)
-    ids = []
+    ids, rows = [], []
     for i in range(model.config.num_layers):
-        x, seq.kv[i], layer_ids = model.layer_routing(i, x, seq.kv[i], meta)
+        x, seq.kv[i], layer_ids, h = model.layer_routing(i, x, seq.kv[i], meta)
         layer_ids = np.asarray(layer_ids)[:n]
         ids.append(np.broadcast_to(layer_ids, (n, k)) if layer_ids.shape[1] != k else layer_ids)
-    return np.stack(ids, axis=1)
+        if hidden:
+            rows.append(np.asarray(h[:n], np.float32))
+    ids = np.stack(ids, axis=1)
+    return (ids, np.stack(rows, axis=1)) if hidden else ids
 
 
 def prompt_logits(model: Model, prompt: list[int], block_size: int = 16) -> np.ndarray:

@@ -88,6 +88,8 @@ class IterationCost:
     flops: float  # all devices
     hbm_bytes: float  # all devices
     layer_s: np.ndarray  # [L] modelled seconds per layer (calibrated, communication and overhead in)
+    attn_s: np.ndarray  # [L] of which the attention block (and its all-reduce): what precedes routing
+    ffn_s: np.ndarray  # [L] of which the FFN: router, experts, shared expert / dense MLP (and its all-reduce)
 
 
 class CostModel:
@@ -159,7 +161,8 @@ class CostModel:
         attn_bytes = attn_w / n + (stats.kv_read_bytes + stats.kv_write_bytes) / self.kv_split \
             + tokens * self.attn_act_bytes
         ffn_bytes = (stats.expert_bytes + stats.dense_weight_bytes - attn_w) / n + tokens * self.ffn_act_bytes
-        layer_roof = self._roofline(attn_flops / n, attn_bytes) + self._roofline(ffn_flops / n, ffn_bytes)
+        attn_roof, ffn_roof = self._roofline(attn_flops / n, attn_bytes), self._roofline(ffn_flops / n, ffn_bytes)
+        layer_roof = attn_roof + ffn_roof
         layer_comm = np.where(ran, 2 * self._all_reduce_s(tokens * self.hidden_row_bytes), 0.0) if n > 1 \
             else np.zeros(cfg.num_layers)
         layer_kernels = self.layer_kernels * ran
@@ -189,7 +192,34 @@ class CostModel:
         dev = hw.device
         energy = 1e-12 * (dev.pj_per_flop * flops + dev.pj_per_byte * hbm_bytes) + dev.static_w * n * seconds
         layer_s = cal.scale * layer_roof + layer_comm + cal.kernel_overhead_s * layer_kernels
-        return IterationCost(seconds, energy, roofline_s, comm_s, kernels, flops, hbm_bytes, layer_s)
+        attn_s = cal.scale * attn_roof + layer_comm / 2 + cal.kernel_overhead_s * ATTENTION_KERNELS * ran
+        return IterationCost(seconds, energy, roofline_s, comm_s, kernels, flops, hbm_bytes, layer_s, attn_s,
+                             layer_s - attn_s)
+
+    # --- expert offload: the host link and the host's CPUs ----------------------------------------
+    @property
+    def expert_bytes(self) -> float:
+        """One routed expert's weights (every MoE layer's are the same size)."""
+        return float(self.cfg.expert_params() * self.cfg.dtype_bytes)
+
+    def expert_read_s(self) -> float:
+        """Streaming one routed expert's weights from device memory (calibrated): what the device's FFN
+        saves for each expert the host computes instead."""
+        dev = self.hw.device
+        return self.calibration.scale * self.expert_bytes / self.hw.count / (dev.mem_bandwidth * dev.bandwidth_efficiency)
+
+    def expert_load_s(self) -> float:
+        """Copying one routed expert host -> device over the host link (each device its share under TP)."""
+        link = self.hw.host_link
+        return link.latency_s + self.expert_bytes / self.hw.count / link.effective_bandwidth
+
+    def host_expert_s(self, tokens: np.ndarray) -> np.ndarray:
+        """Computing one routed expert on the host's CPUs for `tokens` [n] rows each -> [n] seconds: its
+        weights streamed from host memory once, 2 FLOPs per multiply-add, a dispatch per expert."""
+        host = self.hw.host
+        flops = 2.0 * self.cfg.expert_params() * np.asarray(tokens, float)
+        return host.expert_overhead_s + np.maximum(flops / (host.peak_flops * host.flop_efficiency),
+                                                   self.expert_bytes / (host.mem_bandwidth * host.bandwidth_efficiency))
 
 
 def idle_energy_j(hardware: Hardware, seconds: float) -> float:

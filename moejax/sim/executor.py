@@ -16,8 +16,8 @@ import numpy as np
 
 from moejax.config import ModelConfig, get_preset
 from moejax.engine import traffic
-from moejax.engine.kv_cache import kv_block_bytes, state_slot_bytes, state_slots_for
-from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout, layer_state_spec
+from moejax.engine.kv_cache import kv_pool_blocks, state_slots_for
+from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout, layer_kv_state, payload_shape
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.sim.cost_model import Calibration, CostModel
 from moejax.sim.hardware import Hardware, get_hardware
@@ -50,12 +50,14 @@ class SimExecutor:
     def attach(self, policy) -> None:
         pass  # nothing kept between iterations
 
-    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int, state_slot: int | None = None) -> KVPayload:
-        cfg, states = self.config, []
-        for i in range(cfg.num_layers):
-            kind, arrays = layer_state_spec(cfg, i, num_tokens, cfg.dtype)
-            states.append(LayerKVState(kind, {name: jax.ShapeDtypeStruct(shape, dtype)
-                                              for name, (shape, dtype) in arrays.items()}))
+    def export_kv(self, block_ids: tuple[int, ...], num_tokens: int,
+                  group_block_ids: tuple[tuple[int, ...], ...] = (), state_slot: int | None = None) -> KVPayload:
+        cfg = self.config
+        states = []
+        for layer in range(cfg.num_layers):
+            layout, n = layer_kv_state(cfg, layer, num_tokens)
+            states.append(LayerKVState(layout.kind, {a.name: jax.ShapeDtypeStruct(*payload_shape(layout, a, n, cfg.dtype))
+                                                     for a in layout.arrays}))
         return KVPayload(cfg.name, kv_layout(cfg, cfg.dtype), num_tokens, tuple(range(cfg.num_layers)), tuple(states))
 
     def execute(self, plan: IterationPlan) -> StepResult:
@@ -77,8 +79,9 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
            hardware: str | Hardware, routing: str | RoutingModel = "correlated", routing_params: dict | None = None,
            calibration: Calibration | None = None, memory_fraction: float = 0.9, state_slots: int | None = None):
     """A SimExecutor for `model` (a preset name, a ModelConfig or a Model: only its config counts) on
-    `hardware`; KV capacity is what the hardware's memory holds after the weights and the state slots
-    (Gated DeltaNet layers: one per request that may run at once, or `state_slots`). routing_params:
+    `hardware`; KV capacity is what the hardware's memory holds after the weights, as the JAX executor
+    sizes it (kv_cache.kv_pool_blocks: sliding-window layers get a smaller pool; Gated DeltaNet layers'
+    state slots, one per request that may run at once or `state_slots`, come first). routing_params:
     e.g. {"affinity": 5.0} for "correlated" (see make_routing)."""
     from moejax.engine.factory import Built
 
@@ -92,10 +95,7 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
     if free <= 0:
         raise ValueError(f"{cfg.name} ({traffic.model_bytes(cfg) / 1e9:.1f} GB of weights) does not fit "
                          f"{executor.hardware.name} ({executor.hardware.memory_bytes / 1e9:.0f} GB)")
-    free -= state_slots * state_slot_bytes(cfg)
-    if free < kv_block_bytes(cfg, block_size):
-        raise ValueError(f"{cfg.name} on {executor.hardware.name}: {state_slots} state slots of "
-                         f"{state_slot_bytes(cfg) / 1e6:.1f} MB leave no room for KV blocks (fewer state_slots or "
-                         "max_num_seqs)")
-    num_blocks = int(free // kv_block_bytes(cfg, block_size))
-    return Built(executor, num_blocks, max_model_len or cfg.max_position, virtual_time=True, state_slots=state_slots)
+    max_model_len = max_model_len or cfg.max_position
+    num_blocks = kv_pool_blocks(cfg, block_size, int(free), max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                state_slots=state_slots)
+    return Built(executor, num_blocks, max_model_len, virtual_time=True, state_slots=state_slots)

@@ -16,6 +16,8 @@ Datasheets:
   [PCIe]  PCI-SIG base specs: x16 per direction, 128b/130b coding: Gen3 8 GT/s -> 15.75 GB/s,
           Gen4 16 GT/s -> 31.5 GB/s, Gen5 32 GT/s -> 63.0 GB/s.
   [C2C]   NVIDIA Grace Hopper (GH200) NVLink-C2C: 900 GB/s total, 450 GB/s per direction.
+  [ICX]   Intel Xeon Platinum 8380 (Ice Lake-SP): 40 cores, 2.3 GHz base, two AVX-512 FMA units per core
+          (32 fp32 FLOP/cycle), 8 channels of DDR4-3200 (204.8 GB/s) per socket.
 """
 
 from __future__ import annotations
@@ -58,6 +60,36 @@ LINKS: dict[str, Link] = {
     "nvlink4": Link("nvlink4", 450 * GB, 5e-6),  # [H100]/[H200] 900 GB/s bidirectional
     "nvlink-c2c": Link("nvlink-c2c", 450 * GB, 5e-6),  # [C2C] Grace host <-> Hopper
 }
+
+
+# Host CPUs computing experts (expert offload, Fiddler / LayerScope's CPU path) reach a fraction of
+# their peaks: bf16 weights are widened to fp32 on AVX-512 machines without AMX, and a per-expert
+# GEMM on a few tokens streams its weights once (memory-bound). Estimates: ~half the DRAM bandwidth
+# (STREAM reaches ~70% on two sockets; expert kernels less), ~30% of fp32 FMA peak, and a thread-pool
+# dispatch per expert.
+HOST_BANDWIDTH_EFFICIENCY = 0.5
+HOST_FLOP_EFFICIENCY = 0.3
+HOST_EXPERT_OVERHEAD_S = 50e-6
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """The CPUs beside the accelerators (host memory holds offloaded experts; they can compute them)."""
+
+    name: str
+    peak_flops: float  # fp32 FLOP/s, all sockets
+    mem_bandwidth: float  # bytes/s, all sockets
+    flop_efficiency: float = HOST_FLOP_EFFICIENCY
+    bandwidth_efficiency: float = HOST_BANDWIDTH_EFFICIENCY
+    expert_overhead_s: float = HOST_EXPERT_OVERHEAD_S
+
+
+HOSTS: dict[str, HostSpec] = {
+    h.name: h for h in (
+        HostSpec("xeon-8380x2", 2 * 40 * 2.3e9 * 32, 2 * 204.8 * GB),  # [ICX], two sockets
+    )
+}
+DEFAULT_HOST = HOSTS["xeon-8380x2"]
 
 
 @dataclass(frozen=True)
@@ -113,13 +145,14 @@ DEVICES: dict[str, DeviceSpec] = {
 @dataclass(frozen=True)
 class Hardware:
     """`count` identical devices running the model tensor-parallel over `interconnect`; each device
-    reaches host memory over `host_link` (expert offload streams weights over it)."""
+    reaches host memory over `host_link` (expert offload streams weights over it), on a `host`."""
 
     name: str
     device: DeviceSpec
     count: int
     interconnect: Link
     host_link: Link
+    host: HostSpec = DEFAULT_HOST
 
     @property
     def memory_bytes(self) -> float:

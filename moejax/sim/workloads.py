@@ -80,8 +80,10 @@ WORKLOADS: dict[str, WorkloadSpec] = {
 
 def arrival_times(rate: float, num_requests: int, rng: np.random.Generator, cv: float = 1.0) -> np.ndarray:
     """[n] seconds: cumulative gamma(shape 1/cv², mean 1/rate) gaps, the first request at 0."""
-    if rate <= 0 or cv <= 0:
-        raise ValueError(f"rate and cv must be positive, got rate={rate}, cv={cv}")
+    if not rate > 0:
+        raise ValueError(f"rate must be positive (requests per second; inf: all at once), got {rate}")
+    if not cv > 0:
+        raise ValueError(f"cv (the arrival gaps' coefficient of variation; 1 is Poisson) must be positive, got {cv}")
     if math.isinf(rate):
         return np.zeros(num_requests)
     shape = 1.0 / cv ** 2
@@ -99,8 +101,8 @@ def make_workload(name: str, rate: float, num_requests: int, seed: int = 0,
         spec = WORKLOADS[name]
     except KeyError:
         raise ValueError(f"unknown workload {name!r}; workloads: {', '.join(WORKLOADS)}") from None
-    if num_requests < 0:
-        raise ValueError(f"num_requests must be >= 0, got {num_requests}")
+    if num_requests < 1:
+        raise ValueError(f"num_requests must be >= 1, got {num_requests}")
     limit = max_model_len if max_model_len is not None else spec.prompt.hi + spec.output.hi
     if limit < spec.prompt.lo + spec.output.lo:
         raise ValueError(f"max_model_len={max_model_len} leaves no room for workload {name!r} "
@@ -108,8 +110,14 @@ def make_workload(name: str, rate: float, num_requests: int, seed: int = 0,
     rng = np.random.default_rng(seed)
     arrivals = arrival_times(rate, num_requests, rng, cv)
     out_hi = np.full(num_requests, min(spec.output.hi, limit - spec.prompt.lo))
-    output = spec.output.sample(rng, out_hi)
-    prompt = spec.prompt.sample(rng, np.minimum(spec.prompt.hi, limit - output))
+    try:
+        output = spec.output.sample(rng, out_hi)
+        prompt = spec.prompt.sample(rng, np.minimum(spec.prompt.hi, limit - output))
+    except ValueError:  # the bound cuts off nearly all of the distribution
+        typical = round(math.exp(spec.prompt.mu) + math.exp(spec.output.mu))
+        raise ValueError(f"max_model_len={max_model_len} is too small for workload {name!r}: its prompts have a "
+                         f"median of {math.exp(spec.prompt.mu):.0f} tokens and its outputs {math.exp(spec.output.mu):.0f}; "
+                         f"give max_model_len >= {typical} or so") from None
     return [WorkloadRequest(float(a), int(p), int(o)) for a, p, o in zip(arrivals, prompt, output)]
 
 
