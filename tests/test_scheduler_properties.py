@@ -4,7 +4,7 @@ token budget holds, and every request finishes (or is aborted) with exactly the 
 non-preempted one-step run would give. The same with a window-aware cache (a full-attention pool and
 a sliding-window pool): every key a slice's rows can see is in a live block, and the window pool
 alone can force preemption. With per-request state slots (Gated DeltaNet layers), fewer than the
-requests that may run: every running request holds its own slot, waiting ones none, none leaked.
+requests that may run: every running request holds its own slot, waiting ones none, none leaked."""
 
 import numpy as np
 import pytest
