@@ -197,6 +197,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prfaas(args: argparse.Namespace) -> int:
+    """A PrfaaS deployment simulated: the threshold and split the throughput model picks, then a request stream."""
+    from moejax.sim.hardware import get_hardware, get_link
+    from moejax.sim.pd import Deployment, run_deployment
+    from moejax.sim.pd_models import get_pd_model
+
+    dep = Deployment(get_pd_model(args.model), get_hardware(args.prfaas_hardware), args.prfaas_instances,
+                     get_hardware(args.local_hardware), args.local_instances, get_link(args.link),
+                     tbt_target_s=args.tbt_target)
+    if args.link_gbps is not None:
+        dep = dep.with_link_gbps(args.link_gbps)
+    result = run_deployment(dep, workload=args.workload, num_requests=args.num_requests, rate=args.rate,
+                            load=args.load, seed=args.seed, threshold=args.threshold,
+                            prefill_instances=args.prefill_instances, requests=bool(args.json))
+    plan, m = result["plan"], result["metrics"]
+    t = "never" if plan["threshold"] is None else f"{plan['threshold']:,.0f} tokens"
+    print(f"{result['model']}: PrfaaS {result['prfaas']}, local {result['local']}, link {result['link']} "
+          f"({result['link_gbps']:g} Gbps)")
+    print(f"plan: offload prompts >= {t} ({plan['offload_share']:.0%}), local split {plan['prefill_instances']} prefill : "
+          f"{plan['decode_instances']} decode; capacity {plan['throughput_rps']:.2f} req/s (bound: {plan['bound']}), "
+          f"egress at capacity {plan['egress_gbps_at_capacity']:.1f} Gbps")
+    print(f"simulated {m['requests']} requests at {result['rate_rps']:.2f} req/s: {m['throughput_rps']:.2f} req/s, "
+          f"TTFT mean {m['ttft_mean_s']:.2f} s, P90 {m['ttft_p90_s']:.2f} s, offloaded {m['offload_share']:.0%}, "
+          f"egress {m['egress_gbps']:.1f} Gbps, link utilisation {m['link_utilisation']:.0%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_train_predictor(args: argparse.Namespace) -> int:
     from moejax.checkpoint import load_model
     from moejax.offload.executor import predictor_dir
@@ -319,6 +350,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_placement_args(cmp, simulated=None)
     _add_offload_args(cmp, simulated=None)
     cmp.set_defaults(func=cmd_compare)
+
+    pf = sub.add_parser("prfaas", help="prefill-as-a-service simulated: a PrfaaS prefill cluster, a local PD "
+                                       "cluster and one link (arXiv 2604.15039)")
+    pf.add_argument("--model", default="mimo-v2-flash",
+                    help="kimi-linear-48b-a3b, mimo-v2-flash, qwen3.5-397b-a17b, ring-2.5-1t, minimax-m2.5, "
+                         "qwen3-235b-a22b (moejax.sim.pd_models)")
+    pf.add_argument("--prfaas-hardware", default="h200x8", help="one PrfaaS prefill instance")
+    pf.add_argument("--prfaas-instances", type=int, default=4)
+    pf.add_argument("--local-hardware", default="h20x8", help="one local (prefill or decode) instance")
+    pf.add_argument("--local-instances", type=int, default=8)
+    pf.add_argument("--link", default="eth-100g", help="the inter-cluster link (moejax.sim.hardware.LINKS)")
+    pf.add_argument("--link-gbps", type=float, help="override the link's line rate")
+    pf.add_argument("--workload", default="longctx")
+    pf.add_argument("--num-requests", type=int, default=2000)
+    pf.add_argument("--rate", type=float, help="arrivals, req/s (default: --load x the planned capacity)")
+    pf.add_argument("--load", type=float, default=0.85)
+    pf.add_argument("--threshold", type=float, help="offload prompts of >= this many tokens (with --prefill-instances)")
+    pf.add_argument("--prefill-instances", type=int, help="local prefill instances (default: chosen with t)")
+    pf.add_argument("--tbt-target", type=float, default=0.05, help="decode step time target, seconds")
+    pf.add_argument("--seed", type=int, default=0)
+    pf.add_argument("--json", help="write the plan, metrics and per-request timeline here")
+    pf.set_defaults(func=cmd_prfaas)
 
     off = sub.add_parser("offload", help="expert offload tools").add_subparsers(dest="offload_command", required=True)
     tp = off.add_parser("train-predictor", help="record a model's routing on text and train LayerScope's learned "

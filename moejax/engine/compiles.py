@@ -1,5 +1,9 @@
 """Counting XLA compilations and the time they take: to show (in tests and benchmarks) that steady
-state compiles nothing, and to tell a run's compile time from its serving time."""
+state compiles nothing, and to tell a run's compile time from its serving time.
+
+A program fetched from JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR; the tests use
+one) counts as a compilation too: JAX times the fetch as the backend compile it replaces, and either
+way the program was not in memory and serving waited for it."""
 
 from __future__ import annotations
 

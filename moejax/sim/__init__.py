@@ -5,6 +5,8 @@
     routing     routing models drawing activated experts when no router runs
     workloads   seeded request streams (sharegpt, sharegpt4, arxiv, longctx)
     executor    SimExecutor: the Executor protocol over the cost model
+    pd_models   the PrfaaS table's hybrid and dense models as priceable layer parts
+    pd          a PrfaaS / PD deployment: prefill and decode priced, a request stream simulated
 """
 
 from moejax.sim.cost_model import Calibration, CostModel, fit_calibration, load_calibration, save_calibration

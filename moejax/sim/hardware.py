@@ -13,6 +13,10 @@ Datasheets:
           80 GB HBM2e at 2,039 GB/s, NVLink 600 GB/s, PCIe Gen4 64 GB/s, 400 W.
   [L40S]  NVIDIA L40S datasheet: BF16 tensor 362.05 TFLOPS dense (733 sparse), 48 GB GDDR6 at
           864 GB/s, PCIe Gen4 x16 64 GB/s, no NVLink, 350 W.
+  [H20]   NVIDIA H20 (China-market Hopper; no public datasheet page, figures as NVIDIA's product brief is
+          widely reported): BF16 148 TFLOPS dense, 96 GB HBM3 at 4.0 TB/s, NVLink 900 GB/s, PCIe Gen5, 400 W.
+  [100GbE] IEEE 802.3 100 Gb/s Ethernet: 12.5 GB/s per direction; the inter-cluster link of PrfaaS
+          (arXiv 2604.15039), which ships KV over several TCP connections.
   [PCIe]  PCI-SIG base specs: x16 per direction, 128b/130b coding: Gen3 8 GT/s -> 15.75 GB/s,
           Gen4 16 GT/s -> 31.5 GB/s, Gen5 32 GT/s -> 63.0 GB/s.
   [C2C]   NVIDIA Grace Hopper (GH200) NVLink-C2C: 900 GB/s total, 450 GB/s per direction.
@@ -59,6 +63,9 @@ LINKS: dict[str, Link] = {
     "nvlink3": Link("nvlink3", 300 * GB, 5e-6),  # [A100] 600 GB/s bidirectional
     "nvlink4": Link("nvlink4", 450 * GB, 5e-6),  # [H100]/[H200] 900 GB/s bidirectional
     "nvlink-c2c": Link("nvlink-c2c", 450 * GB, 5e-6),  # [C2C] Grace host <-> Hopper
+    # Between clusters (even datacenters): ~1 ms one way is an estimate for a metro-distance path; TCP
+    # over several connections keeps ~90% of the line rate busy (estimate).
+    "eth-100g": Link("eth-100g", 12.5 * GB, 1e-3, efficiency=0.9),  # [100GbE]
 }
 
 
@@ -134,6 +141,8 @@ DEVICES: dict[str, DeviceSpec] = {
                    tdp_w=700, static_w=STATIC_FRACTION * 700, pj_per_byte=HBM_PJ_PER_BYTE),
         DeviceSpec("h200-sxm", 989.4 * TFLOPS, 4800 * GB, 141 * GB, "nvlink4", "pcie5",  # [H200]
                    tdp_w=700, static_w=STATIC_FRACTION * 700, pj_per_byte=HBM_PJ_PER_BYTE),
+        DeviceSpec("h20", 148 * TFLOPS, 4000 * GB, 96 * GB, "nvlink4", "pcie5",  # [H20]
+                   tdp_w=400, static_w=STATIC_FRACTION * 400, pj_per_byte=HBM_PJ_PER_BYTE),
         DeviceSpec("a100-sxm-80gb", 312 * TFLOPS, 2039 * GB, 80 * GB, "nvlink3", "pcie4",  # [A100]
                    tdp_w=400, static_w=STATIC_FRACTION * 400, pj_per_byte=HBM_PJ_PER_BYTE),
         DeviceSpec("l40s", 362.05 * TFLOPS, 864 * GB, 48 * GB, None, "pcie4",  # [L40S]
@@ -182,7 +191,7 @@ HARDWARE: dict[str, Hardware] = {
         _machine("h100", "h100-sxm", 1), _machine("h100x2", "h100-sxm", 2),
         _machine("h100x4", "h100-sxm", 4), _machine("h100x8", "h100-sxm", 8),
         _machine("h200", "h200-sxm", 1), _machine("h200x2", "h200-sxm", 2),
-        _machine("h200x8", "h200-sxm", 8),
+        _machine("h200x8", "h200-sxm", 8), _machine("h20x8", "h20", 8),
         _machine("a100", "a100-sxm-80gb", 1), _machine("a100x2", "a100-sxm-80gb", 2),
         _machine("a100x4", "a100-sxm-80gb", 4), _machine("a100x8", "a100-sxm-80gb", 8),
         _machine("l40s", "l40s", 1), _machine("l40sx2", "l40s", 2), _machine("l40sx4", "l40s", 4),
