@@ -79,6 +79,7 @@ def test_greedy_matches_reference_with_slot_waits_and_preemption(model, prompts,
     assert max(decode_steps) > 1  # multi-step decode carried the state through its steps too
 
 
+@pytest.mark.slow  # every layer in steps with host syncs: ~5 min on a loaded 2-core box
 def test_offload_executor_matches_reference(model, prompts, expected):
     """The offload executor (experts in host memory, a device cache of 4 of the 16 per layer) runs the
     Gated DeltaNet layers in its layer steps over the same state slots."""
