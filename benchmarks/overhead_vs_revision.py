@@ -1,5 +1,6 @@
 """This tree against an earlier revision, side by side in one invocation: the decode step of the tiny
-model and the scheduler's host overhead at 256 running requests.
+model (wall time of a decode-only iteration over the decode steps it ran) and the scheduler's host
+overhead at 256 running requests.
 
     .venv/bin/python benchmarks/overhead_vs_revision.py --base 29507a1   # writes overhead_vs_revision.json
 
@@ -58,7 +59,8 @@ while llm.engine.has_unfinished:
     t0 = time.perf_counter()
     out = llm.engine.step()
     if out.plan.num_prefill_tokens == 0 and out.plan.num_tokens == BATCH:
-        steps.append(time.perf_counter() - t0)
+        # per decode step: a tree with multi-step decode runs up to `decode_steps` of them per iteration
+        steps.append((time.perf_counter() - t0) / getattr(out.plan, "decode_steps", 1))
 
 import host_overhead
 host_overhead.main()

@@ -16,7 +16,8 @@ from typing import Any, Literal
 QKNorm = Literal["none", "per_head", "full"]
 
 # Architectures whose weights moejax can load and run (HF `model_type` values).
-EXECUTABLE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3")
+EXECUTABLE_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3",
+                           "qwen3_next")
 
 
 DTYPES = ("float32", "bfloat16", "float16")  # parameter / compute dtypes a model can run in
@@ -77,6 +78,53 @@ class MLAShape:
 
 
 @dataclass(frozen=True)
+class GatedDeltaNetShape:
+    """Gated DeltaNet linear attention (Qwen3-Next): q and k in num_key_heads heads of key_head_dim,
+    v in num_value_heads heads of value_head_dim (each key head serves num_value_heads // num_key_heads
+    value heads), a causal depthwise conv of conv_kernel taps over [q | k | v]. Per request a layer
+    keeps a fixed-size state, not per-token KV: the recurrent state [value heads, key_head_dim,
+    value_head_dim] (fp32) and the conv's last conv_kernel - 1 inputs (model dtype)."""
+
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int = 4
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the conv: q, k and v side by side."""
+        return 2 * self.key_dim + self.value_dim
+
+    @property
+    def recurrent_state_elems(self) -> int:
+        return self.num_value_heads * self.key_head_dim * self.value_head_dim
+
+    @property
+    def conv_state_elems(self) -> int:
+        return (self.conv_kernel - 1) * self.conv_dim
+
+    def attn_params(self, hidden: int) -> int:
+        return (hidden * (2 * self.key_dim + 2 * self.value_dim)  # q, k, v, z projection
+                + hidden * 2 * self.num_value_heads  # beta and decay-rate projection
+                + self.conv_kernel * self.conv_dim  # conv taps
+                + 2 * self.num_value_heads + self.value_head_dim  # A_log, dt_bias, gated norm
+                + self.value_dim * hidden  # out projection
+                + 2 * hidden)  # the layer's two norms
+
+
+RECURRENT_STATE_BYTES = 4  # Gated DeltaNet recurrent states are kept in fp32: they accumulate over the whole sequence
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shapes and quirks of a MoE decoder. Sizes: D = hidden, F = expert intermediate, E = experts."""
 
@@ -124,6 +172,12 @@ class ModelConfig:
     router_fp32: bool = False  # router logits from fp32 rows and weights (DeepSeek) rather than the model dtype
     # Multi-head latent attention (DeepSeek) instead of GQA; head_dim is then the q/k head width.
     mla: MLAShape | None = None
+    # Gated DeltaNet linear attention (Qwen3-Next) in the layers `linear_layers` marks, attention in the others.
+    linear_attention: GatedDeltaNetShape | None = None
+    linear_layers: tuple[bool, ...] = ()  # per layer: Gated DeltaNet (True) or attention (False)
+    partial_rotary_factor: float = 1.0  # RoPE rotates the first head_dim * factor dims of q and k (Qwen3-Next)
+    attn_output_gate: bool = False  # q projection carries a per-head gate: out *= sigmoid(gate) (Qwen3-Next)
+    zero_centered_norm: bool = False  # RMSNorm weights w scale by (1 + w), so they train around 0 (Qwen3-Next)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -133,6 +187,8 @@ class ModelConfig:
             object.__setattr__(self, "sliding_windows", (None,) * self.num_layers)
         if not self.moe_layers:
             object.__setattr__(self, "moe_layers", (self.num_experts > 0,) * self.num_layers)
+        if not self.linear_layers:
+            object.__setattr__(self, "linear_layers", (False,) * self.num_layers)
         validate(self)
 
     # --- derived quantities used by the model, the executors and the cost model -------------------
@@ -147,6 +203,16 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each q/k head that RoPE rotates (the first ones)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def has_state_slots(self) -> bool:
+        """Whether a request keeps a fixed-size state slot (Gated DeltaNet layers) beside its KV blocks."""
+        return any(self.linear_layers)
 
     @property
     def attention_kind(self) -> str:
@@ -166,10 +232,20 @@ class ModelConfig:
         return 3 * D * F + (2 * F + D if self.expert_bias else 0)
 
     def kv_elems_per_token(self, layer: int) -> int:
-        """K+V elements one token keeps in the cache of `layer`."""
+        """K+V elements one token keeps in the cache of `layer` (none in a Gated DeltaNet layer)."""
+        if self.linear_layers[layer]:
+            return 0
         if self.mla is not None:
             return self.mla.kv_elems_per_token
         return 2 * self.kv_size
+
+    def state_bytes(self, layer: int) -> int:
+        """Bytes of one request's fixed-size state in `layer`: a Gated DeltaNet layer's recurrent
+        state (fp32) and conv state (model dtype); 0 for attention layers."""
+        if not self.linear_layers[layer]:
+            return 0
+        s = self.linear_attention
+        return s.recurrent_state_elems * RECURRENT_STATE_BYTES + s.conv_state_elems * self.dtype_bytes
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -184,7 +260,9 @@ class ModelConfig:
         d["rope"] = RopeConfig(**d.get("rope", {}))
         if d.get("mla"):
             d["mla"] = MLAShape(**d["mla"])
-        for k in ("sliding_windows", "moe_layers", "eos_token_ids"):
+        if d.get("linear_attention"):
+            d["linear_attention"] = GatedDeltaNetShape(**d["linear_attention"])
+        for k in ("sliding_windows", "moe_layers", "linear_layers", "eos_token_ids"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -218,6 +296,22 @@ def validate(cfg: ModelConfig) -> None:
         need(cfg.rope.original_max_position is not None, "rope.original_max_position",
              f"required for RoPE type {cfg.rope.kind!r}")
     need(cfg.dtype in DTYPES, "dtype", f"unsupported dtype {cfg.dtype!r}")
+    need(len(cfg.linear_layers) == cfg.num_layers, "linear_layers",
+         f"has {len(cfg.linear_layers)} entries for {cfg.num_layers} layers")
+    need(0 < cfg.partial_rotary_factor <= 1, "partial_rotary_factor",
+         f"must be in (0, 1], got {cfg.partial_rotary_factor}")
+    need(cfg.rotary_dim > 0 and cfg.rotary_dim % 2 == 0, "partial_rotary_factor",
+         f"rotates {cfg.rotary_dim} of head_dim={cfg.head_dim} dims; RoPE needs an even, positive number")
+    if any(cfg.linear_layers):
+        s = cfg.linear_attention
+        need(s is not None, "linear_attention", "the Gated DeltaNet shape is required when linear_layers marks a layer")
+        for f in ("num_key_heads", "num_value_heads", "key_head_dim", "value_head_dim", "conv_kernel"):
+            need(getattr(s, f) > 0, f"linear_attention.{f}", f"must be positive, got {getattr(s, f)}")
+        need(s.num_value_heads % s.num_key_heads == 0, "linear_attention.num_value_heads",
+             f"num_value_heads={s.num_value_heads} is not a multiple of num_key_heads={s.num_key_heads}")
+        need(cfg.mla is None, "linear_attention", "Gated DeltaNet layers beside MLA attention are not supported")
+        need(all(w is None for lin, w in zip(cfg.linear_layers, cfg.sliding_windows) if lin), "sliding_windows",
+             "a Gated DeltaNet layer has no attention window (None for its layers)")
     need(cfg.router_scoring in ("softmax", "sigmoid"), "router_scoring",
          f"unknown scoring {cfg.router_scoring!r} (softmax, sigmoid)")
     need(cfg.router_group_score in ("max", "top2_sum"), "router_group_score",
@@ -350,7 +444,7 @@ def from_hf_config(hf: dict, name: str = "checkpoint") -> ModelConfig:
         windows = (int(window) if window else None,) * num_layers
 
     moe_layers: tuple[bool, ...]
-    if arch in ("qwen2_moe", "qwen3_moe"):
+    if arch in ("qwen2_moe", "qwen3_moe", "qwen3_next"):
         step = int(hf.get("decoder_sparse_step", 1) or 1)
         dense = set(hf.get("mlp_only_layers") or [])
         moe_layers = tuple(i not in dense and num_experts > 0 and (i + 1) % step == 0
@@ -373,7 +467,7 @@ def from_hf_config(hf: dict, name: str = "checkpoint") -> ModelConfig:
         head_dim, num_kv_heads = quirks.pop("head_dim"), num_heads
     else:
         num_kv_heads = int(_first(hf, "num_key_value_heads", default=num_heads))
-        quirks = _quirks(hf, arch)
+        quirks = _qwen3_next_quirks(hf, num_layers) if arch == "qwen3_next" else _quirks(hf, arch)
     return ModelConfig(
         name=name,
         architecture=arch,
@@ -401,6 +495,32 @@ def from_hf_config(hf: dict, name: str = "checkpoint") -> ModelConfig:
     )
 
 
+def _qwen3_next_quirks(hf: dict, num_layers: int) -> dict[str, Any]:
+    """Qwen3-Next: Gated DeltaNet layers (`layer_types`, or every `full_attention_interval`-th layer
+    attention), gated attention with partial RoPE, zero-centred norms, a gated shared expert."""
+    types = hf.get("layer_types") or ["full_attention" if (i + 1) % int(hf.get("full_attention_interval", 4)) == 0
+                                      else "linear_attention" for i in range(num_layers)]
+    unknown = sorted(set(types) - {"linear_attention", "full_attention"})
+    if len(types) != num_layers or unknown:
+        raise ConfigError(f"config.json: layer_types must name linear_attention or full_attention for each of "
+                          f"the {num_layers} layers; got {len(types)} entries" + (f", unknown {unknown}" if unknown else ""))
+    # transformers >= 5 keeps the factor in rope_parameters, older configs at the top level; 0.25 is its default
+    rope = _first(hf, "rope_parameters", default={}) or {}
+    shared = int(_require(hf, "shared_expert_intermediate_size"))
+    return dict(
+        qkv_bias=bool(hf.get("attention_bias", False)), o_bias=bool(hf.get("attention_bias", False)),
+        qk_norm="per_head", norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+        shared_expert_intermediate_size=shared, shared_expert_gate=shared > 0,
+        partial_rotary_factor=float(_first(rope, "partial_rotary_factor",
+                                           default=_first(hf, "partial_rotary_factor", default=0.25))),
+        attn_output_gate=True, zero_centered_norm=True,
+        linear_attention=GatedDeltaNetShape(
+            num_key_heads=int(_require(hf, "linear_num_key_heads")),
+            num_value_heads=int(_require(hf, "linear_num_value_heads")),
+            key_head_dim=int(_require(hf, "linear_key_head_dim")),
+            value_head_dim=int(_require(hf, "linear_value_head_dim")),
+            conv_kernel=int(_first(hf, "linear_conv_kernel_dim", default=4))),
+        linear_layers=tuple(t == "linear_attention" for t in types))
 def _quirks(hf: dict, arch: str) -> dict[str, Any]:
     return {
         "mixtral": dict(norm_topk_prob=True),
@@ -481,6 +601,15 @@ def _qwen3(name, D, L, H, KV, E, K, F, **kw) -> ModelConfig:
                        norm_topk_prob=True, **kw)
 
 
+def _qwen3_next(name, D, L, H, KV, hd, linear: GatedDeltaNetShape, E, K, F, shared, **kw) -> ModelConfig:
+    """Qwen3-Next: three Gated DeltaNet layers to one gated-attention layer, partial RoPE (a quarter of
+    each head), zero-centred norms, a sigmoid-gated shared expert beside the routed ones."""
+    return ModelConfig(name=name, architecture="qwen3_next", hidden_size=D, num_layers=L, num_heads=H,
+                       num_kv_heads=KV, head_dim=hd, qk_norm="per_head", partial_rotary_factor=0.25,
+                       attn_output_gate=True, zero_centered_norm=True, linear_attention=linear,
+                       linear_layers=tuple((i + 1) % 4 != 0 for i in range(L)), num_experts=E,
+                       num_experts_per_tok=K, moe_intermediate_size=F, norm_topk_prob=True,
+                       shared_expert_intermediate_size=shared, shared_expert_gate=True, **kw)
 def _deepseek(name, arch, V, D, L, H, q_lora, E, K, F, shared, dense_F, first_dense, scale, yarn,
               kv_lora=512, nope=128, rope=64, v=128, groups=(1, 1), orig=4096, max_position=163840,
               bos=None, eos=None, dtype="bfloat16") -> ModelConfig:
@@ -536,6 +665,11 @@ _register(
                 moe_intermediate_size=16384),
     _qwen3("qwen3-30b-a3b", D=2048, L=48, H=32, KV=4, E=128, K=8, F=768),
     _qwen3("qwen3-235b-a22b", D=4096, L=94, H=64, KV=4, E=128, K=8, F=1536),
+    # Qwen/Qwen3-Next-80B-A3B-Instruct's published config.json
+    _qwen3_next("qwen3-next-80b-a3b", D=2048, L=48, H=16, KV=2, hd=256,
+                linear=GatedDeltaNetShape(num_key_heads=16, num_value_heads=32, key_head_dim=128, value_head_dim=128),
+                E=512, K=10, F=512, shared=512, vocab_size=151936, max_position=262144, rope=RopeConfig(theta=1e7),
+                bos_token_id=151643, eos_token_ids=(151645,)),
     ModelConfig(name="qwen2-57b-a14b", architecture="qwen2_moe", vocab_size=151936, hidden_size=3584,
                 num_layers=28, num_heads=28, num_kv_heads=4, head_dim=128, max_position=32768,
                 rope=RopeConfig(theta=1e6), qkv_bias=True, num_experts=64, num_experts_per_tok=8,
@@ -566,6 +700,10 @@ _register(
     # Tiny models with seeded random weights: build in seconds on CPU; the embedded default.
     _qwen3("tiny-qwen3-moe", D=128, L=4, H=4, KV=2, E=16, K=4, F=64, vocab_size=512, head_dim=32,
            max_position=2048, dtype="float32"),
+    _qwen3_next("tiny-qwen3-next", D=128, L=4, H=4, KV=2, hd=32,
+                linear=GatedDeltaNetShape(num_key_heads=2, num_value_heads=4, key_head_dim=32, value_head_dim=32),
+                E=16, K=4, F=64, shared=64, vocab_size=512, max_position=2048, rope=RopeConfig(theta=1e6),
+                dtype="float32"),
     _qwen3("tiny-moe-64x4", D=128, L=8, H=4, KV=2, E=64, K=4, F=64, vocab_size=512, head_dim=32,
            max_position=8192, dtype="float32"),
     ModelConfig(name="tiny-mixtral", architecture="mixtral", vocab_size=512, hidden_size=128,

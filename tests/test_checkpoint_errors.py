@@ -178,3 +178,39 @@ def test_gpt_oss_layer_types(gpt_oss):
     edit_config(gpt_oss, layer_types=["sliding_attention", "full_attention"])
     with pytest.raises(ConfigError, match=r"layer_types has 2 entries for 3 layers"):
         load_hf(gpt_oss)
+def qwen3_next(tmp_path):
+    d = tmp_path / "qwen3_next"
+    shutil.copytree(FIXTURES / "qwen3_next", d)
+    return d
+
+
+def test_qwen3_next_layer_types(qwen3_next):
+    edit_config(qwen3_next, layer_types=["linear_attention", "sliding_attention", "linear_attention", "full_attention"])
+    with pytest.raises(ConfigError, match=r"layer_types must name linear_attention or full_attention for each of the "
+                                          r"4 layers; got 4 entries, unknown \['sliding_attention'\]"):
+        load_hf(qwen3_next)
+    edit_config(qwen3_next, layer_types=["linear_attention"] * 3)
+    with pytest.raises(ConfigError, match=r"for each of the 4 layers; got 3 entries"):
+        load_hf(qwen3_next)
+
+
+def test_qwen3_next_linear_attention_fields(qwen3_next):
+    edit_config(qwen3_next, linear_num_value_heads=None)
+    with pytest.raises(ConfigError, match=r"missing field linear_num_value_heads"):
+        load_hf(qwen3_next)
+    edit_config(qwen3_next, linear_num_value_heads=3)
+    with pytest.raises(ConfigError, match=r"linear_attention\.num_value_heads: num_value_heads=3 is not a multiple "
+                                          r"of num_key_heads=2"):
+        load_hf(qwen3_next)
+
+
+def test_qwen3_next_conv_shape_and_ignored_mtp(qwen3_next):
+    """A conv weight of the wrong shape is named; a multi-token-prediction module (real Qwen3-Next
+    checkpoints ship one) is not an unexpected tensor."""
+    rewrite(qwen3_next, lambda t: t.update({"mtp.fc.weight": np.zeros((4, 4), np.float32)}))
+    model = load_hf(qwen3_next)
+    assert model.config.linear_layers == (True, True, True, False) and model.config.rotary_dim == 4
+    rewrite(qwen3_next, lambda t: t.update({"model.layers.2.linear_attn.conv1d.weight": np.zeros((128, 1, 3), np.float32)}))
+    with pytest.raises(CheckpointError, match=r"linear_attn\.conv1d\.weight has shape \[128, 1, 3\], expected "
+                                              r"\[128, 1, 4\] \(for layers\.2\.attn\.conv_taps"):
+        load_hf(qwen3_next)

@@ -12,7 +12,8 @@ from moejax.checkpoint import load_hf
 from moejax.models.reference import greedy_generate, prompt_logits
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FP32_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_moe_bf16", "gpt_oss", "deepseek_v2", "deepseek_v3"]
+FP32_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "qwen3_moe_bf16", "gpt_oss", "deepseek_v2", "deepseek_v3",
+               "qwen3_next"]
 
 
 def reference(name):
@@ -46,7 +47,7 @@ def test_greedy_tokens_match_transformers(loaded):
 
 
 # deepseek_v2: MLA without q LoRA; the q-LoRA form serves in tests/test_deepseek_engine.py
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v2"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v2", "qwen3_next"])
 def test_engine_generate_matches_transformers(name):
     """The batched engine (all prompts at once) reproduces HF's greedy tokens."""
     ref, prompts, _ = reference(name)

@@ -3,7 +3,8 @@ streams, aborts, budgets, cache sizes and multi-step decode, no block is leaked 
 token budget holds, and every request finishes (or is aborted) with exactly the tokens a
 non-preempted one-step run would give. The same with a window-aware cache (a full-attention pool and
 a sliding-window pool): every key a slice's rows can see is in a live block, and the window pool
-alone can force preemption."""
+alone can force preemption. With per-request state slots (Gated DeltaNet layers), fewer than the
+requests that may run: every running request holds its own slot, waiting ones none, none leaked."""
 
 import numpy as np
 import pytest
@@ -80,13 +81,14 @@ def expected_output(prompt, max_tokens):
 
 
 def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps=1, window=None,
-               window_blocks=0) -> int:
+               window_blocks=0, state_slots=0) -> int:
     """Serve `requests` (prompt length, max tokens, unused) checking every invariant after each
     step, decode-only iterations running up to `decode_steps` steps; returns how many preemptions
-    the stream caused. window: add a sliding-window KV group of window_blocks blocks."""
+    the stream caused. window: add a sliding-window KV group of window_blocks blocks; state_slots:
+    per-request state slots beside the blocks."""
     block_size, max_len = 4, 64  # one request needs at most 16 blocks
-    kv = KVCacheManager(num_blocks, block_size) if window is None else \
-        KVCacheManager((num_blocks, window_blocks), block_size, windows=(None, window))
+    kv = KVCacheManager(num_blocks, block_size, num_state_slots=state_slots) if window is None else \
+        KVCacheManager((num_blocks, window_blocks), block_size, windows=(None, window), num_state_slots=state_slots)
     num_blocks = kv.num_blocks
     budget = max(budget, max_len) if policy == "no_chunk" else budget
     sched = Scheduler(CFG, kv, make_policy(policy),
@@ -109,10 +111,14 @@ def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_
         held = sum(sum(b != FREED for b in t) for r in sched.running for t in kv.tables(r))
         assert held + kv.num_free_blocks == num_blocks  # every block is free or held exactly once
         assert all(not r.block_ids and not r.group_block_ids for r in sched.waiting)
+        if state_slots:
+            slots = [r.state_slot for r in sched.running]
+            assert None not in slots and len(set(slots)) == len(slots) == state_slots - kv.state_slots.num_free
+            assert all(r.state_slot is None for r in sched.waiting)
     else:
         raise AssertionError("requests did not finish")
     assert executor.max_tokens_seen <= budget or policy in ("no_chunk", "layered")  # whole prompts
-    assert kv.num_free_blocks == num_blocks
+    assert kv.num_free_blocks == num_blocks and (not state_slots or kv.state_slots.num_free == state_slots)
     for r, (plen, max_tokens, _) in zip(reqs, requests):
         assert r.is_finished
         if r.finish_reason != "abort":
@@ -127,9 +133,9 @@ def run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_
        budget=st.integers(1, 64), max_seqs=st.integers(1, 6), num_blocks=st.integers(16, 60),
        requests=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 20), st.integers(0, 30)), min_size=1, max_size=12),
        abort_at=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 11)), max_size=3),
-       decode_steps=st.sampled_from([1, 3, 8]))
-def test_scheduler_invariants(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps):
-    run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps)
+       decode_steps=st.sampled_from([1, 3, 8]), state_slots=st.sampled_from([0, 0, 1, 2, 4]))
+def test_scheduler_invariants(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps, state_slots):
+    run_stream(policy, budget, max_seqs, num_blocks, requests, abort_at, decode_steps, state_slots=state_slots)
 
 
 @pytest.mark.parametrize("policy", ["chunked", "no_chunk"])

@@ -17,6 +17,9 @@ loader stream each device's shard straight from the memory-mapped files.
 DeepSeek's latent attention maps its own projections (q_proj or q_a_proj / q_a_layernorm / q_b_proj,
 kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj), its router's e_score_correction_bias and its
 `shared_experts`.
+
+Qwen3-Next's Gated DeltaNet layers (model.layers.N.linear_attn.*) keep HF's projection layouts; the
+depthwise conv weight [C, 1, K] becomes taps [K, C].
 """
 
 from __future__ import annotations
@@ -146,6 +149,23 @@ class Concat:
 
 
 @dataclass(frozen=True)
+class ConvTaps:
+    """param [K, C] = tensor[:, 0, :].T: a depthwise Conv1d weight [C, 1, K] as K taps per channel."""
+
+    name: str
+
+    def names(self) -> list[str]:
+        return [self.name]
+
+    def expected_shapes(self, shape):
+        return {self.name: (shape[1], 1, shape[0])}
+
+    def read(self, get: Reader, index: Index) -> np.ndarray:
+        taps, channels = index
+        return get(self.name)[channels, 0, taps].T
+
+
+@dataclass(frozen=True)
 class Interleaved:
     """param[..., :F] = tensor[..., 0::2], param[..., F:] = tensor[..., 1::2]: GPT-OSS stores gate and up
     columns interleaved ([E, D, 2F] weights, [E, 2F] biases); moejax keeps them as gate | up halves."""
@@ -166,7 +186,7 @@ class Interleaved:
         return get(self.name)[tuple(lead)][..., np.where(cols < half, 2 * cols, 2 * (cols - half) + 1)]
 
 
-Source = Transposed | Direct | StackedExperts | FusedExperts | Concat | Interleaved
+Source = Transposed | Direct | StackedExperts | FusedExperts | Concat | ConvTaps | Interleaved
 
 
 def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
@@ -181,6 +201,15 @@ def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
         hf, me = f"model.layers.{i}", f"layers.{i}"
         src[f"{me}.input_norm.weight"] = Direct(f"{hf}.input_layernorm.weight")
         src[f"{me}.post_attn_norm.weight"] = Direct(f"{hf}.post_attention_layernorm.weight")
+        if cfg.architecture == "gpt_oss":
+            src.update(_gpt_oss_moe_sources(f"{hf}.mlp", me, f"experts.{i}"))
+        elif cfg.moe_layers[i]:
+            src.update(_moe_sources(cfg, names, hf, me, f"experts.{i}"))
+        else:
+            src.update(_mlp_sources(f"{hf}.mlp", f"{me}.mlp"))
+        if cfg.linear_layers[i]:
+            src.update(_gated_deltanet_sources(f"{hf}.linear_attn", f"{me}.attn"))
+            continue
         if cfg.mla is not None:
             src.update(_mla_sources(cfg, f"{hf}.self_attn", f"{me}.attn"))
             projections = ("o",)
@@ -198,13 +227,14 @@ def param_sources(cfg: ModelConfig, names: set[str]) -> dict[str, Source]:
             src[f"{me}.attn.k_norm.weight"] = Direct(f"{hf}.self_attn.k_norm.weight")
         if cfg.attention_sinks:
             src[f"{me}.attn.sinks"] = Direct(f"{hf}.self_attn.sinks")
-        if cfg.architecture == "gpt_oss":
-            src.update(_gpt_oss_moe_sources(f"{hf}.mlp", me, f"experts.{i}"))
-        elif cfg.moe_layers[i]:
-            src.update(_moe_sources(cfg, names, hf, me, f"experts.{i}"))
-        else:
-            src.update(_mlp_sources(f"{hf}.mlp", f"{me}.mlp"))
     return src
+
+
+def _gated_deltanet_sources(hf: str, me: str) -> dict[str, Source]:
+    return {f"{me}.w_qkvz": Transposed(f"{hf}.in_proj_qkvz.weight"), f"{me}.w_ba": Transposed(f"{hf}.in_proj_ba.weight"),
+            f"{me}.conv_taps": ConvTaps(f"{hf}.conv1d.weight"), f"{me}.A_log": Direct(f"{hf}.A_log"),
+            f"{me}.dt_bias": Direct(f"{hf}.dt_bias"), f"{me}.norm.weight": Direct(f"{hf}.norm.weight"),
+            f"{me}.w_out": Transposed(f"{hf}.out_proj.weight")}
 
 
 def _mla_sources(cfg: ModelConfig, hf: str, me: str) -> dict[str, Source]:
@@ -265,12 +295,14 @@ def _gpt_oss_moe_sources(block: str, me: str, experts: str) -> dict[str, Source]
 
 # Tensors a checkpoint may carry that the model recomputes or does not need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_PREFIXES = ("mtp.",)  # Qwen3-Next's multi-token-prediction module: not used for decoding
 
 
 def ignored(cfg: ModelConfig, name: str) -> bool:
     """Whether a checkpoint tensor is one moejax does not need: recomputed buffers, and DeepSeek-V3's
-    multi-token-prediction module(s) stored as the layers after the last (transformers skips them too)."""
-    if name.endswith(IGNORED_SUFFIXES):
+    multi-token-prediction module(s) stored as the layers after the last (transformers skips them too),
+    Qwen3-Next's (`mtp.*`)."""
+    if name.endswith(IGNORED_SUFFIXES) or name.startswith(IGNORED_PREFIXES):
         return True
     extra_layer = re.match(r"model\.layers\.(\d+)\.", name)
     return cfg.architecture == "deepseek_v3" and extra_layer is not None and int(extra_layer[1]) >= cfg.num_layers

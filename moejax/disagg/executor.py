@@ -40,6 +40,7 @@ from moejax.disagg.exchange import FORMS, HOST_NETWORK, Exchange, host_map, seco
 from moejax.disagg.microbatch import choose_micro_batches, split_rows
 from moejax.disagg.timeline import Timeline
 from moejax.engine.jax_executor import JaxExecutor, RowMap, _scatter_rows, kv_blocks_for
+from moejax.engine.kv_cache import state_slots_for
 from moejax.engine.metadata import bucket, to_device
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.engine.traffic import layer_stats
@@ -71,7 +72,7 @@ class DisaggExecutor(JaxExecutor):
 
     def __init__(self, model: Model, num_blocks, block_size: int, max_model_len: int, *,
                  micro_batches: int | None = None, exchange: str = "auto", emulated_hosts: int | None = None,
-                 hardware: str = "h100x8"):
+                 hardware: str = "h100x8", state_slots: int = 0):
         """micro_batches: m per layer group (None: from the cost model of `hardware`); exchange: the
         activation exchange's form, or "auto" (the cheaper by the cost model, per step);
         emulated_hosts: treat each pool's devices as that many hosts (one process)."""
@@ -85,7 +86,7 @@ class DisaggExecutor(JaxExecutor):
             raise ValueError(f"micro_batches={micro_batches!r}: must be an integer >= 1 (or None: chosen per step)")
         if exchange not in ("auto", *FORMS):
             raise ValueError(f"exchange={exchange!r}: expected auto, {', '.join(FORMS)}")
-        super().__init__(model, num_blocks, block_size, max_model_len, fuse=False)
+        super().__init__(model, num_blocks, block_size, max_model_len, fuse=False, state_slots=state_slots)
         self.micro_batches, self.form = micro_batches, exchange
         self.cost = CostModel(model.config, get_hardware(hardware))
         self.exchange = Exchange(host_map({"attention": list(p.attention.mesh.devices.flat),
@@ -249,9 +250,11 @@ def check_expert_pool(cfg: ModelConfig, placements: Placements, memory_bytes: in
 def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
            layout="cpu8-attn4-exp4", dtype: str | None = None, num_blocks: int | None = None,
            kv_budget_bytes: int | None = None, micro_batches: int | None = None, exchange: str = "auto",
-           emulated_hosts: int | None = None, hardware: str = "h100x8", device_memory: int | None = None):
+           emulated_hosts: int | None = None, hardware: str = "h100x8", device_memory: int | None = None,
+           state_slots: int | None = None):
     """A DisaggExecutor for `model` (a Model loaded with a split layout, or a preset / checkpoint name
-    loaded here with `layout`). device_memory: bytes per expert-pool device (default: measured)."""
+    loaded here with `layout`). device_memory: bytes per expert-pool device (default: measured);
+    state_slots: as the jax executor's (Gated DeltaNet layers; default one per request)."""
     from moejax.checkpoint import checkpoint_dir, load_model, placements_for
     from moejax.config import PRESETS, load_hf_config
     from moejax.engine.factory import Built
@@ -273,9 +276,12 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
     if not model.placements.colocated:  # (a colocated model: the executor names the fix)
         check_expert_pool(model.config, model.placements, device_memory)
     max_model_len = max_model_len or min(model.config.max_position, 4096)
+    state_slots = state_slots_for(model.config, max_num_seqs, state_slots)
     num_blocks, shards = kv_blocks_for(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                       block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes)
+                                       block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes,
+                                       state_slots=state_slots)
     executor = DisaggExecutor(model, num_blocks, block_size, max_model_len, micro_batches=micro_batches,
-                              exchange=exchange, emulated_hosts=emulated_hosts, hardware=hardware)
-    return Built(executor, num_blocks, max_model_len, kv_shards=shards)
+                              exchange=exchange, emulated_hosts=emulated_hosts, hardware=hardware,
+                              state_slots=state_slots)
+    return Built(executor, num_blocks, max_model_len, kv_shards=shards, state_slots=state_slots)
 

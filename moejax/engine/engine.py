@@ -205,7 +205,8 @@ class Engine:
 
     def _hand_off(self, req: Request) -> None:
         """Export a handed-off request's KV (all but its last token: the next engine computes that one)."""
-        kv = self.executor.export_kv(req.block_ids, req.num_computed_tokens, req.group_block_ids)
+        kv = self.executor.export_kv(req.block_ids, req.num_computed_tokens, req.group_block_ids,
+                                       req.state_slot)
         self.handoffs.append(Handoff(req.request_id, list(req.prompt_token_ids), req.output_token_ids, req.params,
                                      req.seed, kv, req.arrival_time, req.first_token_time))
         self.scheduler.release_handoff(req)

@@ -28,13 +28,15 @@ class Executor(Protocol):
         ...
 
     def execute(self, plan: IterationPlan) -> StepResult:
-        """Run one iteration: import `plan.kv_imports`, run every slice through its layers, KV written,
+        """Run one iteration: import `plan.kv_imports`, run every slice through its layers, KV (and the
+        state slots `plan.state_slots` name) written,
         sampled rows sampled, and the state of `plan.released` requests (kept hidden rows) dropped."""
         ...
 
     def export_kv(self, block_ids: tuple[int, ...], num_tokens: int,
-                  group_block_ids: tuple[tuple[int, ...], ...] = ()) -> KVPayload:
+                  group_block_ids: tuple[tuple[int, ...], ...] = (), state_slot: int | None = None,
+                  layers: range | None = None) -> KVPayload:
         """One request's KV: tokens 0 .. num_tokens-1 of the blocks `block_ids` (and for a hybrid model
-        the other KV groups' tables), every layer (a sliding-window layer: its last tokens,
-        kv_transfer.layer_kv_state)."""
+        the other KV groups' tables), every layer or only `layers` (a sliding-window layer: its last
+        tokens, kv_transfer.layer_kv_state; a Gated DeltaNet layer: its state slot `state_slot`)."""
         ...

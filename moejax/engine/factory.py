@@ -35,6 +35,7 @@ class Built:
     num_blocks: int | tuple[int, ...]  # KV blocks the executor holds: per KV group (kv_cache.kv_groups), or one count
     max_model_len: int  # as the caller gave it, or the executor's default
     kv_shards: int = 1  # request shards the blocks are split over (data parallelism)
+    state_slots: int = 0  # per-request state slots the executor holds (models with Gated DeltaNet layers)
     virtual_time: bool = False  # the executor models time instead of taking it
 
 
@@ -70,8 +71,10 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
 
     Other options go to the policy (layered: group_table, cohorts_in_flight, max_prefill_tokens, ...;
     layered-adaptive also tbt_target_s, and prices iterations with the executor's cost model) or to
-    the executor's factory (jax: layout, dtype, num_blocks, kv_budget_bytes, fuse; sim: hardware,
-    routing, routing_params, calibration, memory_fraction); an option neither takes is an error."""
+    the executor's factory (jax: layout, dtype, num_blocks, kv_budget_bytes, state_slots, fuse,
+    max_decode_steps; sim: hardware, routing, routing_params, calibration, memory_fraction, state_slots;
+    offload / sim-offload: theirs, state_slots too); an option neither takes is an error. state_slots:
+    per-request state slots of Gated DeltaNet layers (Qwen3-Next), default one per max_num_seqs."""
     name, overrides = parse_policy(policy)
     token_budget = overrides.get("token_budget", token_budget)
     for field, value, least in (("token_budget", token_budget, 1), ("max_num_seqs", max_num_seqs, 1),
@@ -100,7 +103,8 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
     chosen = make_policy(name, **chosen_options)
     built.executor.attach(chosen)
     windows = [g.window for g in kv_groups(built.executor.config)]
-    kv = KVCacheManager(built.num_blocks, block_size, num_shards=built.kv_shards, windows=windows)
+    kv = KVCacheManager(built.num_blocks, block_size, num_shards=built.kv_shards, windows=windows,
+                        num_state_slots=built.state_slots)
     scheduler = Scheduler(built.executor.config, kv, chosen, SchedulerConfig(
         max_num_seqs=max_num_seqs, token_budget=token_budget, max_model_len=built.max_model_len))
     return Engine(scheduler, built.executor, virtual_time=built.virtual_time, seed=seed)

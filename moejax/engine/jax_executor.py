@@ -11,7 +11,9 @@ group, one transfer to the host) as a KVPayload; plans carry payloads to import 
 
 Hybrid models (sliding-window and full-attention layers) keep a pool of blocks per KV group
 (kv_cache.kv_groups): the window layers' caches are smaller, and each iteration's attention metadata
-carries every group's block tables.
+carries every group's block tables. Gated DeltaNet layers (Qwen3-Next) keep a request's state in its
+state slot instead of blocks: the plan names the slot, the metadata maps rows to it, the layers read
+and write it, and hand-off moves the slot's contents (kind "recurrent").
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.engine.kv_cache import group_blocks, kv_groups, kv_pool_blocks
+from moejax.engine.kv_cache import group_blocks, kv_groups, kv_pool_blocks, state_slots_for
 from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout, layer_kv_state
 from moejax.engine.metadata import attention_metadata, bucket, pad_tokens, to_device
 from moejax.engine.plan import IterationPlan, StepResult
@@ -52,6 +54,17 @@ def _write_kv(kv: list, slots: jax.Array, values: list) -> list:
     range: dropped)."""
     return [tuple(c.reshape(-1, *c.shape[2:]).at[slots].set(x.astype(c.dtype), mode="drop").reshape(c.shape)
                   for c, x in zip(layer, v)) for layer, v in zip(kv, values)]
+
+
+@jax.jit
+def _read_states(states: list, slot: jax.Array) -> list:
+    """Every Gated DeltaNet layer's (conv, recurrent) state in one state slot."""
+    return [tuple(a[slot] for a in layer) for layer in states]
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _write_states(states: list, slot: jax.Array, values: list) -> list:
+    return [tuple(a.at[slot].set(x.astype(a.dtype)) for a, x in zip(layer, v)) for layer, v in zip(states, values)]
 
 
 class HiddenStash:
@@ -119,11 +132,12 @@ class JaxExecutor:
     splits_experts = False  # runs a model whose routed experts sit on devices apart (moejax.disagg)
 
     def __init__(self, model: Model, num_blocks: int | tuple[int, ...], block_size: int, max_model_len: int,
-                 fuse: bool = True, max_decode_steps: int = 8):
+                 fuse: bool = True, max_decode_steps: int = 8, state_slots: int = 0):
         """num_blocks: blocks of each KV group (kv_cache.kv_groups), or one count for every group.
         fuse: run iterations whose slices all cross every layer as one compiled program (else layer by
         layer, as every other iteration runs). max_decode_steps: the most decode steps one program runs
-        (decode-only iterations; 1 = one step per iteration)."""
+        (decode-only iterations; 1 = one step per iteration). state_slots: per-request state slots of
+        Gated DeltaNet layers (one per request the scheduler runs at once)."""
         self.fuse = fuse
         self.max_decode_steps = max_decode_steps if fuse else 1
         self.model = model
@@ -144,7 +158,9 @@ class JaxExecutor:
         for group, n in zip(self.kv_groups, self.group_num_blocks):
             for i in group.layers:
                 per_layer[i] = n
-        self.kv = model.init_kv_cache(per_layer, block_size)
+        self.num_state_slots = state_slots
+        self.kv = model.init_kv_cache(per_layer, block_size, state_slots)
+        self.state_layers = [i for i, linear in enumerate(model.config.linear_layers) if linear]
         self._sharding = placement.sharding if placement else None
         # Inputs with no layout axis (token ids, row indices, sampling columns) are replicated. In one
         # process they stay uncommitted and jit places them; on a mesh over several processes (one per
@@ -171,13 +187,19 @@ class JaxExecutor:
             yield group.layers, table, num_tokens - n, n
 
     def export_kv(self, block_ids: tuple[int, ...], num_tokens: int,
-                  group_block_ids: tuple[tuple[int, ...], ...] = (), layers: range | None = None) -> KVPayload:
+                  group_block_ids: tuple[tuple[int, ...], ...] = (), state_slot: int | None = None,
+                  layers: range | None = None) -> KVPayload:
         """The KV of a request's first num_tokens tokens in its blocks (`block_ids`, and the other
         KV groups' tables for a hybrid model), every layer (or only `layers`: a prefill streaming the
         layers it has finished), on the host: per layer the arrays its attention caches (k, v; MLA:
-        latent, k_rope); a sliding-window layer's only for the last tokens its next token sees."""
+        latent, k_rope); a sliding-window layer's only for the last tokens its next token sees; a Gated
+        DeltaNet layer's state in `state_slot`."""
         cfg = self.config
         wanted = set(range(cfg.num_layers) if layers is None else layers)
+        state_layers = [i for i in self.state_layers if i in wanted]
+        if state_layers and state_slot is None:
+            raise ValueError(f"{cfg.name} keeps Gated DeltaNet state in state slots: export_kv needs the "
+                             "request's state_slot")
         spans = [(tuple(i for i in group if i in wanted), *rest)
                  for group, *rest in self._group_spans((block_ids, *group_block_ids), num_tokens)]
         spans = [span for span in spans if span[0]]
@@ -188,12 +210,18 @@ class JaxExecutor:
             for i, arrays in zip(group, group_values):
                 layout, _ = layer_kv_state(cfg, i, num_tokens)
                 states[i] = LayerKVState(layout.kind, {a.name: np.asarray(x)[:n] for a, x in zip(layout.arrays, arrays)})
+        if state_layers:
+            slot_states = jax.device_get(_read_states([self.kv[i] for i in state_layers], np.int32(state_slot)))
+            for i, arrays in zip(state_layers, slot_states):
+                layout, _ = layer_kv_state(cfg, i, num_tokens)
+                states[i] = LayerKVState(layout.kind, {a.name: x for a, x in zip(layout.arrays, arrays)})
         return KVPayload(cfg.name, kv_layout(cfg, self.model.dtype), num_tokens, tuple(sorted(states)),
                          tuple(states[i] for i in sorted(states)))
 
     def import_kv(self, block_ids: tuple[int, ...], payload: KVPayload,
-                  group_block_ids: tuple[tuple[int, ...], ...] = ()) -> None:
-        """Write a payload's KV into a request's blocks (checked against this model first)."""
+                  group_block_ids: tuple[tuple[int, ...], ...] = (), state_slot: int | None = None) -> None:
+        """Write a payload's KV into a request's blocks, its Gated DeltaNet states into `state_slot`
+        (checked against this model first)."""
         payload.check(self.config, self.model.dtype, payload.num_tokens)
         spans = list(self._group_spans((block_ids, *group_block_ids), payload.num_tokens))
         layouts = cache_layouts(self.config)
@@ -206,13 +234,20 @@ class JaxExecutor:
                                 to_device(values, self._replicated))
             for i, layer_kv in zip(layers, written):
                 self.kv[i] = layer_kv
+        if self.state_layers:
+            values = [tuple(np.asarray(payload.states[i].arrays[a.name]) for a in layouts[i].arrays)
+                      for i in self.state_layers]
+            written = _write_states([self.kv[i] for i in self.state_layers], np.int32(state_slot),
+                                    to_device(values, self._replicated))
+            for i, layer_kv in zip(self.state_layers, written):
+                self.kv[i] = layer_kv
 
     def execute(self, plan: IterationPlan) -> StepResult:
         t0 = time.perf_counter()
         for rid in plan.released:
             self.stash.release(rid)
         for rid, block_ids, payload in plan.kv_imports:
-            self.import_kv(block_ids, payload, plan.group_block_tables.get(rid, ()))
+            self.import_kv(block_ids, payload, plan.group_block_tables.get(rid, ()), plan.state_slots.get(rid))
         L, E = self.config.num_layers, max(self.config.num_experts, 1)
         if not plan.slices:
             return self._result(plan, {}, np.zeros((L, E), np.int64), t0)
@@ -235,9 +270,10 @@ class JaxExecutor:
             result.logprobs = _logprobs_of(plan, *out[1:])
         return result
 
-    def _tables(self, plan: IterationPlan, seq_of: dict[int, int]) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+    def _tables(self, plan: IterationPlan, seq_of: dict[int, int]):
         """The block tables of the plan's requests [S, max_blocks] (KV group 0), and of the other KV
-        groups' (one per window); freed entries (-1) point at block 0, never read."""
+        groups' (one per window); freed entries (-1) point at block 0, never read; each request's state
+        slot [S] (None without Gated DeltaNet layers)."""
         groups = [(None, plan.block_tables)] + [
             (g.window, {rid: plan.group_block_tables[rid][j] for rid in seq_of})
             for j, g in enumerate(self.kv_groups[1:])]
@@ -248,13 +284,19 @@ class JaxExecutor:
                 blocks = per_request[rid]
                 tables[i, :len(blocks)] = blocks
             out.append(np.maximum(tables, 0))
-        return out[0], {w: t for (w, _), t in zip(groups[1:], out[1:])}
+        slots = None
+        if self.num_state_slots:
+            slots = np.zeros(len(seq_of), np.int32)
+            for rid, i in seq_of.items():
+                slots[i] = plan.state_slots[rid]
+        return out[0], {w: t for (w, _), t in zip(groups[1:], out[1:])}, slots
 
     def _meta(self, row_map: "RowMap", tables, once: bool = False):
-        block_tables, window_tables = tables
+        block_tables, window_tables, state_slots = tables
         return attention_metadata(row_map.positions, row_map.seq_ids, block_tables, self.block_size,
                                   self.num_blocks, valid=row_map.valid, sharding=self._sharding, once=once,
-                                  window_tables=window_tables)
+                                  window_tables=window_tables, state_slots=state_slots,
+                                  num_state_slots=self.num_state_slots)
 
     def _run_decode_steps(self, plan: IterationPlan, seq_of: dict[int, int], tables, t0: float):
         """A decode-only plan run for plan.decode_steps steps in one program (Model.decode_steps)."""
@@ -412,10 +454,12 @@ def default_kv_budget() -> int:
 
 
 def kv_blocks_for(model: Model, *, max_num_seqs: int, max_model_len: int, block_size: int,
-                  num_blocks: int | None, kv_budget_bytes: int | None) -> tuple[tuple[int, ...], int]:
+                  num_blocks: int | None, kv_budget_bytes: int | None,
+                  state_slots: int = 0) -> tuple[tuple[int, ...], int]:
     """(KV blocks of each KV group, request shards). The full-attention layers get `num_blocks`, else
     as many as fit `kv_budget_bytes` (default: free device memory) with the window groups' pools
-    (kv_cache.group_blocks) but no more than max_num_seqs full requests; multiples of the request shards."""
+    (kv_cache.group_blocks) and `state_slots` state slots but no more than max_num_seqs full requests;
+    multiples of the request shards."""
     attention = model.placements.attention
     shards = attention.shards("batch") if attention else 1
     sizes = dict(max_num_seqs=max_num_seqs, max_model_len=max_model_len, num_shards=shards)
@@ -423,7 +467,7 @@ def kv_blocks_for(model: Model, *, max_num_seqs: int, max_model_len: int, block_
         return group_blocks(model.config, block_size, num_blocks, **sizes), shards
     budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget()
     return kv_pool_blocks(model.config, block_size, budget, max_full_blocks=max_num_seqs * math.ceil(
-        max_model_len / block_size), **sizes), shards
+        max_model_len / block_size), state_slots=state_slots, **sizes), shards
 
 
 def resolve_model(model, *, layout=None, dtype: str | None = None, seed: int = 0) -> Model:
@@ -440,12 +484,16 @@ def resolve_model(model, *, layout=None, dtype: str | None = None, seed: int = 0
 
 def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
            layout=None, dtype: str | None = None, num_blocks: int | None = None,
-           kv_budget_bytes: int | None = None, fuse: bool = True, max_decode_steps: int = 8):
+           kv_budget_bytes: int | None = None, state_slots: int | None = None, fuse: bool = True,
+           max_decode_steps: int = 8):
     from moejax.engine.factory import Built
 
     model = resolve_model(model, layout=layout, dtype=dtype, seed=seed)
     max_model_len = max_model_len or min(model.config.max_position, 4096)
+    state_slots = state_slots_for(model.config, max_num_seqs, state_slots)
     num_blocks, shards = kv_blocks_for(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                       block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes)
-    executor = JaxExecutor(model, num_blocks, block_size, max_model_len, fuse=fuse, max_decode_steps=max_decode_steps)
-    return Built(executor, num_blocks, max_model_len, kv_shards=shards)
+                                       block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes,
+                                       state_slots=state_slots)
+    executor = JaxExecutor(model, num_blocks, block_size, max_model_len, fuse=fuse, max_decode_steps=max_decode_steps,
+                           state_slots=state_slots)
+    return Built(executor, num_blocks, max_model_len, kv_shards=shards, state_slots=state_slots)

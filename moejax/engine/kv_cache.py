@@ -15,6 +15,11 @@ tables of a request have the same length, and a freed entry is -1.
 A request's tables: `Request.block_ids` is group 0's (full attention when the model has any),
 `Request.group_block_ids` the other groups'. Admission and preemption see every group: a request
 fits when each group has the blocks it needs, its own expired window blocks counted as free.
+
+State slots: a Gated DeltaNet layer (Qwen3-Next) belongs to no KV group; it keeps per request one
+fixed-size recurrent state, in a slot of its own allocator (`StateSlotAllocator`) that a request
+takes at its first allocation and keeps until freed. A request fits only when a slot is free too.
+(MLA layers are paged like any other: their latent per token is what `kv_elems_per_token` counts.)
 """
 
 from __future__ import annotations
@@ -42,9 +47,11 @@ class KVGroup:
 
 
 def kv_groups(cfg: ModelConfig) -> tuple[KVGroup, ...]:
-    """The model's layers by attention window: full attention first, then windows ascending."""
-    windows = sorted(set(cfg.sliding_windows), key=lambda w: -1 if w is None else w)
-    return tuple(KVGroup(w, tuple(i for i, x in enumerate(cfg.sliding_windows) if x == w)) for w in windows)
+    """The model's attention layers by attention window: full attention first, then windows
+    ascending (Gated DeltaNet layers keep state slots, not blocks)."""
+    attention = [(i, w) for i, (w, lin) in enumerate(zip(cfg.sliding_windows, cfg.linear_layers)) if not lin]
+    windows = sorted({w for _, w in attention}, key=lambda w: -1 if w is None else w)
+    return tuple(KVGroup(w, tuple(i for i, x in attention if x == w)) for w in windows)
 
 
 def window_blocks(window: int, block_size: int) -> int:
@@ -68,10 +75,16 @@ def kv_block_bytes(cfg: ModelConfig, block_size: int) -> int:
     return per_token * block_size * cfg.dtype_bytes
 
 
+def state_slot_bytes(cfg: ModelConfig) -> int:
+    """Bytes of one request's state slot across all layers (0 without Gated DeltaNet layers)."""
+    return sum(cfg.state_bytes(i) for i in range(cfg.num_layers))
+
+
 def kv_bytes(cfg: ModelConfig, num_tokens: int, block_size: int | None = None) -> int:
     """KV bytes one request holds once its KV covers num_tokens tokens: every token in a
     full-attention layer, the last min(num_tokens, window) in a sliding-window layer (what the
-    request's last row attended to, itself included). block_size: in the paged cache's whole
+    request's last row attended to, itself included), and its state slot (`state_slot_bytes`,
+    whatever num_tokens, Gated DeltaNet layers). block_size: in the paged cache's whole
     blocks (of a window group: the blocks holding those tokens; the cache frees the older ones when
     the request next allocates, so between allocations it may hold one more)."""
     total = 0
@@ -81,7 +94,7 @@ def kv_bytes(cfg: ModelConfig, num_tokens: int, block_size: int | None = None) -
             total += (num_tokens - first) * _bytes_per_token(cfg, g)
         else:
             total += (-(-num_tokens // block_size) - first // block_size) * group_block_bytes(cfg, g, block_size)
-    return total
+    return total + state_slot_bytes(cfg)
 
 
 def group_blocks(cfg: ModelConfig, block_size: int, full_blocks: int, *, max_num_seqs: int, max_model_len: int,
@@ -102,14 +115,19 @@ def group_blocks(cfg: ModelConfig, block_size: int, full_blocks: int, *, max_num
 
 
 def kv_pool_blocks(cfg: ModelConfig, block_size: int, budget_bytes: int, *, max_num_seqs: int, max_model_len: int,
-                   num_shards: int = 1, max_full_blocks: int | None = None) -> tuple[int, ...]:
+                   num_shards: int = 1, max_full_blocks: int | None = None, state_slots: int = 0) -> tuple[int, ...]:
     """Blocks of each KV group (`group_blocks`) for the most full-attention blocks -- a multiple of
     num_shards, at least num_shards, at most max_full_blocks -- whose pools fit budget_bytes
-    together. A model without windows: one group of budget_bytes // kv_block_bytes blocks."""
+    together, less `state_slots` state slots (`state_slot_bytes` each). A model without windows or
+    state slots: one group of budget_bytes // kv_block_bytes blocks."""
     sizes = [group_block_bytes(cfg, g, block_size) for g in kv_groups(cfg)]
-    if budget_bytes < sum(sizes):
-        raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no block "
+    slots = state_slots * state_slot_bytes(cfg)
+    if budget_bytes - slots < sum(sizes):
+        beside = f" beside {state_slots} state slots of {state_slot_bytes(cfg)} bytes (fewer state_slots or " \
+                 "max_num_seqs)" if slots else ""
+        raise ValueError(f"KV cache budget of {budget_bytes} bytes holds no block{beside} "
                          f"(one block of every layer is {kv_block_bytes(cfg, block_size)} bytes)")
+    budget_bytes -= slots
 
     def pools(k: int) -> tuple[int, ...]:  # k blocks per request shard for the full-attention layers
         return group_blocks(cfg, block_size, k * num_shards, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
@@ -125,6 +143,19 @@ def kv_pool_blocks(cfg: ModelConfig, block_size: int, budget_bytes: int, *, max_
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return pools(lo)
+
+
+def state_slots_for(cfg: ModelConfig, max_num_seqs: int, state_slots: int | None) -> int:
+    """State slots of a model with Gated DeltaNet layers: `state_slots`, by default one per request
+    that may run at once; 0 for other models."""
+    if not cfg.has_state_slots:
+        if state_slots:
+            raise ValueError(f"state_slots={state_slots}: {cfg.name} has no Gated DeltaNet layers to keep state for")
+        return 0
+    slots = max_num_seqs if state_slots is None else state_slots
+    if slots < 1:
+        raise ValueError(f"state_slots={slots}: {cfg.name} needs at least one (a running request holds one)")
+    return slots
 
 
 class BlockAllocator:
@@ -145,6 +176,26 @@ class BlockAllocator:
         self._free.extend(blocks)
 
 
+class StateSlotAllocator:
+    """Fixed-size per-request state slots (ids 0 .. num_slots-1)."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self._free: deque[int] = deque(range(num_slots))
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError(f"asked for a state slot, all {self.num_slots} are taken")
+        return self._free.popleft()
+
+    def free(self, slot: int) -> None:
+        self._free.append(slot)
+
+
 class KVCacheManager:
     """Block tables over `num_shards` equal block ranges of each KV group's pool. Under data
     parallelism each request shard owns one range of every pool: a request takes all its blocks from
@@ -152,10 +203,11 @@ class KVCacheManager:
     attention runs where its KV is.
 
     num_blocks: blocks of each group (one count: the same for every group); windows: each group's
-    attention window (None: full attention), as `kv_groups` orders them."""
+    attention window (None: full attention), as `kv_groups` orders them; num_state_slots: state
+    slots (models with Gated DeltaNet layers), shared by every request shard."""
 
     def __init__(self, num_blocks: int | Sequence[int], block_size: int, num_shards: int = 1,
-                 windows: Sequence[int | None] = (None,)):
+                 windows: Sequence[int | None] = (None,), num_state_slots: int = 0):
         counts = [num_blocks] * len(windows) if isinstance(num_blocks, int) else list(num_blocks)
         if len(counts) != len(windows):
             raise ValueError(f"{len(counts)} block counts for {len(windows)} KV groups (windows {list(windows)})")
@@ -169,6 +221,7 @@ class KVCacheManager:
         self.pools = [[BlockAllocator(range(i * per, (i + 1) * per)) for i in range(num_shards)]
                       for per in self.group_blocks_per_shard]
         self.shards = self.pools[0]  # group 0's allocators, one per request shard
+        self.state_slots = StateSlotAllocator(num_state_slots) if num_state_slots else None
 
     @property
     def num_blocks(self) -> int:
@@ -216,12 +269,18 @@ class KVCacheManager:
         first = min(self.groups[g].first_live_block(req.num_computed_tokens, self.block_size), total)
         return first, [b for b in table[:first] if b >= 0], max(0, total - max(len(table), first))
 
+    def needs_slot(self, req: Request) -> bool:
+        return self.state_slots is not None and req.state_slot is None
+
     def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
         return self.can_allocate_all([req], num_new_tokens)
 
     def can_allocate_all(self, requests: list[Request], num_new_tokens: int) -> bool:
         """Whether every one of `requests` can grow by num_new_tokens in every KV group, allocated in
-        any order: each counts what it needs beyond its own expired window blocks."""
+        any order: each counts what it needs beyond its own expired window blocks, and a state slot
+        if it holds none."""
+        if self.state_slots is not None and sum(map(self.needs_slot, requests)) > self.state_slots.num_free:
+            return False
         need: dict[tuple[int, int], int] = {}  # (group, shard) -> blocks
         for r in requests:
             shard = self._shard(r)
@@ -241,6 +300,8 @@ class KVCacheManager:
             allocator.free(expired)
             tables.append((FREED,) * first + table[first:] + tuple(allocator.allocate(new)))
         req.block_ids, req.group_block_ids = tables[0], tuple(tables[1:])
+        if self.needs_slot(req):
+            req.state_slot = self.state_slots.allocate()
 
     def free(self, req: Request) -> None:
         shard = self.shard_of(req)
@@ -249,3 +310,6 @@ class KVCacheManager:
             if live:
                 self.pools[g][shard].free(live)
         req.block_ids, req.group_block_ids = (), ()
+        if req.state_slot is not None:
+            self.state_slots.free(req.state_slot)
+            req.state_slot = None

@@ -3,8 +3,10 @@
 A prefill engine finishes a request marked `handoff` after its first token, exporting the KV of its
 prompt (every layer, or a range of layers while it prefills); a decode engine admits the request
 with that KV (`Engine.add_prefilled`) and continues from its next token. A sliding-window layer
-exports only what the next token can see (kind "window": the last window - 1 tokens). Payloads are
-checked on import: a payload of another model or with other shapes is rejected with what differs.
+exports only what the next token can see (kind "window": the last window - 1 tokens); a Gated
+DeltaNet layer its request's fixed-size state slot (kind "recurrent", the same size however long the
+prompt). Payloads are checked on import: a payload of another model or with other shapes is rejected
+with what differs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.engine.sampling import SamplingParams
-from moejax.models.attention import LayerCache
+from moejax.models.attention import CacheArray, LayerCache
 from moejax.models.decoder import cache_layout
 
 
@@ -27,16 +29,24 @@ class KVTransferError(ValueError):
 def kv_layout(cfg: ModelConfig, dtype) -> dict:
     """What a payload must agree on to be importable: the KV each layer keeps per token."""
     return {"architecture": cfg.architecture, "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
-            "head_dim": cfg.head_dim, "dtype": jnp.dtype(dtype).name, "sliding_windows": list(cfg.sliding_windows)}
+            "head_dim": cfg.head_dim, "dtype": jnp.dtype(dtype).name, "sliding_windows": list(cfg.sliding_windows),
+            "linear_layers": list(cfg.linear_layers)}
 
 
 def layer_kv_state(cfg: ModelConfig, layer: int, num_tokens: int) -> tuple[LayerCache, int]:
     """(cache layout, tokens) of what a payload holds for `layer` of a request with num_tokens computed
     tokens: the arrays its attention caches (the layout's kind names them) for all of them; for a
     sliding-window layer (kind "window"), the last min(num_tokens, window - 1): every key the next
-    token attends to besides its own."""
+    token attends to besides its own; for a Gated DeltaNet layer (per request, kind "recurrent") its
+    state slot, whatever num_tokens (`payload_shape`)."""
     window = cfg.sliding_windows[layer]
     return cache_layout(cfg, layer), num_tokens if window is None else min(num_tokens, window - 1)
+
+
+def payload_shape(layout: LayerCache, spec: CacheArray, tokens: int, dtype) -> tuple[tuple[int, ...], jnp.dtype]:
+    """(shape, dtype) of one array of a layer's payload: [tokens, *per-token shape], or a per-request
+    layout's array as it is; the model's dtype unless the array declares its own."""
+    return (spec.shape if layout.per_request else (tokens, *spec.shape)), jnp.dtype(spec.dtype or dtype)
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,8 @@ class LayerKVState:
     """One layer's state of one request, as its attention's cache layout declares it (LayerCache):
     kind "paged": k, v, each [num_tokens, KV heads, head_dim]; kind "window": the same arrays for the
     request's last tokens only (`layer_kv_state`); kind "latent" (MLA): latent [num_tokens,
-    kv_lora_rank] and k_rope [num_tokens, qk_rope_head_dim]."""
+    kv_lora_rank] and k_rope [num_tokens, qk_rope_head_dim]; kind "recurrent" (Gated DeltaNet): conv
+    [K-1, conv_dim] and recurrent [value heads, key_head_dim, value_head_dim] fp32."""
 
     kind: str
     arrays: dict[str, object]  # name -> jax.Array or numpy array
@@ -87,10 +98,10 @@ class KVPayload:
                 raise KVTransferError(f"KV payload layer {layer}: kind {state.kind!r} with arrays "
                                       f"{sorted(state.arrays)}; expected {layout.kind!r} with {' and '.join(names)}")
             for spec in layout.arrays:
-                a, want = state.arrays[spec.name], (tokens, *spec.shape)
-                if tuple(a.shape) != want or jnp.dtype(a.dtype) != jnp.dtype(dtype):
+                a, (want, want_dtype) = state.arrays[spec.name], payload_shape(layout, spec, tokens, dtype)
+                if tuple(a.shape) != want or jnp.dtype(a.dtype) != want_dtype:
                     raise KVTransferError(f"KV payload layer {layer} {spec.name}: shape {list(a.shape)} "
-                                          f"{jnp.dtype(a.dtype).name}; expected {list(want)} {jnp.dtype(dtype).name}")
+                                          f"{jnp.dtype(a.dtype).name}; expected {list(want)} {want_dtype.name}")
 
 
 @dataclass

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from moejax.models.attention import AttentionMetadata
+from moejax.models.gated_deltanet import CHUNK, RecurrentMetadata
 
 
 def bucket(n: int, minimum: int = 8) -> int:
@@ -18,14 +19,18 @@ def attention_metadata(positions: np.ndarray, seq_ids: np.ndarray, block_tables:
                        block_size: int, num_blocks: int, row_bucket: int | None = None,
                        seq_bucket: int | None = None, valid: np.ndarray | None = None,
                        sharding=None, once: bool = False,
-                       window_tables: dict[int, np.ndarray] | None = None) -> AttentionMetadata:
+                       window_tables: dict[int, np.ndarray] | None = None, state_slots: np.ndarray | None = None,
+                       num_state_slots: int = 0) -> AttentionMetadata:
     """Device metadata for a row set. Either n real rows (positions, seq_ids: [n]) padded at the end
     to `row_bucket`, or rows already laid out with padding in between (`valid`: [T] marks real rows).
+    The rows of one sequence are consecutive.
 
     Padding rows sit at position 0 of sequence 0, write to a slot past the cache (dropped: num_blocks
     must be at least every pool's size) and are marked invalid so no expert sees them.
     window_tables: a window-aware cache's block tables of the layers of each window (like
     block_tables; their freed entries may hold any block id: the attention never reads them).
+    state_slots: [len(block_tables)] each sequence's state slot of `num_state_slots` (models with
+    Gated DeltaNet layers: see recurrent_metadata).
     `sharding(logical_axes)` places the arrays (None: default). once: the metadata feeds a single
     jitted call; unsharded, it then stays on the host (see to_device).
     """
@@ -57,12 +62,43 @@ def attention_metadata(positions: np.ndarray, seq_ids: np.ndarray, block_tables:
         valid=valid,
         window_slots={w: s for w, (_, s) in windows.items()},
         window_tables={w: t for w, (t, _) in windows.items()},
+        recurrent=None if state_slots is None else recurrent_metadata(
+            seq_ids, valid, np.asarray(state_slots, np.int32), num_state_slots),
     )
     if sharding is None:
         return meta if once else jax.device_put(meta)  # reused by every layer: transfer it once
     rows, table = sharding(("batch",)), sharding((None, None))
+    recurrent = None if state_slots is None else jax.tree.map(lambda a: sharding((None,) * a.ndim), meta.recurrent)
     return to_device(meta, AttentionMetadata(rows, rows, rows, table, sharding(()), rows,
-                                             {w: rows for w in windows}, {w: table for w in windows}))
+                                             {w: rows for w in windows}, {w: table for w in windows}, recurrent))
+
+
+def recurrent_metadata(seq_ids: np.ndarray, valid: np.ndarray, state_slots: np.ndarray,
+                       num_state_slots: int) -> RecurrentMetadata:
+    """How Gated DeltaNet layers take the rows [T]: each run of consecutive real rows of one sequence
+    is a slice; a one-row slice takes a recurrent step, a longer one passes in tiles of CHUNK rows.
+    state_slots: [S] each sequence's slot. Row and tile counts are padded to buckets (0 stays 0, so
+    an iteration without decodes or without prompts skips that path)."""
+    T = len(valid)
+    rows = np.flatnonzero(valid)
+    starts = rows[np.r_[True, (np.diff(rows) != 1) | (np.diff(seq_ids[rows]) != 0)]] if rows.size else rows
+    lengths = np.diff(np.r_[np.searchsorted(rows, starts), rows.size])
+    steps = starts[lengths == 1]
+    R = bucket(len(steps)) if len(steps) else 0
+    tiles = [(start + offset, min(CHUNK, n - offset)) for start, n in zip(starts[lengths > 1], lengths[lengths > 1])
+             for offset in range(0, n, CHUNK)]
+    N = bucket(len(tiles), minimum=1) if tiles else 0
+    tile_rows = np.full((N, CHUNK), T, np.int32)
+    for i, (first, n) in enumerate(tiles):
+        tile_rows[i, :n] = np.arange(first, first + n)
+    return RecurrentMetadata(
+        step_rows=np.pad(steps, (0, R - len(steps)), constant_values=T).astype(np.int32),
+        step_slots=np.pad(state_slots[seq_ids[steps]], (0, R - len(steps)), constant_values=num_state_slots
+                          ).astype(np.int32),
+        tile_rows=tile_rows,
+        tile_slots=np.array([state_slots[seq_ids[first]] for first, _ in tiles] + [num_state_slots] * (N - len(tiles)),
+                            np.int32),
+        tile_lengths=np.array([n for _, n in tiles] + [0] * (N - len(tiles)), np.int32))
 
 
 def to_device(tree, sharding=None):

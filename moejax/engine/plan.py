@@ -80,6 +80,8 @@ class IterationPlan:
     # Hybrid models: request id -> block tables of KV groups 1.. (sliding windows; -1: freed), for the
     # requests of block_tables and kv_imports (engine/kv_cache.py)
     group_block_tables: dict[int, tuple[tuple[int, ...], ...]] = field(default_factory=dict)
+    # request id -> its state slot, for the requests of the slices and imports (Gated DeltaNet layers)
+    state_slots: dict[int, int] = field(default_factory=dict)
     # Multi-step decode: every slice is a decode and runs up to `decode_steps` steps in one go, each
     # step's token feeding the next; per sampled slice, (stop token ids, tokens it may still produce).
     decode_steps: int = 1

@@ -28,6 +28,7 @@ class Request:
     # Hybrid models (sliding-window and full-attention layers): the block tables of KV groups 1.. (block_ids is
     # group 0's), indexed by logical block, -1 where a window's expired block was freed (engine/kv_cache.py)
     group_block_ids: tuple[tuple[int, ...], ...] = ()
+    state_slot: int | None = None  # its fixed-size state slot (models with Gated DeltaNet layers)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "handoff" (continued by another engine)
     handoff: bool = False  # after its first token, hand the request and its KV to another engine
     first_token_time: float | None = None

@@ -18,6 +18,11 @@ queue to be recomputed later, keeping the tokens it has produced.
 
 A request whose prompt KV exists already (prefilled by another engine, `add_prefilled`) is admitted
 as soon as blocks hold it, straight into decode; the plan carries its KV for the executor to import.
+
+Models with Gated DeltaNet layers (Qwen3-Next) keep per request a fixed-size state slot beside the
+blocks: a request is admitted only when a slot is free too, keeps it while running (a prompt's
+chunks carry their state in it), and gives it back when it finishes, is aborted or preempted
+(recompute rebuilds the state from the prompt). The plan names each request's slot.
 """
 
 from __future__ import annotations
@@ -85,6 +90,9 @@ class Scheduler:
         self._scheduled: set[int] = set()
         self._prefilled: dict[int, KVPayload] = {}  # waiting requests whose prompt KV is given
         self._imports: list[tuple[int, tuple[int, ...], KVPayload]] = []
+        if model_config.has_state_slots and kv.state_slots is None:
+            raise ValueError(f"{model_config.name} keeps per-request state slots (Gated DeltaNet layers); "
+                             "the KV cache manager has none (KVCacheManager(..., num_state_slots=...))")
         blocks_per_seq = -(-config.max_model_len // kv.block_size)
         if blocks_per_seq > kv.blocks_per_shard:  # a window group too: a prompt is written before it attends
             raise ValueError(f"the KV cache holds {kv.blocks_per_shard} blocks of {kv.block_size} tokens per request "
@@ -215,7 +223,9 @@ class Scheduler:
             kv_shards={r.request_id: self.kv.shard_of(r) for r in requests} if len(self.kv.shards) > 1 else {},
             kv_imports=tuple(self._imports), decode_steps=steps, decode_limits=limits,
             group_block_tables={r.request_id: r.group_block_ids for r in requests + [
-                self.requests[rid] for rid, _, _ in self._imports]} if hybrid else {})
+                self.requests[rid] for rid, _, _ in self._imports]} if hybrid else {},
+            state_slots={} if self.kv.state_slots is None else {
+                r.request_id: r.state_slot for r in requests + [self.requests[rid] for rid, *_ in self._imports]})
         self._released, self._imports = [], []
         return plan
 

@@ -4,7 +4,9 @@ One accounting for every executor: the JAX executor feeds it the experts the rou
 the simulator the experts its routing model drew. Bytes are the ideal ("must be read") traffic: each
 weight read once per layer per iteration, each routed expert read once if any row reaches it, each
 slice reading once the KV its rows attend to (a prefill chunk reads its context once, not once per
-row: attention kernels tile the rows, and the FLOPs, not the bytes, grow with rows × keys).
+row: attention kernels tile the rows, and the FLOPs, not the bytes, grow with rows × keys). A Gated
+DeltaNet layer keeps no per-token KV: each slice reads its request's state slot (unless it starts
+the request at position 0) and writes it back, whatever its length.
 """
 
 from __future__ import annotations
@@ -27,12 +29,22 @@ class LayerShape:
     expert_params: int  # one routed expert; 0 for a dense layer
     kv_elems_per_token: int
     window: int | None
+    state_bytes: int = 0  # one request's fixed-size state (Gated DeltaNet layer), read and written per slice
+
+
+def attn_params(cfg: ModelConfig, layer: int) -> int:
+    """Parameters of a layer's token mixer and its two norms."""
+    D = cfg.hidden_size
+    if cfg.linear_layers[layer]:
+        return cfg.linear_attention.attn_params(D)
+    if cfg.mla:
+        return cfg.mla.attn_params(D, cfg.num_heads)
+    # q (+ its output gate), o, k, v + the two norms
+    return D * cfg.q_size * (3 if cfg.attn_output_gate else 2) + D * cfg.kv_size * 2 + 2 * D
 
 
 def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
     D = cfg.hidden_size
-    attn = cfg.mla.attn_params(D, cfg.num_heads) if cfg.mla else \
-        D * cfg.q_size * 2 + D * cfg.kv_size * 2 + 2 * D  # q, o, k, v + the two norms
     shapes = []
     for i in range(cfg.num_layers):
         if cfg.moe_layers[i]:
@@ -41,7 +53,8 @@ def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
             expert = cfg.expert_params()
         else:
             dense, expert = 3 * D * cfg.dense_intermediate_size, 0
-        shapes.append(LayerShape(attn, dense, expert, cfg.kv_elems_per_token(i), cfg.sliding_windows[i]))
+        shapes.append(LayerShape(attn_params(cfg, i), dense, expert, cfg.kv_elems_per_token(i), cfg.sliding_windows[i],
+                                 cfg.state_bytes(i)))
     return shapes
 
 
@@ -102,6 +115,8 @@ class LayerWork:
     tokens: np.ndarray  # [L] rows that pass each layer
     attended_keys: np.ndarray  # [L] sum over those rows of the keys each attends to (FLOPs)
     keys_read: np.ndarray  # [L] sum over the slices of the distinct keys their rows attend to (bytes)
+    slices: np.ndarray  # [L] slices that pass each layer (state slots written)
+    resumed: np.ndarray  # [L] of those, slices past position 0 (state slots read)
     attention_flops: np.ndarray  # [L] scores and values (MLA: with its kv up-projection), `attention_core_flops`
 
 
@@ -143,13 +158,14 @@ def layer_work(cfg: ModelConfig, plan: IterationPlan) -> LayerWork:
     windows = cfg.sliding_windows
     attended, read = np.zeros(L, np.int64), np.zeros(L, np.int64)
     flops = np.zeros(L)
-    for w in set(windows):
-        in_layer = np.array([x == w for x in windows])
+    for w in set(windows):  # attention layers of each window (Gated DeltaNet layers attend to no keys)
+        in_layer = np.array([x == w and not linear for x, linear in zip(windows, cfg.linear_layers)])
         slice_attended, slice_read = attended_keys_many(start, n, w), keys_read(start, n, w)
         attended += over_layers(slice_attended) * in_layer
         read += over_layers(slice_read) * in_layer
         flops += over_layers(attention_core_flops(cfg, n, slice_attended, slice_read), float) * in_layer
-    return LayerWork(over_layers(n), attended, read, flops)
+    return LayerWork(over_layers(n), attended, read, over_layers(np.ones(S, np.int64)),
+                     over_layers((start > 0).astype(np.int64)), flops)
 
 
 def layer_stats(cfg: ModelConfig, plan: IterationPlan, expert_tokens: np.ndarray | None = None,
@@ -168,24 +184,38 @@ def layer_stats(cfg: ModelConfig, plan: IterationPlan, expert_tokens: np.ndarray
         expert_bytes=np.array([d * s.expert_params * nbytes for d, s in zip(distinct_experts, shapes)], float),
         dense_weight_bytes=np.array([(s.attn_params + s.dense_ffn_params) * nbytes if r else 0.0
                                      for s, r in zip(shapes, ran)]),
-        kv_read_bytes=np.array([k * s.kv_elems_per_token * nbytes for k, s in zip(work.keys_read, shapes)], float),
-        kv_write_bytes=np.array([t * s.kv_elems_per_token * nbytes for t, s in zip(work.tokens, shapes)], float),
+        kv_read_bytes=np.array([k * s.kv_elems_per_token * nbytes + r * s.state_bytes
+                                for k, r, s in zip(work.keys_read, work.resumed, shapes)], float),
+        kv_write_bytes=np.array([t * s.kv_elems_per_token * nbytes + n * s.state_bytes
+                                 for t, n, s in zip(work.tokens, work.slices, shapes)], float),
         tokens=work.tokens,
         expert_tokens=expert_tokens,
     )
 
 
+def mixer_flops_per_token(cfg: ModelConfig) -> np.ndarray:
+    """[L] FLOPs a token spends in each Gated DeltaNet layer beyond its projections: the conv, and
+    the gated delta rule's four state-sized steps (decay, recall, write, read); 0 in attention layers."""
+    s = cfg.linear_attention
+    if s is None:
+        return np.zeros(cfg.num_layers)
+    per_token = 2.0 * s.conv_kernel * s.conv_dim + 8.0 * s.recurrent_state_elems
+    return np.array(cfg.linear_layers, float) * per_token
+
+
 def layer_flops_parts(cfg: ModelConfig, plan: IterationPlan,
                       work: LayerWork | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """[L] attention FLOPs (projections, scores and values) and [L] FFN FLOPs (router, dense MLP or
-    shared expert, the k routed experts of every row); 2 FLOPs per multiply-add."""
+    """[L] attention FLOPs (projections, scores and values; Gated DeltaNet: conv and state updates)
+    and [L] FFN FLOPs (router, dense MLP or shared expert, the k routed experts of every row); 2
+    FLOPs per multiply-add."""
     shapes = layer_shapes(cfg)
     work = work if work is not None else layer_work(cfg, plan)
     k = cfg.num_experts_per_tok
     # per new token: every attention projection but MLA's kv up-projection (in work.attention_flops)
     proj_params = np.array([s.attn_params - kv_up_params(cfg) for s in shapes], float)
     ffn_params = np.array([s.dense_ffn_params + k * s.expert_params for s in shapes], float)
-    return 2.0 * work.tokens * proj_params + work.attention_flops, 2.0 * work.tokens * ffn_params
+    attn = 2.0 * work.tokens * proj_params + work.attention_flops + work.tokens * mixer_flops_per_token(cfg)
+    return attn, 2.0 * work.tokens * ffn_params
 
 
 def layer_flops(cfg: ModelConfig, plan: IterationPlan, work: LayerWork | None = None) -> np.ndarray:

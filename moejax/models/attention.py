@@ -1,12 +1,13 @@
-"""Grouped-query attention over a paged KV cache, with the q/k-norm, bias, clipping, sliding-window
-and attention-sink variants; what an attention module keeps in the paged cache per token (`LayerCache`,
-declared by each attention class)."""
+"""Grouped-query attention over a paged KV cache, with the q/k-norm, bias, clipping, output-gate,
+sliding-window and attention-sink variants; the per-iteration metadata every token mixer reads; what
+a token mixer keeps in the cache, per token or per request (`LayerCache`, declared by each class)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -18,29 +19,37 @@ from moejax.meshes import sharded_ops
 from moejax.meshes.placement import Placement
 from moejax.models.layers import RMSNorm, Rope, init_normal, param
 
-LayerKV = tuple[jax.Array, ...]  # a layer's paged cache arrays, each [num_blocks, block_size, ...] (LayerCache)
+if TYPE_CHECKING:
+    from moejax.models.gated_deltanet import RecurrentMetadata
+
+# a layer's paged cache arrays, each [num_blocks, block_size, ...] (LayerCache); a Gated DeltaNet
+# layer's: its state slots (conv, recurrent), each [num_slots, ...]
+LayerKV = tuple[jax.Array, ...]
 
 
 @dataclass(frozen=True)
 class CacheArray:
-    """One array of a layer's paged cache: `shape` per token, its dims named by logical `axes`."""
+    """One array of a layer's cache: `shape` per token (or per request), its dims named by logical `axes`."""
 
     name: str
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
+    dtype: str | None = None  # None: the model's dtype
 
 
 @dataclass(frozen=True)
 class LayerCache:
-    """What one layer's attention keeps in the paged cache per token: arrays [blocks, block_size, *shape]
-    in this order (the layer's LayerKV); `kind` names the layout in KV hand-off payloads."""
+    """What one layer's token mixer keeps in the cache: per token, arrays [blocks, block_size, *shape],
+    or per_request (a Gated DeltaNet layer's fixed-size state), arrays [state_slots, *shape]; in this
+    order (the layer's LayerKV). `kind` names the layout in KV hand-off payloads."""
 
     kind: str
     arrays: tuple[CacheArray, ...]
+    per_request: bool = False
 
     @property
     def elems_per_token(self) -> int:
-        return sum(math.prod(a.shape) for a in self.arrays)
+        return 0 if self.per_request else sum(math.prod(a.shape) for a in self.arrays)
 
 
 @jax.tree_util.register_dataclass
@@ -63,6 +72,7 @@ class AttentionMetadata:
     valid: jax.Array  # [T] bool
     window_slots: dict[int, jax.Array] = field(default_factory=dict)  # window -> [T] int32
     window_tables: dict[int, jax.Array] = field(default_factory=dict)  # window -> [S, max_blocks_per_seq] int32
+    recurrent: RecurrentMetadata | None = None  # rows of Gated DeltaNet layers and their state slots
 
     def replace(self, **kw) -> "AttentionMetadata":
         return dataclasses.replace(self, **kw)
@@ -101,19 +111,22 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
         D, H, KV, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, KV, hd
-        self.w_q = param(init_normal(rngs, (D, H * hd), D, dtype), "embed", "q_heads")
+        # Qwen3-Next: per head, [q | gate] side by side in w_q; out *= sigmoid(gate) before w_o
+        self.output_gate = cfg.attn_output_gate
+        q_width = H * hd * (2 if self.output_gate else 1)
+        self.w_q = param(init_normal(rngs, (D, q_width), D, dtype), "embed", "q_heads")
         self.w_k = param(init_normal(rngs, (D, KV * hd), D, dtype), "embed", "kv_heads")
         self.w_v = param(init_normal(rngs, (D, KV * hd), D, dtype), "embed", "kv_heads")
         self.w_o = param(init_normal(rngs, (H * hd, D), H * hd, dtype), "q_heads", "embed")
         if cfg.qkv_bias:
-            self.b_q = param(init_normal(rngs, (H * hd,), 16, dtype), "q_heads")
+            self.b_q = param(init_normal(rngs, (q_width,), 16, dtype), "q_heads")
             self.b_k = param(init_normal(rngs, (KV * hd,), 16, dtype), "kv_heads")
             self.b_v = param(init_normal(rngs, (KV * hd,), 16, dtype), "kv_heads")
         self.b_o = param(init_normal(rngs, (D,), 16, dtype), "embed") if cfg.o_bias else None
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm == "per_head":  # Qwen3: one RMSNorm over head_dim, shared by heads
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, rngs)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, rngs)
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, rngs, zero_centered=cfg.zero_centered_norm)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, dtype, rngs, zero_centered=cfg.zero_centered_norm)
         elif cfg.qk_norm == "full":  # OLMoE: over the whole q / k projection
             self.q_norm = RMSNorm(H * hd, cfg.rms_norm_eps, dtype, rngs, axis="q_heads")
             self.k_norm = RMSNorm(KV * hd, cfg.rms_norm_eps, dtype, rngs, axis="kv_heads")
@@ -135,6 +148,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (jnp.clip(t, -self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        gate = None
+        if self.output_gate:
+            q, gate = jnp.split(q.reshape(T, self.num_heads, 2 * self.head_dim), 2, axis=-1)
         q = q.reshape(T, self.num_heads, self.head_dim)
         k = k.reshape(T, self.num_kv_heads, self.head_dim)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
@@ -146,7 +162,10 @@ class Attention(nnx.Module):
         out, k_cache, v_cache = sharded_ops.attention(
             placement, self._attend, q, k, v, *kv, meta.positions, slot_mapping, meta.seq_ids, block_tables,
             meta.num_kv_blocks, *head_params)
-        out = out.reshape(T, -1) @ self.w_o[...]
+        out = out.reshape(T, -1)
+        if gate is not None:
+            out = out * jax.nn.sigmoid(gate.reshape(T, -1))
+        out = out @ self.w_o[...]
         if self.b_o is not None:
             out = out + self.b_o[...]
         return out, (k_cache, v_cache)

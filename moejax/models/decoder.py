@@ -3,12 +3,14 @@ then MoE or dense feed-forward) and the causal-LM wrapper.
 
 A layer is four steps, so that executors can run the routed experts elsewhere:
 
-    h, kv       = layer.attend(x, kv, meta, placement)   x + attn(norm(x)), this step's K/V written
+    h, kv       = layer.attend(x, kv, meta, placement)   x + attn(norm(x)), this step's K/V (or state) written
     y, w, ids   = layer.route(h, valid)                  y = norm(h), top-k (None in a dense layer)
     routed      = routed_experts(y, ids, w, buffer...)   on whatever expert buffer the executor holds
     x'          = layer.combine(h, y, routed)            h + routed + shared expert(y)   (dense: h + mlp(y))
 
-The routed experts' weights are not in the layer: they live in CausalLM.experts[i].
+The routed experts' weights are not in the layer: they live in CausalLM.experts[i]. The token mixer
+`attn` is attention over the paged KV cache, or Gated DeltaNet linear attention over per-request
+state slots in the layers `cfg.linear_layers` marks (Qwen3-Next).
 """
 
 from __future__ import annotations
@@ -20,31 +22,35 @@ from flax import nnx
 from moejax.config import ModelConfig
 from moejax.meshes.placement import Placement
 from moejax.models.attention import Attention, AttentionMetadata, LayerCache, LayerKV
+from moejax.models.gated_deltanet import GatedDeltaNet
 from moejax.models.layers import RMSNorm, SwiGLU, init_normal, param
 from moejax.models.mla import MultiHeadLatentAttention
 from moejax.models.moe import RoutedExperts, Router
 
 
-def attention_class(cfg: ModelConfig) -> type[Attention] | type[MultiHeadLatentAttention]:
+def attention_class(cfg: ModelConfig, layer: int) -> type[Attention | MultiHeadLatentAttention | GatedDeltaNet]:
+    """`layer`'s token mixer: Gated DeltaNet where linear_layers marks it, else MLA or GQA attention."""
+    if cfg.linear_layers[layer]:
+        return GatedDeltaNet
     return Attention if cfg.mla is None else MultiHeadLatentAttention
 
 
 def cache_layout(cfg: ModelConfig, layer: int) -> LayerCache:
-    """What `layer`'s attention keeps per token in the paged KV cache."""
-    return attention_class(cfg).cache_layout(cfg, layer)
+    """What `layer`'s token mixer keeps in the KV cache (per token, or per request)."""
+    return attention_class(cfg, layer).cache_layout(cfg, layer)
 
 
 def cache_layouts(cfg: ModelConfig) -> list[LayerCache]:
-    """What each layer's attention keeps per token in the paged KV cache."""
+    """What each layer's token mixer keeps in the KV cache."""
     return [cache_layout(cfg, i) for i in range(cfg.num_layers)]
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, dtype, rngs: nnx.Rngs):
-        D = cfg.hidden_size
-        self.input_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs)
-        self.attn = attention_class(cfg)(cfg, layer, dtype, rngs)
-        self.post_attn_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs)
+        D, zero_centered = cfg.hidden_size, cfg.zero_centered_norm
+        self.input_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs, zero_centered=zero_centered)
+        self.attn = attention_class(cfg, layer)(cfg, layer, dtype, rngs)
+        self.post_attn_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs, zero_centered=zero_centered)
         moe = cfg.moe_layers[layer]
         self.router = Router(cfg, dtype, rngs) if moe else None
         self.mlp = None if moe else SwiGLU(D, cfg.dense_intermediate_size, dtype, rngs)
@@ -85,7 +91,7 @@ class TokenIO(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed = param(init_normal(rngs, (V, D), 1, dtype), "vocab", "embed")  # [V, D]
-        self.final_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs)
+        self.final_norm = RMSNorm(D, cfg.rms_norm_eps, dtype, rngs, zero_centered=cfg.zero_centered_norm)
         self.lm_head = None if cfg.tie_word_embeddings else param(
             init_normal(rngs, (D, V), D, dtype), "embed", "vocab")  # [D, V]
 

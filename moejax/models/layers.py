@@ -40,13 +40,20 @@ def init_normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> j
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs, axis: str | None = None):
-        self.weight = param(jnp.ones((dim,), dtype), axis)
+    """zero_centered (Qwen3-Next): the weight w scales by 1 + w (it starts at 0), applied in fp32
+    before the cast back, as that model computes it."""
+
+    def __init__(self, dim: int, eps: float, dtype, rngs: nnx.Rngs, axis: str | None = None,
+                 zero_centered: bool = False):
+        self.weight = param((jnp.zeros if zero_centered else jnp.ones)((dim,), dtype), axis)
         self.eps = eps
+        self.zero_centered = zero_centered
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.zero_centered:
+            return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * y.astype(x.dtype)
 
 
@@ -109,6 +116,7 @@ class Rope:
     (x[i], x[i + d/2]) (HF's rotate-half convention) or, interleaved (DeepSeek), (x[2i], x[2i+1]);
     the interleaved result comes out de-interleaved (evens' rotations, then odds'), as transformers'
     DeepSeek-V3 writes it: q . k is the same either way, only the layout of the rotated dims differs.
+    Partial (x wider than the rotated width, Qwen3-Next's cfg.rotary_dim): only the first dims rotate.
 
     Frozen and hashable: it is static structure of the attention module (part of its graphdef).
     """
@@ -119,12 +127,15 @@ class Rope:
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, dim: int | None = None, interleaved: bool = False) -> "Rope":
-        """dim: the rotated width (default head_dim; MLA rotates only its rope part)."""
-        inv_freq, scaling = rope_frequencies(cfg.rope, dim or cfg.head_dim)
+        """dim: the rotated width (default cfg.rotary_dim: head_dim unless partial; MLA rotates only its rope part)."""
+        inv_freq, scaling = rope_frequencies(cfg.rope, dim or cfg.rotary_dim)
         return cls(tuple(float(f) for f in inv_freq), scaling, interleaved)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [T, heads, dim], positions: [T] -> x rotated."""
+        """x: [T, heads, width >= dim], positions: [T] -> x, its first dim dims rotated."""
+        dim = 2 * len(self.inv_freq)
+        if dim < x.shape[-1]:
+            return jnp.concatenate([self(x[..., :dim], positions), x[..., dim:]], axis=-1)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, dim/2]
         if self.interleaved:

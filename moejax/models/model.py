@@ -122,16 +122,17 @@ def _all_layers(layer_defs, placement, num_experts, activation, layer_states, ex
     return x, new_kv, jnp.stack(counts)
 
 
-def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, activation, max_steps, io_state,
-                  layer_states, expert_states, kv, token_ids, meta, num_steps, sampling, stop_ids, remaining):
+def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, activation, max_steps, attention_layers,
+                  io_state, layer_states, expert_states, kv, token_ids, meta, num_steps, sampling, stop_ids, remaining):
     """Up to `num_steps` decode steps of rows that each hold one sequence's last token, in one program:
     embed -> layers -> logits -> sampler -> the next step's input, KV appended each step. A row stops
     after the token that is one of its stop ids, or when `remaining` tokens are out; stopped rows
     turn into padding (no KV written, no expert reached). -> (tokens [max_steps, R], -1 after a row
     stopped; (tokens per expert summed over the steps [L, E], experts activated summed over the steps [L]))."""
     io = nnx.merge(io_def, io_state)
-    block_size = kv[0][0].shape[1]
-    num_slots = max(k.shape[0] for k, _ in kv) * block_size  # past every layer's cache (window pools are smaller)
+    paged = [kv[i] for i in attention_layers]  # Gated DeltaNet layers hold state slots, not blocks
+    block_size = paged[0][0].shape[1]
+    num_slots = max(k.shape[0] for k, _ in paged) * block_size  # past every layer's cache (window pools are smaller)
     temperature, top_k, top_p, seeds, output_index = sampling
     R = token_ids.shape[0]
 
@@ -299,7 +300,9 @@ class Model:
         activated [L]), both summed over the steps)."""
         fn = self._fn(("decode_steps", sampler, max_steps), lambda: jax.jit(
             partial(_decode_steps, self.io_def, tuple(self.layer_defs), sampler, self.placement,
-                    max(self.config.num_experts, 1), self.expert_activation, max_steps), donate_argnums=(3,)))
+                    max(self.config.num_experts, 1), self.expert_activation, max_steps,
+                    tuple(i for i, linear in enumerate(self.config.linear_layers) if not linear)),
+            donate_argnums=(3,)))
         out, kv_caches[:], counts = fn(self.io_state, self.layer_states, self.expert_states, kv_caches, token_ids,
                                        meta, num_steps, sampling, stop_ids, remaining)
         return out, counts
@@ -328,22 +331,29 @@ class Model:
             return self.combine(i, h, y, None), kv, jnp.full((x.shape[0], 1), -1, jnp.int32), h
         return self.combine(i, h, y, self.experts(y, ids, weights, self.expert_weights(i))), kv, ids, h
 
-    def init_kv_cache(self, num_blocks: int | Sequence[int], block_size: int) -> list[LayerKV]:
-        """Zeroed paged KV cache: per layer the arrays its attention declares (`cache_layouts`), each
+    def init_kv_cache(self, num_blocks: int | Sequence[int], block_size: int, state_slots: int = 0) -> list[LayerKV]:
+        """Zeroed KV cache: per layer the arrays its token mixer declares (`cache_layouts`), each
         [num_blocks, block_size, *per-token shape] -- GQA: k, v [.., KV, head_dim]; MLA: latent [.., r],
-        k_rope [.., rope]. num_blocks: one count for every layer, or one per layer (a window-aware cache
-        gives window layers fewer). Under a placement, blocks are split by request shard, heads by head shard."""
+        k_rope [.., rope] -- or, per request (Gated DeltaNet), [state_slots, *shape]: conv [.., K-1,
+        conv_dim], recurrent [.., Hv, dk, dv] fp32. num_blocks: one count for every layer, or one per
+        layer (a window-aware cache gives window layers fewer; a Gated DeltaNet layer's is unused).
+        Under a placement, blocks are split by request shard, heads by head shard; state slots are
+        replicated (any request shard's request may hold any slot)."""
         c = self.config
+        if c.has_state_slots and state_slots < 1:
+            raise ValueError(f"{c.name} has Gated DeltaNet layers: its cache needs state_slots >= 1 "
+                             f"(one per running request), got {state_slots}")
         per_layer = [num_blocks] * c.num_layers if isinstance(num_blocks, int) else list(num_blocks)
         if len(per_layer) != c.num_layers:
             raise ValueError(f"init_kv_cache: {len(per_layer)} block counts for {c.num_layers} layers")
         p = self.placements.attention
 
-        def zeros(a, shape):
-            device = None if p is None else p.sharding(("batch", None, *a.axes))
-            return jnp.zeros(shape, self.dtype, device=device)
+        def zeros(a, lead, lead_axes):
+            device = None if p is None else p.sharding((*lead_axes, *a.axes))
+            return jnp.zeros((*lead, *a.shape), a.dtype or self.dtype, device=device)
 
-        return [tuple(zeros(a, (n, block_size, *a.shape)) for a in layer.arrays)
+        return [tuple(zeros(a, (state_slots,), (None,)) if layer.per_request else
+                      zeros(a, (n, block_size), ("batch", None)) for a in layer.arrays)
                 for n, layer in zip(per_layer, cache_layouts(c))]
 
     def params(self) -> nnx.State:

@@ -3,7 +3,8 @@ cache, the whole prompt in one forward, then one token per forward. Engine outpu
 to this for every policy, batch composition and preemption pattern.
 
 Under a placement that splits requests over `batch` shards, the request lives on shard 0 (its rows
-first, its blocks at the start of shard 0's range); the other shards hold only padding rows.
+first, its blocks at the start of shard 0's range); the other shards hold only padding rows. In
+Gated DeltaNet layers it keeps its state in slot 0.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ class _Sequence:
         nb = bucket(math.ceil(max_len / block_size))  # a bucket: prompts of other lengths reuse the compiled layers
         self.num_blocks = nb * self.shards
         self.tables = np.arange(nb, dtype=np.int32)[None]
-        self.kv = model.init_kv_cache(self.num_blocks, block_size)
+        self.kv = model.init_kv_cache(self.num_blocks, block_size, state_slots=1)
+
+    def metadata(self, start: int, n: int):
+        """Metadata of rows at positions start .. start+n-1."""
+        return attention_metadata(np.arange(start, start + n), np.zeros(n), self.tables, self.block_size,
+                                  self.num_blocks, row_bucket=self.shards * bucket(n), state_slots=np.zeros(1),
+                                  num_state_slots=1)
 
     def forward(self, tokens: list[int], start: int):
         """Rows for tokens at positions start.. -> hidden [T, D] (the real rows first)."""
-        n = len(tokens)
-        meta = attention_metadata(np.arange(start, start + n), np.zeros(n), self.tables, self.block_size,
-                                  self.num_blocks, row_bucket=self.shards * bucket(n))
+        meta = self.metadata(start, len(tokens))
         x = self.model.embed(pad_tokens(tokens, meta.positions.shape[0]))
         x, _ = self.model.run_layers(x, self.kv, meta)
         return x
@@ -42,8 +47,7 @@ def prompt_routing(model: Model, prompt: list[int], block_size: int = 16, hidden
     [n, L, D] fp32) -- the features of a learned expert predictor (moejax.offload)."""
     seq = _Sequence(model, len(prompt), block_size)
     n = len(prompt)
-    meta = attention_metadata(np.arange(n), np.zeros(n), seq.tables, block_size, seq.num_blocks,
-                              row_bucket=seq.shards * bucket(n))
+    meta = seq.metadata(0, n)
     x = model.embed(pad_tokens(prompt, meta.positions.shape[0]))
     k = max(model.config.num_experts_per_tok, 1)
     ids, rows = [], []

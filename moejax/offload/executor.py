@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.engine.jax_executor import JaxExecutor, kv_blocks_for, resolve_model
+from moejax.engine.kv_cache import state_slots_for
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.models.model import Model
 from moejax.offload.config import OffloadConfig, offload_config
@@ -47,16 +48,17 @@ def _keep_only(ids: jax.Array, keep: jax.Array, num_experts: int) -> jax.Array:
 
 
 class OffloadExecutor(JaxExecutor):
-    def __init__(self, model: Model, num_blocks: int, block_size: int, max_model_len: int, offload: OffloadConfig,
-                 predictor: Predictor, release_experts: bool = False):
-        """release_experts: the model's device copies of its experts are deleted (the executor owns it)."""
+    def __init__(self, model: Model, num_blocks: int | tuple[int, ...], block_size: int, max_model_len: int,
+                 offload: OffloadConfig, predictor: Predictor, release_experts: bool = False, state_slots: int = 0):
+        """release_experts: the model's device copies of its experts are deleted (the executor owns it).
+        state_slots: per-request state slots of Gated DeltaNet layers (JaxExecutor)."""
         p = model.placements.attention
         if p is not None and p.mesh.size > 1 or not model.placements.colocated:
             raise ValueError(f"expert offload runs {model.config.name} on one device; it is placed by a layout "
                              "over several (load it without layout=)")
         # fuse=False also means one decode step per plan (max_decode_steps = 1): every MoE layer waits for
         # its routing on the host to decide loads, which a multi-step program cannot do
-        super().__init__(model, num_blocks, block_size, max_model_len, fuse=False)
+        super().__init__(model, num_blocks, block_size, max_model_len, fuse=False, state_slots=state_slots)
         cfg = model.config
         self.offload, self.predictor = offload, predictor
         self.host = HostExperts(model, jax.local_devices()[0], release=release_experts)
@@ -212,12 +214,13 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
            dtype: str | None = None, num_blocks: int | None = None, kv_budget_bytes: int | None = None,
            offload_experts: float | None = None, device_expert_slots: int | None = None, predictor: str = "none",
            predictor_path: str | None = None, load_rule: str = "presched", host_compute: bool = False,
-           lookahead: int = 2, release_experts: bool | None = None):
+           lookahead: int = 2, release_experts: bool | None = None, state_slots: int | None = None):
     """An OffloadExecutor for `model` (a Model, or a preset / checkpoint name). The cache holds
     `device_expert_slots` experts per MoE layer, or all but the fraction `offload_experts` (default
     half); predictor none | lfru | gate-ahead | learned (trained: predictor_path, default next to the
     checkpoint). release_experts: delete the model's device copies of its experts, so that they live in
-    host memory only (default: when loaded here by name; a Model passed in is left as it is)."""
+    host memory only (default: when loaded here by name; a Model passed in is left as it is).
+    state_slots: as the jax executor's (Gated DeltaNet layers; default one per request)."""
     from moejax.engine.factory import Built
 
     source = model
@@ -226,8 +229,11 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
                              predictor=predictor, load_rule=load_rule, host_compute=host_compute, lookahead=lookahead)
     chosen = load_predictor(predictor, model, source, lookahead, predictor_path)
     max_model_len = max_model_len or min(model.config.max_position, 4096)
+    state_slots = state_slots_for(model.config, max_num_seqs, state_slots)
     num_blocks, shards = kv_blocks_for(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                                       block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes)
+                                       block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes,
+                                       state_slots=state_slots)
     release = not isinstance(source, Model) if release_experts is None else release_experts
-    executor = OffloadExecutor(model, num_blocks, block_size, max_model_len, offload, chosen, release_experts=release)
-    return Built(executor, num_blocks, max_model_len, kv_shards=shards)
+    executor = OffloadExecutor(model, num_blocks, block_size, max_model_len, offload, chosen, release_experts=release,
+                               state_slots=state_slots)
+    return Built(executor, num_blocks, max_model_len, kv_shards=shards, state_slots=state_slots)

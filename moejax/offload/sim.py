@@ -21,7 +21,7 @@ import numpy as np
 
 from moejax.config import ModelConfig, get_preset
 from moejax.engine import traffic
-from moejax.engine.kv_cache import kv_block_bytes
+from moejax.engine.kv_cache import kv_pool_blocks, state_slots_for
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.offload.config import OffloadConfig, offload_config
 from moejax.offload.predictors import LFRU, Predictor, targets, vote_probability
@@ -166,10 +166,11 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
            routing_params: dict | None = None, calibration: Calibration | None = None, memory_fraction: float = 0.9,
            offload_experts: float | None = None, device_expert_slots: int | None = None, predictor: str = "none",
            predictor_recall: dict[int, float] | None = None, load_rule: str = "presched", host_compute: bool = False,
-           lookahead: int = 2):
+           lookahead: int = 2, state_slots: int | None = None):
     """A SimOffloadExecutor for `model` (a preset name, ModelConfig or Model) on `hardware` (its host link
     replaced by `host_link`, e.g. "pcie3"); the KV cache gets what the device memory holds after the
-    non-expert weights, the cached experts and one layer of transient experts."""
+    non-expert weights, the cached experts and one layer of transient experts, sized as the sim
+    executor sizes it (kv_cache.kv_pool_blocks: window pools, state slots)."""
     from moejax.engine.factory import Built
 
     cfg = get_preset(model) if isinstance(model, str) else model if isinstance(model, ModelConfig) else model.config
@@ -186,5 +187,8 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
     if free <= 0:
         raise ValueError(f"{cfg.name} with device_expert_slots={offload.slots} ({resident_bytes(cfg, offload.slots) / 1e9:.1f}"
                          f" GB on the device) does not fit {hw.name} ({hw.memory_bytes / 1e9:.0f} GB): cache fewer experts")
-    num_blocks = int(free // kv_block_bytes(cfg, block_size))
-    return Built(executor, num_blocks, max_model_len or cfg.max_position, virtual_time=True)
+    max_model_len = max_model_len or cfg.max_position
+    state_slots = state_slots_for(cfg, max_num_seqs, state_slots)
+    num_blocks = kv_pool_blocks(cfg, block_size, int(free), max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                state_slots=state_slots)
+    return Built(executor, num_blocks, max_model_len, virtual_time=True, state_slots=state_slots)

@@ -35,7 +35,7 @@ class LayerStreamer:
             if req is None or not req.handoff or s.layer_end == L or s.context_len != req.num_prompt_tokens:
                 continue  # not a hand-off's last prompt slice, or its last layers (they leave with the hand-off)
             part = e.executor.export_kv(req.block_ids, req.num_prompt_tokens, req.group_block_ids,
-                                        layers=range(s.layer_start, s.layer_end))
+                                        req.state_slot, layers=range(s.layer_start, s.layer_end))
             for layer, state in zip(part.layers, part.states):
                 self.send_layer(req.request_id, layer, state)
             self.sent.setdefault(req.request_id, set()).update(part.layers)

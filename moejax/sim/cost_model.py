@@ -12,9 +12,10 @@ family takes the longest of three roofs:
              on H200, whose bandwidth grew while its power budget did not)
 
 Bytes are `traffic.layer_stats` (weights of the activated experts, dense weights, KV read and
-written) plus activations. Tensor parallelism over `hw.count` devices splits weights and FLOPs,
-splits KV over min(count, kv heads) (MLA's latent KV is replicated), and adds two all-reduces of the
-layer's hidden rows per layer (after attention, after the FFN). Per iteration: the embedding
+written; Gated DeltaNet layers: their state slots) plus activations. Tensor parallelism over
+`hw.count` devices splits weights and FLOPs, splits KV over min(count, kv heads) (MLA's latent KV is
+replicated; Gated DeltaNet states split over value heads), and adds two all-reduces of the layer's
+hidden rows per layer (after attention, after the FFN). Per iteration: the embedding
 (vocab-parallel, so an all-reduce under TP) and the lm head on the sampled rows (vocab-parallel,
 logits all-gathered).
 
@@ -100,7 +101,9 @@ class CostModel:
         n, D, nb = hardware.count, cfg.hidden_size, cfg.dtype_bytes
         shapes = traffic.layer_shapes(cfg)
         self.attn_weight_bytes = np.array([s.attn_params for s in shapes], float) * nb  # [L]
-        self.kv_split = 1 if cfg.attention_kind == "mla" else min(n, cfg.num_kv_heads)
+        linear = np.array(cfg.linear_layers)
+        heads = cfg.linear_attention.num_value_heads if cfg.linear_attention else 1
+        self.kv_split = np.where(linear, min(n, heads), 1 if cfg.attention_kind == "mla" else min(n, cfg.num_kv_heads))
         self.attn_act_bytes, self.ffn_act_bytes = (a * nb for a in self._activation_elems())  # [L] per token
         moe = np.array(cfg.moe_layers)
         shared = (SHARED_EXPERT_KERNELS + cfg.shared_expert_gate) if cfg.shared_expert_intermediate_size else 0
@@ -113,9 +116,14 @@ class CostModel:
         hidden rows (D) are replicated across TP devices, head/intermediate dimensions split."""
         cfg, n = self.cfg, self.hw.count
         D, E, k = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok
-        kv = cfg.kv_elems_per_token(0)
+        kv = max(cfg.kv_elems_per_token(i) for i in range(cfg.num_layers))
         q = cfg.q_size / n
         attn = 4 * D + (D + q + kv / n) + 2 * q + (q + D)  # norm/residual, qkv, attention, o proj
+        if cfg.linear_attention:  # Gated DeltaNet: norm/residual, in projections, conv, gated norm, out proj
+            s = cfg.linear_attention
+            linear = 4 * D + (D + (2 * s.key_dim + 2 * s.value_dim + 2 * s.num_value_heads) / n) \
+                + 2 * s.conv_dim / n + 3 * s.value_dim / n + (s.value_dim / n + D)
+            attn = np.where(np.array(cfg.linear_layers), linear, attn)
 
         def mlp(F):  # gate_up, activation, down
             return (D + 2 * F / n) + 3 * F / n + (F / n + D)
@@ -125,7 +133,7 @@ class CostModel:
             moe += mlp(cfg.shared_expert_intermediate_size)
         dense = 4 * D + mlp(cfg.dense_intermediate_size)
         L = cfg.num_layers
-        return np.full(L, float(attn)), np.where(np.array(cfg.moe_layers), moe, dense).astype(float)
+        return np.broadcast_to(np.asarray(attn, float), (L,)), np.where(np.array(cfg.moe_layers), moe, dense).astype(float)
 
     def _roofline(self, flops, nbytes):
         """Seconds of one device's kernel family: compute, memory and power roofs."""

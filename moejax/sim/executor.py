@@ -6,7 +6,7 @@ executor reports, and the cost model prices them. Sampled rows get a fixed non-E
 requests run until max_tokens: output lengths come from the workload, not from sampling.
 
 KV hand-off is simulated too: an exported payload carries the shapes and dtype of the request's KV
-(what a link would carry), no values.
+(and of the state slots of Gated DeltaNet layers: what a link would carry), no values.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 
 from moejax.config import ModelConfig, get_preset
 from moejax.engine import traffic
-from moejax.engine.kv_cache import kv_pool_blocks
-from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout, layer_kv_state
+from moejax.engine.kv_cache import kv_pool_blocks, state_slots_for
+from moejax.engine.kv_transfer import KVPayload, LayerKVState, kv_layout, layer_kv_state, payload_shape
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.sim.cost_model import Calibration, CostModel
 from moejax.sim.hardware import Hardware, get_hardware
@@ -51,14 +51,16 @@ class SimExecutor:
         pass  # nothing kept between iterations
 
     def export_kv(self, block_ids: tuple[int, ...], num_tokens: int,
-                  group_block_ids: tuple[tuple[int, ...], ...] = ()) -> KVPayload:
+                  group_block_ids: tuple[tuple[int, ...], ...] = (), state_slot: int | None = None,
+                  layers: range | None = None) -> KVPayload:
         cfg = self.config
         states = []
-        for layer in range(cfg.num_layers):
+        layers = range(cfg.num_layers) if layers is None else layers
+        for layer in layers:
             layout, n = layer_kv_state(cfg, layer, num_tokens)
-            states.append(LayerKVState(layout.kind, {a.name: jax.ShapeDtypeStruct((n, *a.shape), cfg.dtype)
+            states.append(LayerKVState(layout.kind, {a.name: jax.ShapeDtypeStruct(*payload_shape(layout, a, n, cfg.dtype))
                                                      for a in layout.arrays}))
-        return KVPayload(cfg.name, kv_layout(cfg, cfg.dtype), num_tokens, tuple(range(cfg.num_layers)), tuple(states))
+        return KVPayload(cfg.name, kv_layout(cfg, cfg.dtype), num_tokens, tuple(layers), tuple(states))
 
     def execute(self, plan: IterationPlan) -> StepResult:
         cfg = self.config
@@ -77,10 +79,11 @@ class SimExecutor:
 
 def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
            hardware: str | Hardware, routing: str | RoutingModel = "correlated", routing_params: dict | None = None,
-           calibration: Calibration | None = None, memory_fraction: float = 0.9):
+           calibration: Calibration | None = None, memory_fraction: float = 0.9, state_slots: int | None = None):
     """A SimExecutor for `model` (a preset name, a ModelConfig or a Model: only its config counts) on
-    `hardware`; KV capacity is what the hardware's memory holds after the weights (sliding-window
-    layers: a smaller pool, as the JAX executor sizes it, kv_cache.kv_pool_blocks). routing_params:
+    `hardware`; KV capacity is what the hardware's memory holds after the weights, as the JAX executor
+    sizes it (kv_cache.kv_pool_blocks: sliding-window layers get a smaller pool; Gated DeltaNet layers'
+    state slots, one per request that may run at once or `state_slots`, come first). routing_params:
     e.g. {"affinity": 5.0} for "correlated" (see make_routing)."""
     from moejax.engine.factory import Built
 
@@ -89,10 +92,12 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
         routing = make_routing(routing, cfg, seed, **routing_params)
     executor = SimExecutor(cfg, hardware, routing=routing if cfg.num_experts else None, seed=seed,
                            calibration=calibration)
+    state_slots = state_slots_for(cfg, max_num_seqs, state_slots)
     free = memory_fraction * executor.hardware.memory_bytes - traffic.model_bytes(cfg)
     if free <= 0:
         raise ValueError(f"{cfg.name} ({traffic.model_bytes(cfg) / 1e9:.1f} GB of weights) does not fit "
                          f"{executor.hardware.name} ({executor.hardware.memory_bytes / 1e9:.0f} GB)")
     max_model_len = max_model_len or cfg.max_position
-    num_blocks = kv_pool_blocks(cfg, block_size, int(free), max_num_seqs=max_num_seqs, max_model_len=max_model_len)
-    return Built(executor, num_blocks, max_model_len, virtual_time=True)
+    num_blocks = kv_pool_blocks(cfg, block_size, int(free), max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                state_slots=state_slots)
+    return Built(executor, num_blocks, max_model_len, virtual_time=True, state_slots=state_slots)
