@@ -178,6 +178,9 @@ def test_gpt_oss_layer_types(gpt_oss):
     edit_config(gpt_oss, layer_types=["sliding_attention", "full_attention"])
     with pytest.raises(ConfigError, match=r"layer_types has 2 entries for 3 layers"):
         load_hf(gpt_oss)
+
+
+@pytest.fixture
 def qwen3_next(tmp_path):
     d = tmp_path / "qwen3_next"
     shutil.copytree(FIXTURES / "qwen3_next", d)

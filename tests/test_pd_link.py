@@ -25,8 +25,8 @@ SIZES = dict(max_model_len=64, block_size=4, token_budget=32, num_blocks=96)
 
 
 @functools.cache
-def model():
-    return build_model(get_preset("tiny-qwen3-moe"), seed=5)
+def model(preset: str = "tiny-qwen3-moe"):
+    return build_model(get_preset(preset), seed=5)
 
 
 def prompts(n_tokens=(9, 23, 17)):
@@ -77,22 +77,24 @@ def test_token_bucket_paces_bytes_at_its_rate():
     assert now[0] == pytest.approx(0.9 + 10.0 + 0.1)
 
 
-def streamed_engine():
+def streamed_engine(m=None):
     """A layered prefill engine, one layer per iteration, handing off every request."""
-    L = model().config.num_layers
-    return build(model(), policy="layered", group_table=(), max_groups=L, **SIZES)
+    m = m or model()
+    return build(m, policy="layered", group_table=(), max_groups=m.config.num_layers, **SIZES)
 
 
 @pytest.mark.slow  # compiles a layered prefill engine's per-layer programs besides the fused ones
-def test_layers_leave_while_the_prompt_prefills_and_decode_elsewhere_as_one_engine():
-    m = model()
+# Qwen3-Next: its Gated DeltaNet layers' recurrent states leave as their layers finish, like KV
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-qwen3-next"])
+def test_layers_leave_while_the_prompt_prefills_and_decode_elsewhere_as_one_engine(preset):
+    m = model(preset)
     L = m.config.num_layers
     one = build(m, **SIZES)
     reqs = [one.add_request(p, GREEDY) for p in prompts()]
     serve(one)
     want = [r.output_token_ids for r in reqs]
 
-    e = streamed_engine()
+    e = streamed_engine(m)
     events = []  # (step, request, layer) of each layer sent; (step, request, None) at the hand-off
     step = [0]
     streamer = LayerStreamer(e, lambda rid, layer, state: events.append((step[0], rid, layer, state)),
