@@ -16,7 +16,6 @@ experts of each layer; both policies use the same replicas.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import platform
@@ -32,18 +31,12 @@ from moejax.config import get_preset
 from moejax.disagg.activation_scheduler import assign_activations, instance_load, place_replicas
 from moejax.sim.routing import Rows, make_routing
 
+import stdlib_moe_routing as rt  # noqa: E402  (a sibling script: its directory is on sys.path)
+
 HERE = Path(__file__).resolve().parent
 SEQ_LEN, SEQUENCES = 256, 24  # per split
 STEPS = 64  # decode steps drawn per setting
 SMALL = os.environ.get("MOEJAX_BENCH_SMALL") == "1"
-
-
-def _routing_script():
-    spec = importlib.util.spec_from_file_location("stdlib_moe_routing", HERE / "stdlib_moe_routing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def compare(tokens: np.ndarray, replicas: np.ndarray, instances: int) -> dict:
@@ -67,7 +60,6 @@ def compare(tokens: np.ndarray, replicas: np.ndarray, instances: int) -> dict:
 
 
 def real_routing(rng) -> dict:
-    rt = _routing_script()
     train = rt.training_script()
     training = json.loads(rt.TRAINING_JSON.read_text())
     model, tokenizer = load_model("stdlib-moe", dtype="float32")
