@@ -15,11 +15,14 @@ from moejax.config import ConfigError
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
 
 
+def fixture_copy(name: str, tmp_path: Path) -> Path:
+    """A writable copy of a shipped HF fixture checkpoint, for a test to damage."""
+    return Path(shutil.copytree(FIXTURES / name, tmp_path / name))
+
+
 @pytest.fixture
 def mixtral(tmp_path):
-    d = tmp_path / "mixtral"
-    shutil.copytree(FIXTURES / "mixtral", d)
-    return d
+    return fixture_copy("mixtral", tmp_path)
 
 
 def tensors(d: Path) -> dict[str, np.ndarray]:
@@ -147,9 +150,7 @@ def test_unsupported_dtype_in_file(mixtral):
 
 @pytest.fixture
 def gpt_oss(tmp_path):
-    d = tmp_path / "gpt_oss"
-    shutil.copytree(FIXTURES / "gpt_oss", d)
-    return d
+    return fixture_copy("gpt_oss", tmp_path)
 
 
 def test_gpt_oss_missing_sinks_and_expert_bias(gpt_oss):
@@ -182,9 +183,7 @@ def test_gpt_oss_layer_types(gpt_oss):
 
 @pytest.fixture
 def qwen3_next(tmp_path):
-    d = tmp_path / "qwen3_next"
-    shutil.copytree(FIXTURES / "qwen3_next", d)
-    return d
+    return fixture_copy("qwen3_next", tmp_path)
 
 
 def test_qwen3_next_layer_types(qwen3_next):
