@@ -10,10 +10,14 @@ bound turns on JAX's file locking, for the processes writing it at once."""
 import os
 from pathlib import Path
 
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).parent.parent / ".cache" / "jax-tests"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+COMPILATION_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": str(Path(__file__).parent.parent / ".cache" / "jax-tests"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    "JAX_COMPILATION_CACHE_MAX_SIZE": str(4 << 30),
+}
+for name, value in COMPILATION_CACHE.items():
+    os.environ.setdefault(name, value)
 
 import jax  # noqa: E402  (reads the variables above when imported)
 
@@ -21,3 +25,11 @@ import jax  # noqa: E402  (reads the variables above when imported)
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
 os.environ.setdefault("MOEJAX_KERNEL_BACKEND", "")
+
+
+def subprocess_environment(drop: tuple[str, ...]) -> dict:
+    """This environment without the variables whose names start with `drop` (a subprocess that must
+    start as a user's would), except the compilation cache's: the cache changes no result, and without
+    it every subprocess compiles from nothing what the others already compiled."""
+    return {k: v for k, v in os.environ.items() if k in COMPILATION_CACHE or not k.startswith(drop)}
+

@@ -4,7 +4,6 @@ single-process run; a peer that dies or never comes makes the others exit non-ze
 within a bounded time. Every process runs under a timeout, so a hung peer cannot stall the suite."""
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import sys
 import time
 
 import pytest
+from conftest import subprocess_environment
 
 from moejax.cli import main
 
@@ -29,7 +29,7 @@ def free_port() -> int:
 
 
 def env(**extra) -> dict:
-    e = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    e = subprocess_environment(drop=("JAX_",))
     # CPU devices even on a GPU machine; gloo is jax's default CPU collectives, named to be explicit
     e.update(JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", **extra)
     return e

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import subprocess_environment
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCK = re.compile(r"((?:<!--[^>]*-->\s*\n)*)```(python|bash)\n(.*?)```", re.S)
@@ -41,7 +42,7 @@ def blocks() -> list:
 
 
 def environment() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
+    env = subprocess_environment(drop=("JAX_", "XLA_"))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's moejax
     return env
 
