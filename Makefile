@@ -27,9 +27,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/moejax generate
 
-# Two workers (one per core; a test file stays on one worker so its fixtures are built once), and
-# the slowest tests listed at the end so that CI time stays visible.
-PYTEST := $(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=25
+# Two workers (one per core; a test file stays on one worker so its fixtures are built once; files
+# in tests/conftest.py's order, the slow ones first), and the slowest tests listed at the end so that
+# CI time stays visible.
+PYTEST := $(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 test: setup
 	$(PYTEST)

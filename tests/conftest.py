@@ -8,6 +8,7 @@ program, the devices and the JAX/XLA versions and flags, so a stale entry is nev
 bound turns on JAX's file locking, for the processes writing it at once."""
 
 import os
+from collections import Counter
 from pathlib import Path
 
 COMPILATION_CACHE = {
@@ -33,3 +34,15 @@ def subprocess_environment(drop: tuple[str, ...]) -> dict:
     it every subprocess compiles from nothing what the others already compiled."""
     return {k: v for k, v in os.environ.items() if k in COMPILATION_CACHE or not k.startswith(drop)}
 
+
+def pytest_collection_modifyitems(items):
+    """Files with the most slow tests first, each file's tests in their order. xdist (`--dist loadfile
+    --no-loadscope-reorder`) hands whole files to the workers in this order: the long files start at
+    once and the short ones fill in at the end, so that both workers finish at about the same time
+    (by default xdist starts with the files of most tests, and a long file started last is the
+    whole run's tail)."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    first = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.path, i)
+    items.sort(key=lambda item: (-slow[item.path], first[item.path]))
