@@ -74,12 +74,12 @@ def test_bench_serve_and_compare_real(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "layered/chunked@64" in out and f"wrote {path}" in out  # the table has the ratio column
 
-    path = tmp_path / "serve.json"  # the policy, model and cache shape of a run above: its programs again
-    assert main(["bench", "serve", "--policy", "chunked@64", "--num-requests", "3", "--rate", "inf",
+    path = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--policy", "no_chunk", "--num-requests", "3", "--rate", "inf",
                  "--max-model-len", "256", "--json", str(path)]) == 0
     r = json.loads(path.read_text())
     m = r["metrics"]
-    assert (r["model"], r["policy"], r["simulated"]) == ("tiny-qwen3-moe", "chunked@64", False)
+    assert (r["model"], r["policy"], r["simulated"]) == ("tiny-qwen3-moe", "no_chunk", False)
     assert m["num_requests"] == 3 and 0 < m["ttft_mean_s"] <= m["e2e_mean_s"] and m["expert_bytes_total"] > 0
     out = capsys.readouterr().out
-    assert "chunked@64" in out and re.search(r"num_requests\s*│\s*3\s*│", out)  # title, the table's row
+    assert "no_chunk" in out and re.search(r"num_requests\s*│\s*3\s*│", out)  # title, the table's row
