@@ -167,13 +167,50 @@ class Exchange:
         return self._cache[key]
 
     def move(self, a: jax.Array, dst: jax.sharding.Sharding, form: str) -> jax.Array:
-        """`a` (split by rows at most) laid out by `dst`, every byte sent by `form`'s messages. Over
-        several processes a process holds only its own devices' pieces: the move is then one
-        resharding program over both pools' devices (`_union_move`), counted as the form's plan."""
-        messages = self.plan_for(a.shape, a.sharding, dst, form)
-        self.sent += traffic_of(messages, a.nbytes // max(a.shape[0], 1))
+        """`a` (split by rows at most) laid out by `dst`, counted as `form`'s messages. How the bytes
+        travel: between pools of equal size in one process, one asynchronous `jax.device_put` (`_pool_move`);
+        else the form's point-to-point messages (`_message_move`); over several processes one resharding
+        program over both pools' devices (`_union_move`)."""
+        self.sent += traffic_of(self.plan_for(a.shape, a.sharding, dst, form), a.nbytes // max(a.shape[0], 1))
         if not (a.is_fully_addressable and dst.is_fully_addressable):
             return self._union_move(a, dst)
+        if len(a.sharding.device_set) == len(dst.device_set) and a.shape[0] % len(dst.device_set) == 0:
+            return self._pool_move(a, dst)
+        return self._message_move(a, dst, form)
+
+    def _pool_move(self, a: jax.Array, dst: jax.sharding.Sharding) -> jax.Array:
+        """Between pools of k devices each: `a` split into k row blocks in its pool (one program, no
+        communication when it is split so already), one `jax.device_put` taking block j from source
+        device j to destination device j (asynchronous: XLA copies shard to shard; a copy that changes
+        the shard count goes through the host and waits), then laid out as `dst` inside the
+        destination pool (one program: an all-gather where `dst` replicates the rows). The host issues
+        at most three calls however many device pairs there are."""
+        here, there = (self._row_blocks(s) for s in (a.sharding, dst))
+        a = jax.device_put(self._layout(a, here), there)
+        return self._layout(a, dst)
+
+    def _row_blocks(self, sharding: jax.sharding.Sharding) -> jax.sharding.NamedSharding:
+        """Rows split in equal blocks over a sharding's devices, in its mesh order."""
+        devices = tuple(sharding.mesh.devices.flat) if hasattr(sharding, "mesh") else \
+            tuple(sorted(sharding.device_set, key=lambda d: d.id))
+        key = ("blocks", devices)
+        if key not in self._cache:
+            self._cache[key] = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("rows",)),
+                                                          jax.sharding.PartitionSpec("rows"))
+        return self._cache[key]
+
+    def _layout(self, a: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+        """`a` laid out as `sharding` over the same devices (one program; none when it is already)."""
+        if a.sharding.is_equivalent_to(sharding, a.ndim):
+            return a
+        key = ("layout", sharding)
+        if key not in self._cache:
+            self._cache[key] = jax.jit(lambda x: x, out_shardings=sharding)
+        return self._cache[key](a)
+
+    def _message_move(self, a: jax.Array, dst: jax.sharding.Sharding, form: str) -> jax.Array:
+        """Every byte sent by `form`'s point-to-point messages, one `jax.device_put` each."""
+        messages = self.plan_for(a.shape, a.sharding, dst, form)
         devices = {d.id: d for d in (*a.sharding.device_set, *dst.device_set)}
         held: dict[int, list[tuple[int, int, jax.Array]]] = {}  # device id -> pieces (lo, hi, array on it)
         for shard in a.addressable_shards:
