@@ -204,8 +204,13 @@ def test_exchange_forms_deliver_identical_rows(hosts):
     x, rows_split, replicated = _exchange_rows()
     devices = jax.devices()
     exchange = Exchange(host_map({"attention": devices[:4], "experts": devices[4:]}, hosts))
-    there = {f: exchange.move(jax.device_put(x, rows_split), replicated, f) for f in ("direct", "two_phase")}
-    for form, a in there.items():
+    there = {}
+    for pool_moves in (True, False):  # one device_put per array, or the form's point-to-point messages
+        exchange.pool_moves = pool_moves
+        there |= {(f, pool_moves): exchange.move(jax.device_put(x, rows_split), replicated, f)
+                  for f in ("direct", "two_phase")}
+    for (form, pool_moves), a in there.items():
+        exchange.pool_moves = pool_moves
         assert a.sharding == replicated
         for shard in a.addressable_shards:
             np.testing.assert_array_equal(np.asarray(shard.data), x, err_msg=form)

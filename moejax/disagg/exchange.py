@@ -2,7 +2,10 @@
 
 Rows cross between two meshes on disjoint devices, so every transfer is a set of point-to-point
 messages (device -> device, rows [lo, hi)), planned from the two shardings and the host of each
-device, then performed with `jax.device_put` (asynchronous: nothing waits on the host).
+device. In one process, between pools of equal size, the bytes travel as one `jax.device_put` per
+array (shard to shard) and a layout program inside the destination pool; otherwise as the plan's
+messages, one `jax.device_put` each (asynchronous either way: nothing waits on the host). The
+counted bytes and messages are always the plan's.
 
     direct      every destination device fetches its rows from the source devices that hold them
                 (attention -> experts: each attention shard sends its rows to each expert device)
@@ -157,6 +160,7 @@ class Exchange:
 
     def __init__(self, host: dict[int, int]):
         self.host = host
+        self.pool_moves = True  # False: always point-to-point messages (benchmarks compare the two)
         self.sent = Traffic()  # running total since the last `take`
         self._cache: dict = {}
 
@@ -174,7 +178,8 @@ class Exchange:
         self.sent += traffic_of(self.plan_for(a.shape, a.sharding, dst, form), a.nbytes // max(a.shape[0], 1))
         if not (a.is_fully_addressable and dst.is_fully_addressable):
             return self._union_move(a, dst)
-        if len(a.sharding.device_set) == len(dst.device_set) and a.shape[0] % len(dst.device_set) == 0:
+        if self.pool_moves and len(a.sharding.device_set) == len(dst.device_set) and \
+                a.shape[0] % len(dst.device_set) == 0:
             return self._pool_move(a, dst)
         return self._message_move(a, dst, form)
 

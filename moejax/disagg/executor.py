@@ -94,6 +94,7 @@ class DisaggExecutor(JaxExecutor):
         self._to_experts = p.experts.sharding(())  # rows replicated over the expert pool
         self._to_attention = p.attention.sharding(("batch", None))
         self.timeline = Timeline()
+        self.last_pools = None
         self._group: tuple[RowMap, tuple] | None = None
         self._step_m, self._step_form = 1, "direct"
         self._balance: list[tuple[jax.Array, jax.Array]] = []  # per scheduled layer: (distinct [N], tokens [N])
@@ -105,6 +106,7 @@ class DisaggExecutor(JaxExecutor):
             self._step_m, self._step_form = self.choose(plan)
         result = super().execute(plan)
         pools, sent = self.timeline.finish(), self.exchange.take()
+        self.last_pools = pools  # the step's busy intervals (benchmarks plot them)
         result.extra.update(micro_batches=self._step_m, exchange_form=self._step_form,
                             exchange_bytes=sent.bytes, exchange_messages=sent.messages,
                             exchange_cross_host_bytes=sent.cross_host_bytes,
