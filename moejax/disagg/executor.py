@@ -1,6 +1,7 @@
 """DisaggExecutor: attention and routed experts on disjoint device pools (Janus, arXiv 2512.13525;
 micro-batch ping-pong from MegaScale-Infer, arXiv 2504.02263). build(model, "disagg", layout=
-"cpu8-attn4-exp4", micro_batches=None | m, exchange="auto" | "direct" | "two_phase").
+"cpu8-attn4-exp4", micro_batches=None | m, exchange="auto" | "direct" | "two_phase", replicas=None |
+"auto" | per-instance expert lists, expert_slots=S, activation_policy="janus" | "token").
 
 The attention pool holds the attention side and the KV cache (data-parallel over requests), the
 expert pool the routed experts (expert-parallel). One program cannot span two disjoint meshes, so
@@ -9,7 +10,9 @@ plan, multi-step decode does not apply):
 
     attend + route            attention pool
     rows, ids, weights  ->    expert pool   (moejax.disagg.exchange: direct or two-phase)
-    routed experts            expert pool
+    schedule                  expert pool   (moejax.disagg.replicas: the replica of each activated
+                                             expert, chosen by the activation scheduler -> slot map)
+    routed experts            expert pool   (each MoE instance's slot buffer)
     outputs             ->    attention pool
     combine                   attention pool
 
@@ -24,7 +27,11 @@ but there the pools do not overlap.
 
 Greedy outputs equal the colocated executor's: every row sees the same operations on the same
 weights, only where they run changes. Step results carry the exchange's bytes and messages and the
-pools' busy fractions (moejax.disagg.timeline) in `extra`.
+pools' busy fractions (moejax.disagg.timeline) in `extra`, and the balance over the MoE instances
+(distinct activated experts and tokens per instance, max and mean over instances, averaged over the
+step's scheduled layers: each MoE layer of each micro-batch). Those are computed on the expert pool
+and read once per step, after it, with the pools' busy times: nothing in the layer loop waits on
+the host.
 """
 
 from __future__ import annotations
