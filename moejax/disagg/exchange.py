@@ -171,38 +171,38 @@ class Exchange:
         return self._cache[key]
 
     def move(self, a: jax.Array, dst: jax.sharding.Sharding, form: str) -> jax.Array:
-        """`a` (split by rows at most) laid out by `dst`, counted as `form`'s messages. How the bytes
-        travel: between pools of equal size in one process, one asynchronous `jax.device_put` (`_pool_move`);
-        else the form's point-to-point messages (`_message_move`); over several processes one resharding
-        program over both pools' devices (`_union_move`)."""
-        self.sent += traffic_of(self.plan_for(a.shape, a.sharding, dst, form), a.nbytes // max(a.shape[0], 1))
-        if not (a.is_fully_addressable and dst.is_fully_addressable):
-            return self._union_move(a, dst)
-        if self.pool_moves and len(a.sharding.device_set) == len(dst.device_set) and \
-                a.shape[0] % len(dst.device_set) == 0:
-            return self._pool_move(a, dst)
-        return self._message_move(a, dst, form)
+        """`a` (split by rows at most) laid out by `dst`, counted as `form`'s messages."""
+        return self._layout(self.deliver((a,), dst, form)[0], dst)
 
-    def _pool_move(self, a: jax.Array, dst: jax.sharding.Sharding) -> jax.Array:
-        """Between pools of k devices each: `a` split into k row blocks in its pool (one program, no
-        communication when it is split so already), one `jax.device_put` taking block j from source
-        device j to destination device j (asynchronous: XLA copies shard to shard; a copy that changes
-        the shard count goes through the host and waits), then laid out as `dst` inside the
-        destination pool (one program: an all-gather where `dst` replicates the rows). The host issues
-        at most three calls however many device pairs there are."""
-        here, there = (self._row_blocks(s) for s in (a.sharding, dst))
-        a = jax.device_put(self._layout(a, here), there)
-        return self._layout(a, dst)
+    def deliver(self, arrays: tuple[jax.Array, ...], dst: jax.sharding.Sharding, form: str) -> tuple[jax.Array, ...]:
+        """Arrays (split by rows at most) onto `dst`'s devices, each counted as `form`'s messages, laid out
+        as `dst` or as equal row blocks over its devices (a program reading them lays them out as it
+        needs). How the bytes travel: between pools of equal size in one process, one asynchronous
+        `jax.device_put` for all of them (`_pool_move`); else the form's point-to-point messages
+        (`_message_move`); over several processes one resharding program over both pools' devices
+        (`_union_move`)."""
+        for a in arrays:
+            self.sent += traffic_of(self.plan_for(a.shape, a.sharding, dst, form), a.nbytes // max(a.shape[0], 1))
+        if not all(a.is_fully_addressable for a in arrays) or not dst.is_fully_addressable:
+            return tuple(self._union_move(a, dst) for a in arrays)
+        k = len(dst.device_set)
+        if self.pool_moves and all(len(a.sharding.device_set) == k and a.shape[0] % k == 0 for a in arrays):
+            return self._pool_move(arrays, dst)
+        return tuple(self._message_move(a, dst, form) for a in arrays)
 
-    def _row_blocks(self, sharding: jax.sharding.Sharding) -> jax.sharding.NamedSharding:
-        """Rows split in equal blocks over a sharding's devices, in its mesh order."""
-        devices = tuple(sharding.mesh.devices.flat) if hasattr(sharding, "mesh") else \
-            tuple(sorted(sharding.device_set, key=lambda d: d.id))
-        key = ("blocks", devices)
-        if key not in self._cache:
-            self._cache[key] = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("rows",)),
-                                                          jax.sharding.PartitionSpec("rows"))
-        return self._cache[key]
+    def _pool_move(self, arrays: tuple[jax.Array, ...], dst: jax.sharding.Sharding) -> tuple[jax.Array, ...]:
+        """Between pools of k devices each: every array split into k row blocks in its pool (no program
+        when it is split so already), then one `jax.device_put` taking block j of each from source device
+        j to destination device j (asynchronous: XLA copies shard to shard; a copy that changes the
+        shard count would go through the host and wait). The host issues one call however many arrays
+        and device pairs there are."""
+        there = self._row_blocks(dst)
+        return jax.device_put(tuple(self._layout(a, self._row_blocks(a.sharding)) for a in arrays),
+                              (there,) * len(arrays))
+
+    def _row_blocks(self, sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+        """Rows split in equal blocks over a sharding's mesh, every axis in mesh order."""
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(tuple(sharding.mesh.axis_names)))
 
     def _layout(self, a: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
         """`a` laid out as `sharding` over the same devices (one program; none when it is already)."""

@@ -206,7 +206,7 @@ class DisaggExecutor(JaxExecutor):
         pending: list = [None] * len(batches)  # (layer, h, y, routed, timeline index) awaiting combine
         counts = []
         for i in range(start, end):
-            layer_counts = jnp.zeros((E,), jnp.int32)  # on the expert pool once a micro-batch is routed
+            layer_counts = None  # tokens per expert [E], on the expert pool
             for j, (_, mb_meta, _) in enumerate(batches):
                 xs[j] = self._combine(pending[j], xs[j])
                 h, self.kv[i] = model.attend(i, xs[j], self.kv[i], mb_meta)
@@ -215,16 +215,15 @@ class DisaggExecutor(JaxExecutor):
                 if ids is None:
                     pending[j] = (i, h, y, None, routed_at)
                     continue
-                sent = tuple(self.exchange.move(a, self._to_experts, self._step_form) for a in (y, ids, weights))
+                sent = self.exchange.deliver((y, ids, weights), self._to_experts, self._step_form)
                 sent_at = self.timeline.add("exchange", sent, (routed_at,))
-                buffer, slot_of, tokens, distinct, load = self.replicas.schedule(i, sent[1])
-                layer_counts = layer_counts + tokens
+                routed, tokens, distinct, load = self.replicas.run(i, *sent)  # schedule + experts, one program
+                layer_counts = tokens if layer_counts is None else layer_counts + tokens
                 self._balance.append((distinct, load))
-                routed = model.experts(*sent, buffer, slot_of)
                 experts_at = self.timeline.add("experts", routed, (sent_at,))
-                back = self.exchange.move(routed, self._to_attention, self._step_form)
+                back = self.exchange.deliver((routed,), self._to_attention, self._step_form)[0]
                 pending[j] = (i, h, y, back, self.timeline.add("exchange", back, (experts_at,)))
-            counts.append(layer_counts)
+            counts.append(jnp.zeros((E,), jnp.int32) if layer_counts is None else layer_counts)
         xs = [self._combine(p, x_j) for p, x_j in zip(pending, xs)]
         if self._step_m == 1:
             return xs[0], counts

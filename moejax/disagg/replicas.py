@@ -11,11 +11,13 @@ slots [n * slots, (n + 1) * slots). Which experts an instance holds:
                              default uniform) with `expert_slots` slots per instance, per MoE layer
     replicas=[[e, ...], ...] per instance the experts it holds (every MoE layer alike)
 
-Per MoE layer and step `schedule` (one jitted program on the expert pool, nothing read on the host)
+Per MoE layer and step `run` is one program on the expert pool (nothing read on the host): it
 counts the rows' tokens per expert, assigns every activated expert to one of its replicas by the
-activation scheduler (`policy` "janus" or "token"), and turns the assignment into the slot map
-`slot_of` [E] the experts kernel reads: each row's expert runs on the chosen instance only.
-It also returns the distinct activated experts and tokens per instance (the run's balance metrics).
+activation scheduler (`policy` "janus" or "token"), turns the assignment into the slot map
+`slot_of` [E] the experts kernel reads (each row's expert runs on the chosen instance only), runs
+the routed experts on the slot buffer, and returns their output split in row blocks over the pool
+(what the exchange sends back), the tokens per expert and the distinct activated experts and tokens
+per instance (the run's balance metrics).
 """
 
 from __future__ import annotations
@@ -90,6 +92,8 @@ class ExpertReplicas:
             raise ValueError(f"expert_slots={expert_slots!r}: must be an integer >= 1")
         cfg, placement = model.config, model.placements.experts
         self.policy, self.num_instances = policy, placement.shards("expert")
+        blocks = jax.sharding.NamedSharding(placement.mesh, jax.sharding.PartitionSpec(placement.mesh.axis_names))
+        self._run = jax.jit(partial(_expert_step, model.experts, policy, blocks))
         moe = [i for i, is_moe in enumerate(cfg.moe_layers) if is_moe]
         held, self.slots = instance_experts(replicas, cfg.num_experts, self.num_instances, expert_slots,
                                             expert_load, len(moe))
@@ -114,10 +118,23 @@ class ExpertReplicas:
         return any(r.shape[1] > 1 for _, r, _ in self.layers.values())
 
     def schedule(self, i: int, ids: jax.Array):
-        """MoE layer i's step on rows routed to `ids` [T, K] (on the expert pool) -> (buffer, slot_of [E],
-        tokens per expert [E], distinct experts [N], tokens [N] per instance), nothing read on the host."""
+        """MoE layer i's replica choice for rows routed to `ids` [T, K] -> (buffer, slot_of [E], tokens per
+        expert [E], distinct experts [N], tokens [N] per instance)."""
         buffer, replicas, slot_in = self.layers[i]
         return (buffer, *_schedule(ids, replicas, slot_in, self.policy))
+
+    def run(self, i: int, y: jax.Array, ids: jax.Array, weights: jax.Array):
+        """MoE layer i's routed experts of rows y [T, D] (ids / weights [T, K]) on the expert pool, one
+        program -> (out [T, D] in row blocks over the pool, tokens per expert [E], distinct experts [N],
+        tokens [N] per instance)."""
+        buffer, replicas, slot_in = self.layers[i]
+        return self._run(y, ids, weights, buffer, replicas, slot_in)
+
+
+def _expert_step(experts, policy, blocks, y, ids, weights, buffer, replicas, slot_in):
+    slot_of, tokens, distinct, load = _schedule(ids, replicas, slot_in, policy)
+    out = experts(y, ids, weights, buffer, slot_of)
+    return jax.lax.with_sharding_constraint(out, blocks), tokens, distinct, load
 
 
 @partial(jax.jit, static_argnums=2)
