@@ -174,15 +174,18 @@ class Exchange:
         """`a` (split by rows at most) laid out by `dst`, counted as `form`'s messages."""
         return self._layout(self.deliver((a,), dst, form)[0], dst)
 
-    def deliver(self, arrays: tuple[jax.Array, ...], dst: jax.sharding.Sharding, form: str) -> tuple[jax.Array, ...]:
+    def deliver(self, arrays: tuple[jax.Array, ...], dst: jax.sharding.Sharding, form: str,
+                held_as: jax.sharding.Sharding | None = None) -> tuple[jax.Array, ...]:
         """Arrays (split by rows at most) onto `dst`'s devices, each counted as `form`'s messages, laid out
         as `dst` or as equal row blocks over its devices (a program reading them lays them out as it
         needs). How the bytes travel: between pools of equal size in one process, one asynchronous
         `jax.device_put` for all of them (`_pool_move`); else the form's point-to-point messages
         (`_message_move`); over several processes one resharding program over both pools' devices
-        (`_union_move`)."""
+        (`_union_move`). held_as: the layout the rows are counted from (default each array's own; e.g.
+        replicated rows that a program split in blocks only to send them)."""
         for a in arrays:
-            self.sent += traffic_of(self.plan_for(a.shape, a.sharding, dst, form), a.nbytes // max(a.shape[0], 1))
+            self.sent += traffic_of(self.plan_for(a.shape, held_as or a.sharding, dst, form),
+                                    a.nbytes // max(a.shape[0], 1))
         if not all(a.is_fully_addressable for a in arrays) or not dst.is_fully_addressable:
             return tuple(self._union_move(a, dst) for a in arrays)
         k = len(dst.device_set)

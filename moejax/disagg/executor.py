@@ -221,7 +221,8 @@ class DisaggExecutor(JaxExecutor):
                 layer_counts = tokens if layer_counts is None else layer_counts + tokens
                 self._balance.append((distinct, load))
                 experts_at = self.timeline.add("experts", routed, (sent_at,))
-                back = self.exchange.deliver((routed,), self._to_attention, self._step_form)[0]
+                back = self.exchange.deliver((routed,), self._to_attention, self._step_form,
+                                             held_as=self._to_experts)[0]  # every expert device has all rows
                 pending[j] = (i, h, y, back, self.timeline.add("exchange", back, (experts_at,)))
             counts.append(jnp.zeros((E,), jnp.int32) if layer_counts is None else layer_counts)
         xs = [self._combine(p, x_j) for p, x_j in zip(pending, xs)]
