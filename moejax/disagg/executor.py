@@ -140,7 +140,8 @@ class DisaggExecutor(JaxExecutor):
         distinct, tokens = (np.asarray(a, float) for a in jax.device_get(tuple(map(jnp.stack, zip(*self._balance)))))
         self._balance = []
         return {"scheduled_layers": len(distinct),
-                "distinct_experts_max": float(distinct.max(axis=1).mean()), "distinct_experts_mean": float(distinct.mean()),
+                "distinct_experts_max": float(distinct.max(axis=1).mean()),
+                "distinct_experts_mean": float(distinct.mean()),
                 "instance_tokens_max": float(tokens.max(axis=1).mean()), "instance_tokens_mean": float(tokens.mean())}
 
     def disagg_summary(self) -> dict:

@@ -22,7 +22,6 @@ per instance (the run's balance metrics).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from functools import partial
 
 import jax
