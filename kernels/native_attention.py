@@ -30,11 +30,13 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("native") / "paged_attention.cc"
 TARGET = "moejax_paged_attention"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
 def _library_path() -> Path:
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + jaxlib.__version__.encode() + platform.machine().encode()).hexdigest()[:16]
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + jaxlib.__version__.encode()
+                         + platform.machine().encode()).hexdigest()[:16]
     root = Path(os.environ.get("MOEJAX_CACHE_DIR") or Path.home() / ".cache" / "moejax")
     return root / "kernels" / f"paged_attention-{key}.so"
 
@@ -46,8 +48,7 @@ def _build(library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # built aside, then moved: concurrent builds are safe
         out = Path(tmp) / library.name
-        command = [compiler, "-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w",
-                   "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
+        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(out)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")

@@ -74,7 +74,7 @@ def test_paged_attention_matches_dense(H, KV, window, with_sinks, method):
 
 
 @pytest.mark.parametrize("method,with_sinks", [("rows", False), ("rows", True), ("tiles", False), ("tiles", True),
-                                               ("pallas", True)])
+                                               ("native", False), ("pallas", True)])
 def test_windowed_rows_read_no_block_before_their_window(method, with_sinks):
     """A window-aware cache frees the blocks before a request's window and hands them to others:
     here they hold NaN, so reading any of them (even masked) would poison the output. A prompt
@@ -116,13 +116,15 @@ def test_windowed_rows_read_no_block_before_their_window(method, with_sinks):
 
 
 @pytest.mark.parametrize("window", [None, 7])
-def test_native_matches_rows_in_bfloat16_on_decode_batches(window):
+@pytest.mark.parametrize("hd,bs", [(12, 16), (32, 5)])
+def test_native_matches_rows_in_bfloat16_on_decode_batches(window, hd, bs):
     """The native CPU kernel (the default on CPU) against the jnp rows method on a decode batch of
-    bf16 rows: many sequences, scattered tables, a head size with a remainder past the vector width,
-    padding rows (position 0 of sequence 0) and a table entry past the pool (clamped by both)."""
+    bf16 rows: many sequences, scattered tables, padding rows (position 0 of sequence 0) and a table
+    entry past the pool (clamped by both); head sizes on the scalar path (12) and on the 8-lane
+    vector path (32, unrolled at compile time), with a block size that is not a whole vector (5)."""
     assert native_attention.available()
     rng = np.random.default_rng(3 + (window or 0))
-    bs, nb, H, KV, hd, S, width = 16, 400, 8, 2, 12, 37, 9
+    nb, H, KV, S, width = 400, 8, 2, 37, 9
     k_cache, v_cache = (jnp.asarray(rng.normal(size=(nb, bs, KV, hd)), jnp.bfloat16) for _ in range(2))
     tables = rng.permutation(nb)[:S * width].reshape(S, width).astype(np.int32)
     tables[5, 3] = nb + 4

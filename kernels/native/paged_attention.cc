@@ -38,65 +38,128 @@ struct Shape {
   int64_t window;  // 0: none
 };
 
-constexpr int64_t kLanes = 8;  // one AVX2 register of float32: partial sums kept per lane vectorise
+// Head sizes that are a multiple of 8 run on 8-lane float vectors (GCC/Clang vector extensions: one AVX2
+// register, two NEON ones), with the common sizes known at compile time so their loops unroll; other
+// head sizes run the scalar loops.
+constexpr int64_t kLanes = 8;
+typedef float f8 __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t i8 __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint16_t h8 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 
-template <typename T>
-inline float dot(const float* __restrict q, const T* __restrict k, int64_t n) {
-  float lanes[kLanes] = {};
-  int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes)
-    for (int64_t u = 0; u < kLanes; ++u) lanes[u] += q[d + u] * load(k, d + u);
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f8 load8(const uint16_t* p) {  // 8 bfloat16 -> float32
+  h8 h;
+  std::memcpy(&h, p, sizeof h);
+  const i8 bits = __builtin_convertvector(h, i8) << 16;
+  f8 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline float sum8(f8 v) {
+  float s = 0.f;
+  for (int64_t u = 0; u < kLanes; ++u) s += v[u];
+  return s;
+}
+
+template <int64_t HD>
+inline int64_t head_size(int64_t runtime) { return HD > 0 ? HD : runtime; }
+
+// exp(x) for x <= 0 (scores minus their running max), on 8 lanes: std::exp is a scalar libm call,
+// at decode sizes a third of the kernel. Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a
+// degree-6 polynomial, 2^n from the exponent bits; ~1 ulp.
+inline f8 exp_nonpositive(f8 x) {
+  const f8 lowest = f8{} - 87.0f;  // exp(-87) ~ 1.6e-38: below it, 0 for a softmax
+  x = x < lowest ? lowest : x;
+  const i8 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i8);  // round to nearest (x <= 0)
+  const f8 nf = __builtin_convertvector(n, f8);
+  const f8 r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  f8 p = f8{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i8 bits = (n + 127) << 23;
+  f8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+template <int64_t HD, typename T>
+inline float dot(const float* __restrict q, const T* __restrict k, int64_t hd) {
+  if (head_size<HD>(hd) % kLanes == 0) {
+    f8 acc = {};
+    for (int64_t d = 0; d < head_size<HD>(hd); d += kLanes) acc += load8(q + d) * load8(k + d);
+    return sum8(acc);
+  }
   float sum = 0.f;
-  for (; d < n; ++d) sum += q[d] * load(k, d);
-  for (int64_t u = 0; u < kLanes; ++u) sum += lanes[u];
+  for (int64_t d = 0; d < hd; ++d) sum += q[d] * load(k, d);
   return sum;
 }
 
-template <typename T>
-inline void axpy(float a, const T* __restrict x, float* __restrict y, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] += a * load(x, d);
+template <int64_t HD, typename T>
+inline void axpy(float a, const T* __restrict x, float* __restrict y, int64_t hd) {
+  if (head_size<HD>(hd) % kLanes == 0) {
+    for (int64_t d = 0; d < head_size<HD>(hd); d += kLanes) {
+      const f8 sum = load8(y + d) + a * load8(x + d);
+      std::memcpy(y + d, &sum, sizeof sum);
+    }
+    return;
+  }
+  for (int64_t d = 0; d < hd; ++d) y[d] += a * load(x, d);
 }
 
-// Rows [begin, end): out[r, h, :] = softmax(q[r, h] . k[keys] * scale) @ v[keys]. Two passes over a
-// row's keys (scores, then the weighted values), block by block.
-template <typename T>
+// Rows [begin, end): out[r, h, :] = softmax(q[r, h] . k[keys] * scale) @ v[keys]. One pass over a
+// row's blocks with an online softmax: per block, the scores of the g query heads sharing a KV head
+// (each key read once for all g), their exponentials 8 at a time, then the weighted values.
+template <int64_t HD, typename T>
 void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32_t* positions,
                  const int32_t* seq_ids, const int32_t* tables, float* out, int64_t begin, int64_t end) {
-  const int64_t g = s.heads / s.kv_heads, hd = s.head_dim;
-  const int64_t block_stride = s.block_size * s.kv_heads * hd, slot_stride = s.kv_heads * hd;
-  std::vector<float> qf(g * hd), scores, best(g), total(g);
+  const int64_t g = s.heads / s.kv_heads, hd = head_size<HD>(s.head_dim), bs = s.block_size;
+  const int64_t block_stride = bs * s.kv_heads * hd, slot_stride = s.kv_heads * hd;
+  const int64_t padded_bs = (bs + kLanes - 1) / kLanes * kLanes;
+  std::vector<float> qf(g * hd), scores(g * padded_bs, 0.f), best(g), total(g);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t pos = positions[r];
     const int64_t seq = std::clamp<int64_t>(seq_ids[r], 0, s.num_tables - 1);
     const int64_t first = s.window > 0 ? std::max<int64_t>(0, pos - s.window + 1) : 0;
-    const int64_t n = std::max<int64_t>(pos - first + 1, 0);
-    scores.resize(n * g);
     const int32_t* table = tables + seq * s.table_width;
-    auto slot = [&](int64_t key) {  // offset of `key`'s slot in the caches (bad table entries clamped)
-      const int64_t block = std::clamp<int64_t>(table[std::min(key / s.block_size, s.table_width - 1)], 0,
-                                                s.num_blocks - 1);
-      return block * block_stride + (key % s.block_size) * slot_stride;
-    };
     for (int64_t kh = 0; kh < s.kv_heads; ++kh) {
       for (int64_t i = 0; i < g * hd; ++i) qf[i] = load(q, (r * s.heads + kh * g) * hd + i) * s.scale;
-      std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
-      for (int64_t j = 0; j < n; ++j) {  // the g query heads sharing this KV head, against each key
-        const T* kr = k + slot(first + j) + kh * hd;
-        for (int64_t h = 0; h < g; ++h) {
-          const float x = dot(qf.data() + h * hd, kr, hd);
-          scores[j * g + h] = x;
-          best[h] = std::max(best[h], x);
-        }
-      }
       float* o = out + (r * s.heads + kh * g) * hd;
       std::fill(o, o + g * hd, 0.f);
+      std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
       std::fill(total.begin(), total.end(), 0.f);
-      for (int64_t j = 0; j < n; ++j) {
-        const T* vr = v + slot(first + j) + kh * hd;
+      for (int64_t b = first / bs; b * bs <= pos; ++b) {  // keys first .. pos, bad table entries clamped
+        const int64_t block = std::clamp<int64_t>(table[std::min(b, s.table_width - 1)], 0, s.num_blocks - 1);
+        const int64_t j0 = std::max<int64_t>(first - b * bs, 0), j1 = std::min<int64_t>(pos - b * bs + 1, bs);
+        const T* kb = k + block * block_stride + kh * hd;
+        const T* vb = v + block * block_stride + kh * hd;
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t h = 0; h < g; ++h) scores[h * padded_bs + j] = dot<HD>(qf.data() + h * hd, kb + j * slot_stride, hd);
         for (int64_t h = 0; h < g; ++h) {
-          const float p = std::exp(scores[j * g + h] - best[h]);
-          total[h] += p;
-          axpy(p, vr, o + h * hd, hd);
+          float* sh = scores.data() + h * padded_bs;
+          float m = best[h];
+          for (int64_t j = j0; j < j1; ++j) m = std::max(m, sh[j]);
+          // 0 on the first block (best = -inf); lanes outside j0..j1 hold stale scores, never read
+          const float correction = best[h] == -std::numeric_limits<float>::infinity() ? 0.f
+                                   : exp_nonpositive(f8{} + (best[h] - m))[0];
+          best[h] = m;
+          for (int64_t j = 0; j < padded_bs; j += kLanes) {
+            const f8 e = exp_nonpositive(load8(sh + j) - m);
+            std::memcpy(sh + j, &e, sizeof e);
+          }
+          float sum = 0.f;
+          for (int64_t j = j0; j < j1; ++j) sum += sh[j];
+          total[h] = total[h] * correction + sum;
+          float* oh = o + h * hd;
+          for (int64_t d = 0; d < hd; ++d) oh[d] *= correction;
+          for (int64_t j = j0; j < j1; ++j) axpy<HD>(sh[j], vb + j * slot_stride, oh, hd);
         }
       }
       for (int64_t h = 0; h < g; ++h) {
@@ -104,6 +167,18 @@ void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32
         for (int64_t d = 0; d < hd; ++d) o[h * hd + d] *= inv;
       }
     }
+  }
+}
+
+// The row loop for the head size: compile-time for the common ones.
+template <typename T>
+void attend_rows_any(const Shape& s, const T* q, const T* k, const T* v, const int32_t* positions,
+                     const int32_t* seq_ids, const int32_t* tables, float* out, int64_t begin, int64_t end) {
+  switch (s.head_dim) {
+    case 32: return attend_rows<32>(s, q, k, v, positions, seq_ids, tables, out, begin, end);
+    case 64: return attend_rows<64>(s, q, k, v, positions, seq_ids, tables, out, begin, end);
+    case 128: return attend_rows<128>(s, q, k, v, positions, seq_ids, tables, out, begin, end);
+    default: return attend_rows<0>(s, q, k, v, positions, seq_ids, tables, out, begin, end);
   }
 }
 
@@ -153,14 +228,14 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
     case ffi::DataType::F32: {
       auto *qp = static_cast<const float*>(q.untyped_data()), *kp = static_cast<const float*>(k_cache.untyped_data()),
            *vp = static_cast<const float*>(v_cache.untyped_data());
-      parallel_rows(pool, s.rows, grain, [=](int64_t b, int64_t e) { attend_rows(s, qp, kp, vp, pos, seq, tab, o, b, e); });
+      parallel_rows(pool, s.rows, grain, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
       return ffi::Error::Success();
     }
     case ffi::DataType::BF16: {
       auto *qp = static_cast<const uint16_t*>(q.untyped_data()),
            *kp = static_cast<const uint16_t*>(k_cache.untyped_data()),
            *vp = static_cast<const uint16_t*>(v_cache.untyped_data());
-      parallel_rows(pool, s.rows, grain, [=](int64_t b, int64_t e) { attend_rows(s, qp, kp, vp, pos, seq, tab, o, b, e); });
+      parallel_rows(pool, s.rows, grain, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
       return ffi::Error::Success();
     }
     default:
