@@ -273,7 +273,7 @@ class Scheduler:
                 req.num_computed_tokens = s.context_len
             if not s.sample:
                 continue
-            stop_ids, max_tokens = ends[rid]
+            stop_ids, token_limit = ends[rid]
             tokens = req.token_ids
             for token in ((sampled[rid],) if steps is None else steps[rid]):
                 if len(tokens) > s.context_len:  # multi-step: this token's input is computed now
@@ -282,7 +282,7 @@ class Scheduler:
                 req.token_times.append(now)
                 if req.first_token_time is None:
                     req.first_token_time = now
-                reason = ("stop" if token in stop_ids else "length" if len(tokens) >= max_tokens
+                reason = ("stop" if token in stop_ids else "length" if len(tokens) >= token_limit
                           else "handoff" if req.handoff else None)
                 if reason:
                     self._finish(req, reason, now)
