@@ -2,7 +2,10 @@
 equal the colocated executor's for every split, policy, micro-batch count and exchange form; the
 exchange's plans deliver every row and the two forms send what they claim; micro-batches take each
 request whole; the pools' busy time comes from dispatch / ready times; bad layouts and options are
-clear errors."""
+clear errors. Expert replicas: greedy outputs unchanged under either activation policy, the slot map
+runs every activated expert on the replica the scheduler chose, the janus policy balances distinct
+experts per instance better than token balancing on the trained checkpoint's routing, bad replica
+tables are clear errors."""
 
 import json
 
@@ -14,11 +17,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from moejax import LLM
 from moejax.checkpoint import load_model
 from moejax.config import PRESETS
+from moejax.disagg.activation_scheduler import assign_activations, instance_load
 from moejax.disagg.exchange import Exchange, host_map, plan, seconds, traffic_of
 from moejax.disagg.microbatch import choose_micro_batches, split_rows
 from moejax.disagg.timeline import busy
 from moejax.engine import build
 from moejax.engine.sampling import SamplingParams
+from moejax.runs import run
 from moejax.meshes import LayoutError
 from moejax.sim.hardware import LINKS
 
@@ -26,11 +31,15 @@ ARCH = "tiny-qwen3-moe"
 GREEDY = SamplingParams(max_tokens=5, ignore_eos=True)
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [(11 * i + 3) % 500 for i in range(23)], [5] * 12, [42]]
 SIZES = dict(max_model_len=64, block_size=4, num_blocks=96)
+# every other architecture: two requests (one per micro-batch), a prefill and two decode steps -- few
+# row shapes to compile, every piece of the layer still crossing the pools
+FEW = (PROMPTS[:2], SamplingParams(max_tokens=3, ignore_eos=True))
 
 
-def generate(model, executor, **options):
+def generate(model, executor, requests=(PROMPTS, GREEDY), **options):
     engine = build(model, executor, **SIZES, **options)
-    reqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    prompts, params = requests
+    reqs = [engine.add_request(p, params) for p in prompts]
     while engine.has_unfinished:
         engine.step()
     return [r.output_token_ids for r in reqs], engine
@@ -39,11 +48,12 @@ def generate(model, executor, **options):
 _cache: dict = {}
 
 
-def colocated(arch: str):
+def colocated(arch: str, requests=(PROMPTS, GREEDY)):
     """The reference: the jax executor on one device, layer by layer."""
-    if arch not in _cache:
-        _cache[arch] = generate(load_model(arch, seed=3)[0], "jax", fuse=False)[0]
-    return _cache[arch]
+    key = (arch, requests is FEW)
+    if key not in _cache:
+        _cache[key] = generate(load_model(arch, seed=3)[0], "jax", requests, fuse=False)[0]
+    return _cache[key]
 
 
 def split_model(arch: str, layout: str):
@@ -78,8 +88,87 @@ def test_greedy_equals_colocated_other_splits(layout):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", sorted(n for n in PRESETS if n.startswith("tiny-") and n != ARCH))
 def test_greedy_equals_colocated_every_architecture(arch):
-    got, _ = generate(split_model(arch, "cpu8-attn4-exp4"), "disagg", micro_batches=2)
-    assert got == colocated(arch)
+    got, _ = generate(split_model(arch, "cpu8-attn4-exp4"), "disagg", FEW, micro_batches=2)
+    assert got == colocated(arch, FEW)
+
+
+@pytest.mark.parametrize("activation_policy, m", [("janus", 1), ("token", 2)])
+def test_greedy_equals_colocated_with_replicas(activation_policy, m):
+    """6 slots per instance (16 experts, 4 instances): 8 experts have a second replica, placed by load
+    per layer; whichever replica the scheduler picks, the tokens are the colocated ones."""
+    load = np.random.default_rng(0).random((4, 16))  # per MoE layer: a different placement each
+    got, engine = generate(split_model(ARCH, "cpu8-attn4-exp4"), "disagg", micro_batches=m, replicas="auto",
+                           expert_slots=6, expert_load=load, activation_policy=activation_policy)
+    assert engine.executor.replicas.replicated
+    assert got == colocated(ARCH)
+
+
+def test_slot_map_runs_each_expert_on_its_chosen_replica():
+    """For random routed ids: every activated expert's slot lies on the instance the reference
+    scheduler (assign_activations) picks and holds that expert's weights; distinct experts and tokens
+    per instance are the reference's."""
+    model = split_model(ARCH, "cpu8-attn4-exp4")
+    held = [[0, 1, 2, 3, 4, 5], [4, 5, 6, 7, 8, 9], [8, 9, 10, 11, 12, 13], [12, 13, 14, 15, 0, 1]]
+    engine = build(model, "disagg", **SIZES, replicas=held)
+    replicas = engine.executor.replicas
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        ids = rng.integers(0, 16, (8, 4)).astype(np.int32)
+        ids[rng.random(8) < 0.25] = 16  # padding rows reach no expert
+        buffer, slot_of, tokens, distinct, load = (np.asarray(a) if not isinstance(a, tuple) else a
+                                                   for a in replicas.schedule(0, jax.numpy.asarray(ids)))
+        want_tokens = np.bincount(ids[ids < 16], minlength=16)
+        want = np.asarray(assign_activations(want_tokens, engine.executor.replicas.layers[0][1], 4))
+        np.testing.assert_array_equal(tokens, want_tokens)
+        np.testing.assert_array_equal(slot_of // 6, np.where(want >= 0, want, -1))
+        w_gate_up = np.asarray(buffer[0])
+        for e in np.flatnonzero(want_tokens):
+            assert e in held[slot_of[e] // 6]
+            np.testing.assert_array_equal(w_gate_up[slot_of[e]], np.asarray(model.expert_weights(0)[0][e]))
+        assert (slot_of[want_tokens == 0] == -1).all()
+        ref_distinct, ref_load = instance_load(want, want_tokens, 4)
+        np.testing.assert_array_equal(distinct, ref_distinct)
+        np.testing.assert_array_equal(load, ref_load)
+
+
+def test_janus_balances_distinct_experts_better_than_tokens_on_stdlib_moe():
+    """The trained checkpoint's real routing, 10 slots per instance (32 experts, 4 instances), janus
+    policy: each step's reported per-instance balance is the reference scheduler's on that step's
+    routed tokens, and on the same routing token balancing puts more distinct activated experts on
+    the busiest instance. (Two runs would not route alike: a different replica choice sums the
+    experts' outputs in another order, and bf16 router near-ties flip.)"""
+    model, tok = load_model("stdlib-moe", layout="cpu8-attn4-exp4")
+    engine = build(model, "disagg", max_model_len=64, block_size=8, num_blocks=64, micro_batches=1,
+                   replicas="auto", expert_slots=10, activation_policy="janus")
+    for s in ("import os\n", "def main():\n", "class Foo(object):\n    def", "for i in range("):
+        engine.add_request(list(tok.encode(s).ids), SamplingParams(max_tokens=6, ignore_eos=True))
+    tables = {i: np.asarray(r) for i, (_, r, _) in engine.executor.replicas.layers.items()}
+    busiest = {"janus": [], "token": []}
+    while engine.has_unfinished:
+        result = engine.step().result
+        tokens = result.layer_stats.expert_tokens
+        for policy, out in busiest.items():
+            distinct = [instance_load(assign_activations(tokens[i], table, 4, policy), tokens[i], 4)[0].max()
+                        for i, table in tables.items()]
+            out.append(np.mean(distinct))
+        assert result.extra["distinct_experts_max"] == pytest.approx(busiest["janus"][-1])
+    assert engine.executor.disagg_summary()["distinct_experts_max"] == pytest.approx(np.mean(busiest["janus"]))
+    assert np.mean(busiest["janus"]) < np.mean(busiest["token"])
+    assert all(j <= t for j, t in zip(busiest["janus"], busiest["token"]))
+
+
+def test_run_json_carries_the_instance_balance():
+    """moejax.runs.run on a split layout: the disagg object of the run JSON has the per-instance balance
+    of the timed run's steps (max >= mean, the mean tokens per instance = routed tokens / instances)."""
+    result = run(ARCH, layout="cpu8-attn4-exp4", policy="chunked@8", num_requests=3, rate=100.0, warmup=False,
+                 seed=3, **SIZES, replicas="auto", expert_slots=6, activation_policy="janus", micro_batches=1)
+    d = result["disagg"]
+    assert (d["moe_instances"], d["expert_slots"], d["activation_policy"]) == (4, 6, "janus")
+    assert d["steps"] > 0 and d["exchange_bytes_per_step"] > 0
+    assert 1 <= d["distinct_experts_mean"] <= d["distinct_experts_max"] <= 6
+    assert d["instance_tokens_mean"] <= d["instance_tokens_max"]
+    assert 0 < d["attention_busy"] <= 1 and 0 < d["expert_busy"] <= 1
+    json.dumps(result)
 
 
 def test_step_metrics_count_the_exchange_and_the_pools():
@@ -120,8 +209,13 @@ def test_exchange_forms_deliver_identical_rows(hosts):
     x, rows_split, replicated = _exchange_rows()
     devices = jax.devices()
     exchange = Exchange(host_map({"attention": devices[:4], "experts": devices[4:]}, hosts))
-    there = {f: exchange.move(jax.device_put(x, rows_split), replicated, f) for f in ("direct", "two_phase")}
-    for form, a in there.items():
+    there = {}
+    for pool_moves in (True, False):  # one device_put per array, or the form's point-to-point messages
+        exchange.pool_moves = pool_moves
+        there |= {(f, pool_moves): exchange.move(jax.device_put(x, rows_split), replicated, f)
+                  for f in ("direct", "two_phase")}
+    for (form, pool_moves), a in there.items():
+        exchange.pool_moves = pool_moves
         assert a.sharding == replicated
         for shard in a.addressable_shards:
             np.testing.assert_array_equal(np.asarray(shard.data), x, err_msg=form)
@@ -225,6 +319,22 @@ def test_expert_pool_too_small_is_refused_before_loading():
     (dict(exchange="all_to_all"), "exchange='all_to_all'"),
 ])
 def test_bad_options(options, match):
+    with pytest.raises(ValueError, match=match):
+        build(split_model(ARCH, "cpu8-attn4-exp4"), "disagg", **SIZES, **options)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(replicas=[[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 16]]),
+     "instance 3 holds a replica of expert 16, but the model has experts 0..15"),
+    (dict(replicas=[[0, 1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15]], expert_slots=4),
+     "instance 0 holds 5 experts, more than its expert_slots=4"),
+    (dict(replicas=[list(range(8)), list(range(8, 16))]), "experts of 2 instances; the expert pool has 4"),
+    (dict(replicas=[[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14]]), r"experts \[15\] have no replica"),
+    (dict(replicas="auto"), "replicas='auto' needs expert_slots="),
+    (dict(replicas="auto", expert_slots=3), "4 instances x 3 expert slots hold 12 experts, fewer than the model's 16"),
+    (dict(activation_policy="tokens"), "activation_policy='tokens': expected one of janus, token"),
+])
+def test_bad_replicas(options, match):
     with pytest.raises(ValueError, match=match):
         build(split_model(ARCH, "cpu8-attn4-exp4"), "disagg", **SIZES, **options)
 

@@ -95,6 +95,22 @@ def test_warmup_compiles_what_serving_meets():
     assert sorted(r.request_id for r in engine.finished) == list(range(12))
 
 
+def test_second_generate_of_a_loaded_checkpoint_compiles_nothing(tmp_path):
+    """A checkpoint's parameters are committed to a device, so every program's outputs are: the KV
+    cache must be committed from the start too, or the first prefill's program (keyed on a fresh,
+    uncommitted cache) compiles again in the next call, once the cache is a program's output."""
+    from moejax import LLM
+    from moejax.checkpoint import save_model
+
+    save_model(build_model(get_preset("tiny-qwen3-moe"), seed=5), tmp_path / "ckpt")
+    llm = LLM(str(tmp_path / "ckpt"), max_model_len=64, block_size=4, num_blocks=64, max_decode_steps=4)
+    prompt = [np.random.default_rng(0).integers(0, 512, 12).tolist()]
+    params = SamplingParams(max_tokens=17, ignore_eos=True)  # a prefill, then only multi-step decodes
+    first = llm.generate(prompt, params)[0].token_ids
+    assert llm.generate(prompt, params)[0].token_ids == first
+    assert llm.last_stats["compilations"] == 0, llm.last_stats
+
+
 def test_identical_second_generate_compiles_nothing_at_any_batch():
     """A user's identical second `generate` compiles nothing, at every batch size of one LLM: one
     request, a few, and more than the KV cache holds at once (multi-step iterations cut short by

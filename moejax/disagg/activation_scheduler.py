@@ -113,8 +113,8 @@ def place_replicas(load: np.ndarray, num_instances: int, slots_per_instance: int
 
 # --- the scheduler (jitted) -------------------------------------------------------------------------
 
-def _counts(assign, tokens, num_instances):
-    """Distinct experts [N] and tokens [N] per instance of an assignment [E] (-1: unassigned)."""
+def instance_counts(assign, tokens, num_instances):
+    """Distinct experts [N] and tokens [N] per instance of an assignment [E] (-1: unassigned); traceable."""
     idx = jnp.where(assign >= 0, assign, num_instances)
     distinct = jnp.zeros(num_instances, jnp.int32).at[idx].add(1, mode="drop")
     load = jnp.zeros(num_instances, tokens.dtype).at[idx].add(tokens, mode="drop")
@@ -159,7 +159,7 @@ def _reduce_max_distinct(assign, tokens, replicas, num_instances):
     expert = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32)[:, None], (E, R))
 
     def find_path(assign):
-        distinct, _ = _counts(assign, tokens, N)
+        distinct, _ = instance_counts(assign, tokens, N)
         top = distinct.max()
         # witness[a, b]: an expert on instance a with a replica on b (-1: none)
         edge = (assign[:, None] >= 0) & (replicas >= 0) & (replicas != assign[:, None])
@@ -205,11 +205,11 @@ def _balance_tokens(assign, tokens, replicas, num_instances):
     """Single-expert moves off the most-loaded instance that keep every instance at or below the
     maximal distinct count and lower the pair's token maximum."""
     E, _ = replicas.shape
-    top = _counts(assign, tokens, num_instances)[0].max()
+    top = instance_counts(assign, tokens, num_instances)[0].max()
     inf = jnp.iinfo(tokens.dtype).max
 
     def best_move(assign):
-        distinct, load = _counts(assign, tokens, num_instances)
+        distinct, load = instance_counts(assign, tokens, num_instances)
         a = jnp.argmax(load)
         ok = (assign[:, None] == a) & (replicas >= 0) & (replicas != a)
         ok &= distinct[jnp.where(replicas >= 0, replicas, 0)] < top
@@ -227,7 +227,8 @@ def _balance_tokens(assign, tokens, replicas, num_instances):
     return jax.lax.while_loop(lambda s: s[1], body, (assign, True, 0))[0]
 
 
-def _assign_one(tokens, replicas, num_instances, policy):
+def assign_traced(tokens, replicas, num_instances: int, policy: str) -> jax.Array:
+    """One layer's assignment [E] (tokens [E], replicas [E, R]): traceable, for a caller's own jit."""
     if policy == "token":
         return _greedy(tokens, replicas, num_instances, distinct_first=False)
     assign = _greedy(tokens, replicas, num_instances, distinct_first=True)
@@ -238,8 +239,8 @@ def _assign_one(tokens, replicas, num_instances, policy):
 @partial(jax.jit, static_argnames=("num_instances", "policy"))
 def _assign(tokens, replicas, num_instances, policy):
     if tokens.ndim == 2:  # [L, E]: every layer at once
-        return jax.vmap(lambda t, r: _assign_one(t, r, num_instances, policy))(tokens, replicas)
-    return _assign_one(tokens, replicas, num_instances, policy)
+        return jax.vmap(lambda t, r: assign_traced(t, r, num_instances, policy))(tokens, replicas)
+    return assign_traced(tokens, replicas, num_instances, policy)
 
 
 def assign_activations(tokens, replicas, num_instances: int, policy: str = "janus") -> jax.Array:

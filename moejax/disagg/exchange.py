@@ -2,7 +2,10 @@
 
 Rows cross between two meshes on disjoint devices, so every transfer is a set of point-to-point
 messages (device -> device, rows [lo, hi)), planned from the two shardings and the host of each
-device, then performed with `jax.device_put` (asynchronous: nothing waits on the host).
+device. In one process, between pools of equal size, the bytes travel as one `jax.device_put` per
+array (shard to shard) and a layout program inside the destination pool; otherwise as the plan's
+messages, one `jax.device_put` each (asynchronous either way: nothing waits on the host). The
+counted bytes and messages are always the plan's.
 
     direct      every destination device fetches its rows from the source devices that hold them
                 (attention -> experts: each attention shard sends its rows to each expert device)
@@ -157,6 +160,7 @@ class Exchange:
 
     def __init__(self, host: dict[int, int]):
         self.host = host
+        self.pool_moves = True  # False: always point-to-point messages (benchmarks compare the two)
         self.sent = Traffic()  # running total since the last `take`
         self._cache: dict = {}
 
@@ -167,13 +171,54 @@ class Exchange:
         return self._cache[key]
 
     def move(self, a: jax.Array, dst: jax.sharding.Sharding, form: str) -> jax.Array:
-        """`a` (split by rows at most) laid out by `dst`, every byte sent by `form`'s messages. Over
-        several processes a process holds only its own devices' pieces: the move is then one
-        resharding program over both pools' devices (`_union_move`), counted as the form's plan."""
+        """`a` (split by rows at most) laid out by `dst`, counted as `form`'s messages."""
+        return self._layout(self.deliver((a,), dst, form)[0], dst)
+
+    def deliver(self, arrays: tuple[jax.Array, ...], dst: jax.sharding.Sharding, form: str,
+                held_as: jax.sharding.Sharding | None = None) -> tuple[jax.Array, ...]:
+        """Arrays (split by rows at most) onto `dst`'s devices, each counted as `form`'s messages, laid out
+        as `dst` or as equal row blocks over its devices (a program reading them lays them out as it
+        needs). How the bytes travel: between pools of equal size in one process, one asynchronous
+        `jax.device_put` for all of them (`_pool_move`); else the form's point-to-point messages
+        (`_message_move`); over several processes one resharding program over both pools' devices
+        (`_union_move`). held_as: the layout the rows are counted from (default each array's own; e.g.
+        replicated rows that a program split in blocks only to send them)."""
+        for a in arrays:
+            self.sent += traffic_of(self.plan_for(a.shape, held_as or a.sharding, dst, form),
+                                    a.nbytes // max(a.shape[0], 1))
+        if not all(a.is_fully_addressable for a in arrays) or not dst.is_fully_addressable:
+            return tuple(self._union_move(a, dst) for a in arrays)
+        k = len(dst.device_set)
+        if self.pool_moves and all(len(a.sharding.device_set) == k and a.shape[0] % k == 0 for a in arrays):
+            return self._pool_move(arrays, dst)
+        return tuple(self._message_move(a, dst, form) for a in arrays)
+
+    def _pool_move(self, arrays: tuple[jax.Array, ...], dst: jax.sharding.Sharding) -> tuple[jax.Array, ...]:
+        """Between pools of k devices each: every array split into k row blocks in its pool (no program
+        when it is split so already), then one `jax.device_put` taking block j of each from source device
+        j to destination device j (asynchronous: XLA copies shard to shard; a copy that changes the
+        shard count would go through the host and wait). The host issues one call however many arrays
+        and device pairs there are."""
+        there = self._row_blocks(dst)
+        return jax.device_put(tuple(self._layout(a, self._row_blocks(a.sharding)) for a in arrays),
+                              (there,) * len(arrays))
+
+    def _row_blocks(self, sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+        """Rows split in equal blocks over a sharding's mesh, every axis in mesh order."""
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(tuple(sharding.mesh.axis_names)))
+
+    def _layout(self, a: jax.Array, sharding: jax.sharding.Sharding) -> jax.Array:
+        """`a` laid out as `sharding` over the same devices (one program; none when it is already)."""
+        if a.sharding.is_equivalent_to(sharding, a.ndim):
+            return a
+        key = ("layout", sharding)
+        if key not in self._cache:
+            self._cache[key] = jax.jit(lambda x: x, out_shardings=sharding)
+        return self._cache[key](a)
+
+    def _message_move(self, a: jax.Array, dst: jax.sharding.Sharding, form: str) -> jax.Array:
+        """Every byte sent by `form`'s point-to-point messages, one `jax.device_put` each."""
         messages = self.plan_for(a.shape, a.sharding, dst, form)
-        self.sent += traffic_of(messages, a.nbytes // max(a.shape[0], 1))
-        if not (a.is_fully_addressable and dst.is_fully_addressable):
-            return self._union_move(a, dst)
         devices = {d.id: d for d in (*a.sharding.device_set, *dst.device_set)}
         held: dict[int, list[tuple[int, int, jax.Array]]] = {}  # device id -> pieces (lo, hi, array on it)
         for shard in a.addressable_shards:

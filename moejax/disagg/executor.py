@@ -1,6 +1,7 @@
 """DisaggExecutor: attention and routed experts on disjoint device pools (Janus, arXiv 2512.13525;
 micro-batch ping-pong from MegaScale-Infer, arXiv 2504.02263). build(model, "disagg", layout=
-"cpu8-attn4-exp4", micro_batches=None | m, exchange="auto" | "direct" | "two_phase").
+"cpu8-attn4-exp4", micro_batches=None | m, exchange="auto" | "direct" | "two_phase", replicas=None |
+"auto" | per-instance expert lists, expert_slots=S, activation_policy="janus" | "token").
 
 The attention pool holds the attention side and the KV cache (data-parallel over requests), the
 expert pool the routed experts (expert-parallel). One program cannot span two disjoint meshes, so
@@ -9,7 +10,9 @@ plan, multi-step decode does not apply):
 
     attend + route            attention pool
     rows, ids, weights  ->    expert pool   (moejax.disagg.exchange: direct or two-phase)
-    routed experts            expert pool
+    schedule                  expert pool   (moejax.disagg.replicas: the replica of each activated
+                                             expert, chosen by the activation scheduler -> slot map)
+    routed experts            expert pool   (each MoE instance's slot buffer)
     outputs             ->    attention pool
     combine                   attention pool
 
@@ -24,12 +27,15 @@ but there the pools do not overlap.
 
 Greedy outputs equal the colocated executor's: every row sees the same operations on the same
 weights, only where they run changes. Step results carry the exchange's bytes and messages and the
-pools' busy fractions (moejax.disagg.timeline) in `extra`.
+pools' busy fractions (moejax.disagg.timeline) in `extra`, and the balance over the MoE instances
+(distinct activated experts and tokens per instance, max and mean over instances, averaged over the
+step's scheduled layers: each MoE layer of each micro-batch). Those are computed on the expert pool
+and read once per step, after it, with the pools' busy times: nothing in the layer loop waits on
+the host.
 """
 
 from __future__ import annotations
 
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +44,7 @@ import numpy as np
 from moejax.config import ModelConfig
 from moejax.disagg.exchange import FORMS, HOST_NETWORK, Exchange, host_map, seconds
 from moejax.disagg.microbatch import choose_micro_batches, split_rows
+from moejax.disagg.replicas import ExpertReplicas
 from moejax.disagg.timeline import Timeline
 from moejax.engine.jax_executor import JaxExecutor, RowMap, _scatter_rows, kv_blocks_for
 from moejax.engine.kv_cache import state_slots_for
@@ -47,7 +54,6 @@ from moejax.engine.traffic import layer_stats
 from moejax.meshes import LayoutError
 from moejax.meshes.placement import Placements
 from moejax.models.model import Model
-from moejax.models.moe import expert_counts
 from moejax.sim.cost_model import ATTENTION_KERNELS, CostModel
 from moejax.sim.hardware import get_hardware
 
@@ -55,6 +61,8 @@ MOST_MICRO_BATCHES = 3
 # step metrics a run sums (the first four also per step in its summary)
 SUMMED = ("exchange_bytes", "exchange_messages", "exchange_cross_host_bytes", "exchange_cross_host_messages",
           "attention_busy_s", "expert_busy_s", "exchange_busy_s", "pool_overlap_s", "pools_wall_s")
+# per-step balance over the MoE instances (moejax.disagg.replicas), each averaged over the step's layers
+BALANCE = ("distinct_experts_max", "distinct_experts_mean", "instance_tokens_max", "instance_tokens_mean")
 
 
 @jax.jit
@@ -62,20 +70,18 @@ def _take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     return jnp.take(x, rows, axis=0)
 
 
-@partial(jax.jit, static_argnums=1)
-def _count(ids: jax.Array, num_experts: int) -> jax.Array:
-    return expert_counts(ids, num_experts)
-
-
 class DisaggExecutor(JaxExecutor):
     splits_experts = True  # the one executor that runs an attention/experts split layout
 
     def __init__(self, model: Model, num_blocks, block_size: int, max_model_len: int, *,
                  micro_batches: int | None = None, exchange: str = "auto", emulated_hosts: int | None = None,
-                 hardware: str = "h100x8", state_slots: int = 0):
+                 hardware: str = "h100x8", state_slots: int = 0, replicas=None, expert_slots: int | None = None,
+                 expert_load=None, activation_policy: str = "janus"):
         """micro_batches: m per layer group (None: from the cost model of `hardware`); exchange: the
         activation exchange's form, or "auto" (the cheaper by the cost model, per step);
-        emulated_hosts: treat each pool's devices as that many hosts (one process)."""
+        emulated_hosts: treat each pool's devices as that many hosts (one process); replicas,
+        expert_slots, expert_load: the experts each MoE instance holds (moejax.disagg.replicas);
+        activation_policy: how a replica is chosen per layer and step ("janus" or "token")."""
         p = model.placements
         if p.colocated:
             raise LayoutError(f"executor 'disagg' runs attention and experts on disjoint devices; {model.config.name} "
@@ -88,14 +94,17 @@ class DisaggExecutor(JaxExecutor):
             raise ValueError(f"exchange={exchange!r}: expected auto, {', '.join(FORMS)}")
         super().__init__(model, num_blocks, block_size, max_model_len, fuse=False, state_slots=state_slots)
         self.micro_batches, self.form = micro_batches, exchange
+        self.replicas = ExpertReplicas(model, replicas, expert_slots, expert_load, activation_policy)
         self.cost = CostModel(model.config, get_hardware(hardware))
         self.exchange = Exchange(host_map({"attention": list(p.attention.mesh.devices.flat),
                                            "experts": list(p.experts.mesh.devices.flat)}, emulated_hosts))
         self._to_experts = p.experts.sharding(())  # rows replicated over the expert pool
         self._to_attention = p.attention.sharding(("batch", None))
         self.timeline = Timeline()
+        self.last_pools = None
         self._group: tuple[RowMap, tuple] | None = None
         self._step_m, self._step_form = 1, "direct"
+        self._balance: list[tuple[jax.Array, jax.Array]] = []  # per scheduled layer: (distinct [N], tokens [N])
         self.totals: dict[str, float] = {}
 
     # --- one step -------------------------------------------------------------------------------------
@@ -104,26 +113,48 @@ class DisaggExecutor(JaxExecutor):
             self._step_m, self._step_form = self.choose(plan)
         result = super().execute(plan)
         pools, sent = self.timeline.finish(), self.exchange.take()
+        self.last_pools = pools  # the step's busy intervals (benchmarks plot them)
         result.extra.update(micro_batches=self._step_m, exchange_form=self._step_form,
                             exchange_bytes=sent.bytes, exchange_messages=sent.messages,
                             exchange_cross_host_bytes=sent.cross_host_bytes,
                             exchange_cross_host_messages=sent.cross_host_messages,
                             attention_busy_s=pools.attention_s, expert_busy_s=pools.experts_s,
                             exchange_busy_s=pools.exchange_s, pool_overlap_s=pools.overlap_s,
-                            pools_wall_s=pools.wall_s, **pools.fractions())
+                            pools_wall_s=pools.wall_s, **pools.fractions(), **self._take_balance())
         if plan.slices:
             for k in SUMMED:
                 self.totals[k] = self.totals.get(k, 0) + result.extra[k]
             self.totals["steps"] = self.totals.get("steps", 0) + 1
+            if result.extra["scheduled_layers"]:
+                for k in BALANCE:
+                    self.totals[k] = self.totals.get(k, 0) + result.extra[k]
+                self.totals["balanced_steps"] = self.totals.get("balanced_steps", 0) + 1
         return result
+
+    def _take_balance(self) -> dict:
+        """The step's per-instance balance (one host read, after the step): distinct activated experts and
+        tokens per MoE instance, max and mean over instances, averaged over the scheduled layers (each
+        MoE layer of each micro-batch)."""
+        if not self._balance:
+            return {"scheduled_layers": 0, **dict.fromkeys(BALANCE, 0.0)}
+        distinct, tokens = (np.asarray(a, float) for a in jax.device_get(tuple(map(jnp.stack, zip(*self._balance)))))
+        self._balance = []
+        return {"scheduled_layers": len(distinct),
+                "distinct_experts_max": float(distinct.max(axis=1).mean()),
+                "distinct_experts_mean": float(distinct.mean()),
+                "instance_tokens_max": float(tokens.max(axis=1).mean()), "instance_tokens_mean": float(tokens.mean())}
 
     def disagg_summary(self) -> dict:
         """The run's exchange and pool metrics (moejax.runs puts them in the run JSON): totals, per-step
         means of bytes and messages, and busy fractions over the steps' measured wall time."""
         t, steps = self.totals, max(self.totals.get("steps", 0), 1)
         wall = t.get("pools_wall_s", 0.0) or 1.0
+        balanced = max(t.get("balanced_steps", 0), 1)
         return {**{k: t.get(k, 0) for k in ("steps", *SUMMED)},
                 **{f"{k}_per_step": t.get(k, 0) / steps for k in SUMMED[:4]},
+                **{k: t.get(k, 0) / balanced for k in BALANCE},  # per instance, averaged over the steps
+                "moe_instances": self.replicas.num_instances, "expert_slots": self.replicas.slots,
+                "activation_policy": self.replicas.policy,
                 "attention_busy": t.get("attention_busy_s", 0.0) / wall,
                 "expert_busy": t.get("expert_busy_s", 0.0) / wall,
                 "pool_overlap": t.get("pool_overlap_s", 0.0) / wall,
@@ -176,7 +207,7 @@ class DisaggExecutor(JaxExecutor):
         pending: list = [None] * len(batches)  # (layer, h, y, routed, timeline index) awaiting combine
         counts = []
         for i in range(start, end):
-            layer_counts = jnp.zeros((E,), jnp.int32)
+            layer_counts = None  # tokens per expert [E], on the expert pool
             for j, (_, mb_meta, _) in enumerate(batches):
                 xs[j] = self._combine(pending[j], xs[j])
                 h, self.kv[i] = model.attend(i, xs[j], self.kv[i], mb_meta)
@@ -185,14 +216,16 @@ class DisaggExecutor(JaxExecutor):
                 if ids is None:
                     pending[j] = (i, h, y, None, routed_at)
                     continue
-                layer_counts = layer_counts + _count(ids, E)
-                sent = tuple(self.exchange.move(a, self._to_experts, self._step_form) for a in (y, ids, weights))
+                sent = self.exchange.deliver((y, ids, weights), self._to_experts, self._step_form)
                 sent_at = self.timeline.add("exchange", sent, (routed_at,))
-                routed = model.experts(*sent, model.expert_weights(i))
+                routed, tokens, distinct, load = self.replicas.run(i, *sent)  # schedule + experts, one program
+                layer_counts = tokens if layer_counts is None else layer_counts + tokens
+                self._balance.append((distinct, load))
                 experts_at = self.timeline.add("experts", routed, (sent_at,))
-                back = self.exchange.move(routed, self._to_attention, self._step_form)
+                back = self.exchange.deliver((routed,), self._to_attention, self._step_form,
+                                             held_as=self._to_experts)[0]  # every expert device has all rows
                 pending[j] = (i, h, y, back, self.timeline.add("exchange", back, (experts_at,)))
-            counts.append(layer_counts)
+            counts.append(jnp.zeros((E,), jnp.int32) if layer_counts is None else layer_counts)
         xs = [self._combine(p, x_j) for p, x_j in zip(pending, xs)]
         if self._step_m == 1:
             return xs[0], counts
@@ -251,7 +284,8 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
            layout="cpu8-attn4-exp4", dtype: str | None = None, num_blocks: int | None = None,
            kv_budget_bytes: int | None = None, micro_batches: int | None = None, exchange: str = "auto",
            emulated_hosts: int | None = None, hardware: str = "h100x8", device_memory: int | None = None,
-           state_slots: int | None = None):
+           state_slots: int | None = None, replicas=None, expert_slots: int | None = None, expert_load=None,
+           activation_policy: str = "janus"):
     """A DisaggExecutor for `model` (a Model loaded with a split layout, or a preset / checkpoint name
     loaded here with `layout`). device_memory: bytes per expert-pool device (default: measured);
     state_slots: as the jax executor's (Gated DeltaNet layers; default one per request)."""
@@ -282,6 +316,7 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
                                        state_slots=state_slots)
     executor = DisaggExecutor(model, num_blocks, block_size, max_model_len, micro_batches=micro_batches,
                               exchange=exchange, emulated_hosts=emulated_hosts, hardware=hardware,
-                              state_slots=state_slots)
+                              state_slots=state_slots, replicas=replicas, expert_slots=expert_slots,
+                              expert_load=expert_load, activation_policy=activation_policy)
     return Built(executor, num_blocks, max_model_len, kv_shards=shards, state_slots=state_slots)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import jax
 
@@ -27,6 +27,7 @@ class Busy:
     experts_s: float
     exchange_s: float
     overlap_s: float  # attention and experts both busy
+    spans: dict[str, list[tuple[float, float]]] = field(default_factory=dict)  # pool -> busy (start, end)
 
     def fractions(self) -> dict[str, float]:
         w = self.wall_s or 1.0
@@ -48,7 +49,7 @@ def busy(events: list[tuple[str, float, tuple[int, ...]]], ready: list[float]) -
     total = {p: sum(b - a for a, b in s) for p, s in spans.items()}
     overlap = sum(max(0.0, min(b1, b2) - max(a1, a2)) for a1, b1 in spans["attention"] for a2, b2 in spans["experts"])
     return Busy(max(ready) - min(e[1] for e in events), total["attention"], total["experts"], total["exchange"],
-                overlap)
+                overlap, spans)
 
 
 class Timeline:

@@ -348,8 +348,10 @@ class Model:
             raise ValueError(f"init_kv_cache: {len(per_layer)} block counts for {c.num_layers} layers")
         p = self.placements.attention
 
-        def zeros(a, lead, lead_axes):
-            device = None if p is None else p.sharding((*lead_axes, *a.axes))
+        def zeros(a, lead, lead_axes):  # committed, like the parameters: the programs' outputs are, and a
+            # jit keyed on uncommitted arrays at the first call would compile again for its own outputs
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if p is None \
+                else p.sharding((*lead_axes, *a.axes))
             return jnp.zeros((*lead, *a.shape), a.dtype or self.dtype, device=device)
 
         return [tuple(zeros(a, (state_slots,), (None,)) if layer.per_request else
