@@ -3,6 +3,7 @@ model (wall time of a decode-only iteration over the decode steps it ran) and th
 overhead at 256 running requests.
 
     .venv/bin/python benchmarks/overhead_vs_revision.py --base 29507a1   # writes overhead_vs_revision.json
+    ... --host-only   # the host overhead alone, printed, no JSON written (quick checks)
 
 The base revision is checked out into a temporary git worktree; each round runs a probe in a fresh
 process per tree (same interpreter, same venv), alternating base / this tree so that machine load
@@ -30,7 +31,7 @@ ROOT = HERE.parent
 PROBE = r'''
 import importlib.util, json, os, statistics, sys, time
 from pathlib import Path
-TREE = Path(sys.argv[1])
+TREE, DECODE = Path(sys.argv[1]), sys.argv[2] == "decode"
 ROOTS = {"moejax": TREE / "moejax", "moejax.kernels": TREE / "kernels", "moejax.meshes": TREE / "meshes"}
 
 class TreeFinder:
@@ -48,30 +49,33 @@ from moejax import LLM, SamplingParams
 assert Path(moejax.__file__).is_relative_to(TREE), moejax.__file__
 
 BATCH, PROMPT, NEW = 16, 32, 64
-llm = LLM("tiny-qwen3-moe", max_model_len=PROMPT + NEW, max_num_seqs=BATCH)
-params = SamplingParams(max_tokens=NEW, ignore_eos=True)
-prompts = [[(7 * i + 13 * j) % 500 + 1 for j in range(PROMPT)] for i in range(BATCH)]
-for _ in range(2):  # warm-up: every shape compiled
-    llm.generate(prompts, params)
-llm.add(prompts, params)
 steps = []
-while llm.engine.has_unfinished:
-    t0 = time.perf_counter()
-    out = llm.engine.step()
-    if out.plan.num_prefill_tokens == 0 and out.plan.num_tokens == BATCH:
-        # per decode step: a tree with multi-step decode runs up to `decode_steps` of them per iteration
-        steps.append((time.perf_counter() - t0) / getattr(out.plan, "decode_steps", 1))
+if DECODE:
+    llm = LLM("tiny-qwen3-moe", max_model_len=PROMPT + NEW, max_num_seqs=BATCH)
+    params = SamplingParams(max_tokens=NEW, ignore_eos=True)
+    prompts = [[(7 * i + 13 * j) % 500 + 1 for j in range(PROMPT)] for i in range(BATCH)]
+    for _ in range(2):  # warm-up: every shape compiled
+        llm.generate(prompts, params)
+    llm.add(prompts, params)
+    while llm.engine.has_unfinished:
+        t0 = time.perf_counter()
+        out = llm.engine.step()
+        if out.plan.num_prefill_tokens == 0 and out.plan.num_tokens == BATCH:
+            # per decode step: a tree with multi-step decode runs up to `decode_steps` of them per iteration
+            steps.append((time.perf_counter() - t0) / getattr(out.plan, "decode_steps", 1))
 
 import host_overhead
 host_overhead.main()
 host = json.loads((TREE / "benchmarks" / "host_overhead.json").read_text())
-print(json.dumps({"decode_step_ms_median": 1e3 * statistics.median(steps), "decode_steps": len(steps),
+print(json.dumps({"decode_step_ms_median": 1e3 * statistics.median(steps) if DECODE else None,
+                  "decode_steps": len(steps),
                   "host_ms": {p: host[p]["schedule_plus_update_ms_mean"] for p in ("chunked", "layered")}}))
 '''
 
 
-def probe(tree: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(tree)], capture_output=True, text=True, check=True,
+def probe(tree: Path, decode: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(tree), "decode" if decode else "host"],
+                         capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=tree)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -80,6 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="the git revision to compare against")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--host-only", action="store_true", help="skip the decode step (no model is built)")
     args = ap.parse_args()
     base_sha = subprocess.run(["git", "rev-parse", args.base], capture_output=True, text=True, check=True,
                               cwd=ROOT).stdout.strip()
@@ -95,7 +100,7 @@ def main() -> None:
         try:
             for r in range(args.rounds):
                 for name, tree in (("base", base_tree), ("tree", ROOT)):
-                    runs[name].append(probe(tree))
+                    runs[name].append(probe(tree, not args.host_only))
                     print(f"round {r + 1} {name:4s} {runs[name][-1]}", flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, capture_output=True)
@@ -104,15 +109,18 @@ def main() -> None:
         return float(np.median([key(run) for run in runs[name]]))
 
     summary = {}
-    for metric, key in [("decode_step_ms", lambda r: r["decode_step_ms_median"]),
-                        ("host_chunked_ms", lambda r: r["host_ms"]["chunked"]),
-                        ("host_layered_ms", lambda r: r["host_ms"]["layered"])]:
+    metrics = [("host_chunked_ms", lambda r: r["host_ms"]["chunked"]),
+               ("host_layered_ms", lambda r: r["host_ms"]["layered"])]
+    if not args.host_only:
+        metrics.insert(0, ("decode_step_ms", lambda r: r["decode_step_ms_median"]))
+    for metric, key in metrics:
         base, tree = median("base", key), median("tree", key)
         summary[metric] = {"base": base, "tree": tree, "tree_over_base": tree / base}
     result = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores", "load_average": os.getloadavg(),
               "base": base_sha, "tree": head_sha + (" + uncommitted changes" if dirty else ""),
               "rounds": args.rounds, "summary": summary, "runs": runs}
-    HERE.joinpath("overhead_vs_revision.json").write_text(json.dumps(result, indent=1))
+    if not args.host_only:
+        HERE.joinpath("overhead_vs_revision.json").write_text(json.dumps(result, indent=1))
     for metric, v in summary.items():
         print(f"{metric:16s} base {v['base']:.3f}  tree {v['tree']:.3f}  tree/base {v['tree_over_base']:.2f}")
 

@@ -4,7 +4,8 @@ token budget holds, and every request finishes (or is aborted) with exactly the 
 non-preempted one-step run would give. The same with a window-aware cache (a full-attention pool and
 a sliding-window pool): every key a slice's rows can see is in a live block, and the window pool
 alone can force preemption. With per-request state slots (Gated DeltaNet layers), fewer than the
-requests that may run: every running request holds its own slot, waiting ones none, none leaked."""
+requests that may run: every running request holds its own slot, waiting ones none, none leaked.
+A plain cache (one full-attention pool, no state slots) answers as the per-group rule does."""
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from moejax.engine.engine import Engine
 from moejax.engine.kv_cache import FREED, KVCacheManager
 from moejax.engine.plan import StepResult
 from moejax.engine.policies import make_policy
+from moejax.engine.request import Request
 from moejax.engine.sampling import SamplingParams
 from moejax.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -168,3 +170,33 @@ def test_window_pool_alone_forces_preemption(policy):
     assert run_stream(policy, 64, 8, 96, crowded, []) == 0
     assert run_stream(policy, 64, 8, 96, crowded, [], window=8, window_blocks=16) > 0
     assert run_stream(policy, 64, 8, 96, crowded, [], 4, window=8, window_blocks=16) > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(num_shards=st.sampled_from([1, 2]), blocks_per_shard=st.integers(1, 24),
+       ops=st.lists(st.tuples(st.sampled_from(["grow", "free", "ask"]), st.integers(0, 5), st.integers(0, 40)),
+                    max_size=40))
+def test_plain_kv_path_equals_the_general_one(num_shards, blocks_per_shard, ops):
+    """A cache of one full-attention pool and no state slots takes a short path in can_allocate_all /
+    allocate: the same operations on it and on the same cache made to take the per-group rule give
+    the same answers, block tables and free blocks."""
+    caches = [KVCacheManager(num_shards * blocks_per_shard, 4, num_shards) for _ in range(2)]
+    assert caches[0].plain
+    caches[1].plain = False
+    reqs = [[Request(i, [1] * 8, SamplingParams(), seed=0) for i in range(6)] for _ in caches]
+    for op, i, n in ops:
+        if op == "ask":  # several requests at once, as multi-step decode asks
+            answers = [kv.can_allocate_all(rs[:i + 1], n) for kv, rs in zip(caches, reqs)]
+        else:
+            answers = [kv.can_allocate(rs[i], n) for kv, rs in zip(caches, reqs)]
+        assert answers[0] == answers[1]
+        for kv, rs in zip(caches, reqs):
+            if op == "free":
+                kv.free(rs[i])
+                rs[i].num_computed_tokens = 0
+            elif op == "grow" and answers[0]:
+                kv.allocate(rs[i], n)
+                rs[i].num_computed_tokens += n
+        for a, b in zip(*reqs):
+            assert (a.block_ids, a.group_block_ids) == (b.block_ids, b.group_block_ids)
+        assert [a.num_free for a in caches[0].shards] == [a.num_free for a in caches[1].shards]

@@ -222,6 +222,9 @@ class KVCacheManager:
                       for per in self.group_blocks_per_shard]
         self.shards = self.pools[0]  # group 0's allocators, one per request shard
         self.state_slots = StateSlotAllocator(num_state_slots) if num_state_slots else None
+        # One full-attention pool and no state slots (most models): a request grows by whole blocks at
+        # the end of one table, nothing expires -- can_allocate / allocate take a short path
+        self.plain = [g.window for g in self.groups] == [None] and self.state_slots is None
 
     @property
     def num_blocks(self) -> int:
@@ -279,6 +282,11 @@ class KVCacheManager:
         """Whether every one of `requests` can grow by num_new_tokens in every KV group, allocated in
         any order: each counts what it needs beyond its own expired window blocks, and a state slot
         if it holds none."""
+        if self.plain:
+            need_of_shard = [0] * len(self.shards)
+            for r in requests:
+                need_of_shard[self._shard(r)] += self.blocks_needed(r, num_new_tokens)
+            return all(n <= a.num_free for n, a in zip(need_of_shard, self.shards))
         if self.state_slots is not None and sum(map(self.needs_slot, requests)) > self.state_slots.num_free:
             return False
         need: dict[tuple[int, int], int] = {}  # (group, shard) -> blocks
@@ -293,6 +301,9 @@ class KVCacheManager:
         """Blocks for req's next num_new_tokens tokens in every group; a window group first frees
         its blocks before the window of req's next token."""
         shard = self._shard(req)
+        if self.plain:
+            req.block_ids += tuple(self.shards[shard].allocate(self.blocks_needed(req, num_new_tokens)))
+            return
         tables = []
         for g, table in enumerate(self.tables(req)):
             first, expired, new = self._plan(req, num_new_tokens, g, table)

@@ -25,7 +25,9 @@ class ChunkedPrefill:
         for req in list(s.running):  # prompts already under way
             if budget == 0:
                 break
-            if req.status is Status.RUNNING and req.num_uncomputed > 1 and not s.is_scheduled(req):
+            # num_uncomputed inlined: this runs for every running request, mostly decodes (one token)
+            if len(req.token_ids) - req.num_computed_tokens > 1 and req.status is Status.RUNNING \
+                    and not s.is_scheduled(req):
                 n = min(req.num_uncomputed, budget)
                 if s.reserve(req, n):
                     slices.append(s.make_slice(req, n))

@@ -38,6 +38,10 @@ from moejax.engine.plan import IterationPlan, RowSlice, SamplingRow, StepResult,
 from moejax.engine.request import Request, Status
 from moejax.engine.sampling import RequestError
 
+# Builds a NamedTuple from a tuple of its fields: a C call, where calling the class runs a Python-level
+# __new__ (3x the time; the scheduler makes hundreds of RowSlices and SamplingRows per iteration)
+new_tuple = tuple.__new__
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -90,6 +94,7 @@ class Scheduler:
         self._scheduled: set[int] = set()
         self._prefilled: dict[int, KVPayload] = {}  # waiting requests whose prompt KV is given
         self._imports: list[tuple[int, tuple[int, ...], KVPayload]] = []
+        self._ends: dict[int, tuple[frozenset[int], int]] = {}  # request id -> (stop ids, most tokens it may hold)
         if model_config.has_state_slots and kv.state_slots is None:
             raise ValueError(f"{model_config.name} keeps per-request state slots (Gated DeltaNet layers); "
                              "the KV cache manager has none (KVCacheManager(..., num_state_slots=...))")
@@ -114,6 +119,10 @@ class Scheduler:
             raise RequestError(f"request id {req.request_id} is already in use")
         if kv is not None:
             self._prefilled[req.request_id] = kv
+        p = req.params  # what ends the request, fixed at arrival: update() looks it up once per row
+        stop_ids = p.stop_token_ids + (() if p.ignore_eos else self.model_config.eos_token_ids)
+        self._ends[req.request_id] = (frozenset(stop_ids), min(req.num_prompt_tokens + p.max_tokens,
+                                                                self.config.max_model_len))
         self.requests[req.request_id] = req
         bisect.insort(self.waiting, req, key=priority)
 
@@ -179,17 +188,18 @@ class Scheduler:
         """One token for every running request with exactly one uncomputed token (not in `skip`),
         in priority order, within `budget` tokens -> (slices, budget left)."""
         slices, scheduled, L, block_size = [], self._scheduled, self.num_layers, self.kv.block_size
+        running = Status.RUNNING
         for req in list(self.running):  # hundreds per iteration: the common case is inlined
             if budget == 0:
                 break
             rid, tokens, start = req.request_id, req.token_ids, req.num_computed_tokens
-            if len(tokens) - start != 1 or req.status is not Status.RUNNING or rid in scheduled or rid in skip:
+            if len(tokens) - start != 1 or req.status is not running or rid in scheduled or rid in skip:
                 continue
             if start < len(req.block_ids) * block_size:  # room in its last block: nothing to reserve
                 scheduled.add(rid)
             elif not self.reserve(req, 1):
                 continue
-            slices.append(RowSlice(rid, start, (tokens[start],), 0, L, True, start + 1))
+            slices.append(new_tuple(RowSlice, (rid, start, (tokens[start],), 0, L, True, start + 1)))
             budget -= 1
         return slices, budget
 
@@ -212,14 +222,18 @@ class Scheduler:
         if max_decode_steps > 1 and slices and all(s.is_decode for s in slices) \
                 and not any(r.params.logprobs is not None for r in requests):
             steps, limits = self._decode_steps(requests, max_decode_steps)
-        sampling = tuple(SamplingRow(r.request_id, r.params.temperature, r.params.top_p, r.params.top_k, r.seed,
-                                     len(r.token_ids) - len(r.prompt_token_ids), r.params.logprobs is not None)
-                         for s, r in zip(slices, requests) if s.sample)
+        sampling = []
+        for s, r in zip(slices, requests):
+            if s.sample:
+                p = r.params
+                sampling.append(new_tuple(SamplingRow, (r.request_id, p.temperature, p.top_p, p.top_k, r.seed,
+                                                        len(r.token_ids) - len(r.prompt_token_ids),
+                                                        p.logprobs is not None)))
         hybrid = len(self.kv.groups) > 1
         plan = IterationPlan(
             step=self.step, slices=tuple(slices), groups=layer_groups(slices, self.num_layers),
             block_tables={r.request_id: r.block_ids for r in requests},
-            sampling=sampling, released=tuple(self._released), num_layers=self.num_layers,
+            sampling=tuple(sampling), released=tuple(self._released), num_layers=self.num_layers,
             kv_shards={r.request_id: self.kv.shard_of(r) for r in requests} if len(self.kv.shards) > 1 else {},
             kv_imports=tuple(self._imports), decode_steps=steps, decode_limits=limits,
             group_block_tables={r.request_id: r.group_block_ids for r in requests + [
@@ -232,8 +246,8 @@ class Scheduler:
     def _decode_steps(self, requests: list[Request], most: int) -> tuple[int, tuple]:
         """How many steps a decode-only iteration runs, its KV reserved for them -> (steps, per request
         (stop ids, tokens it may still produce))."""
-        eos, max_len = self.model_config.eos_token_ids, self.config.max_model_len
-        remaining = [min(r.params.max_tokens - r.num_output_tokens, max_len - r.num_tokens) for r in requests]
+        eos, ends = self.model_config.eos_token_ids, self._ends
+        remaining = [ends[r.request_id][1] - len(r.token_ids) for r in requests]
         steps = min(most, max(remaining))
         if self.waiting:  # admit the next request as soon as the first running one can finish
             steps = min(steps, min(remaining))
@@ -248,23 +262,28 @@ class Scheduler:
 
     def update(self, plan: IterationPlan, result: StepResult, now: float) -> list[Request]:
         """Apply an executed plan: advance computed tokens, append sampled tokens, finish requests."""
-        finished, L, sampled = [], self.num_layers, result.sampled
-        for s in plan.slices:
-            req = self.requests.get(s.request_id)
-            if req is None or req.status is not Status.RUNNING:
+        finished, L, requests, ends, running = [], self.num_layers, self.requests, self._ends, Status.RUNNING
+        sampled, steps = result.sampled, result.sampled_steps if plan.decode_steps > 1 else None
+        for s in plan.slices:  # hundreds per iteration: the request's checks are inlined
+            rid = s.request_id
+            req = requests.get(rid)
+            if req is None or req.status is not running:
                 continue  # aborted while the iteration ran
             if s.layer_end == L:
                 req.num_computed_tokens = s.context_len
             if not s.sample:
                 continue
-            for token in (result.sampled_steps[s.request_id] if plan.decode_steps > 1 else (sampled[s.request_id],)):
-                if req.num_tokens > s.context_len:  # multi-step: this token's input is computed now
+            stop_ids, token_limit = ends[rid]
+            tokens = req.token_ids
+            for token in ((sampled[rid],) if steps is None else steps[rid]):
+                if len(tokens) > s.context_len:  # multi-step: this token's input is computed now
                     req.num_computed_tokens += 1
-                req.token_ids.append(token)
+                tokens.append(token)
                 req.token_times.append(now)
                 if req.first_token_time is None:
                     req.first_token_time = now
-                reason = self._stop_reason(req, token)
+                reason = ("stop" if token in stop_ids else "length" if len(tokens) >= token_limit
+                          else "handoff" if req.handoff else None)
                 if reason:
                     self._finish(req, reason, now)
                     finished.append(req)
@@ -299,16 +318,6 @@ class Scheduler:
         self._released.append(req.request_id)
         self.policy.forget(req.request_id)
 
-    def _stop_reason(self, req: Request, token: int) -> str | None:
-        p = req.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_config.eos_token_ids):
-            return "stop"
-        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.config.max_model_len:
-            return "length"
-        if req.handoff:
-            return "handoff"
-        return None
-
     def _finish(self, req: Request, reason: str, now: float) -> None:
         if req.status is Status.RUNNING:
             self.running.remove(req)
@@ -323,5 +332,6 @@ class Scheduler:
         req.finish_reason = reason
         req.finish_time = now
         del self.requests[req.request_id]
+        del self._ends[req.request_id]
         self._released.append(req.request_id)
         self.policy.forget(req.request_id)
