@@ -94,7 +94,8 @@ class Scheduler:
         self._scheduled: set[int] = set()
         self._prefilled: dict[int, KVPayload] = {}  # waiting requests whose prompt KV is given
         self._imports: list[tuple[int, tuple[int, ...], KVPayload]] = []
-        self._ends: dict[int, tuple[frozenset[int], int]] = {}  # request id -> (stop ids, most tokens it may hold)
+        self._ends: dict[int, tuple[tuple[int, ...], frozenset[int], int]] = {}  # request id -> (stop ids,
+        # the same as a set, most tokens it may hold)
         if model_config.has_state_slots and kv.state_slots is None:
             raise ValueError(f"{model_config.name} keeps per-request state slots (Gated DeltaNet layers); "
                              "the KV cache manager has none (KVCacheManager(..., num_state_slots=...))")
@@ -121,8 +122,8 @@ class Scheduler:
             self._prefilled[req.request_id] = kv
         p = req.params  # what ends the request, fixed at arrival: update() looks it up once per row
         stop_ids = p.stop_token_ids + (() if p.ignore_eos else self.model_config.eos_token_ids)
-        self._ends[req.request_id] = (frozenset(stop_ids), min(req.num_prompt_tokens + p.max_tokens,
-                                                                self.config.max_model_len))
+        self._ends[req.request_id] = (stop_ids, frozenset(stop_ids), min(req.num_prompt_tokens + p.max_tokens,
+                                                                          self.config.max_model_len))
         self.requests[req.request_id] = req
         bisect.insort(self.waiting, req, key=priority)
 
@@ -246,8 +247,8 @@ class Scheduler:
     def _decode_steps(self, requests: list[Request], most: int) -> tuple[int, tuple]:
         """How many steps a decode-only iteration runs, its KV reserved for them -> (steps, per request
         (stop ids, tokens it may still produce))."""
-        eos, ends = self.model_config.eos_token_ids, self._ends
-        remaining = [ends[r.request_id][1] - len(r.token_ids) for r in requests]
+        ends = [self._ends[r.request_id] for r in requests]
+        remaining = [token_limit - len(r.token_ids) for r, (_, _, token_limit) in zip(requests, ends)]
         steps = min(most, max(remaining))
         if self.waiting:  # admit the next request as soon as the first running one can finish
             steps = min(steps, min(remaining))
@@ -257,8 +258,7 @@ class Scheduler:
             return 1, ()
         for r, left in zip(requests, remaining):  # no slot past what a request may still produce
             self.kv.allocate(r, min(steps, left))
-        return steps, tuple((r.params.stop_token_ids + (() if r.params.ignore_eos else eos), left)
-                            for r, left in zip(requests, remaining))
+        return steps, tuple((stop_ids, left) for (stop_ids, _, _), left in zip(ends, remaining))
 
     def update(self, plan: IterationPlan, result: StepResult, now: float) -> list[Request]:
         """Apply an executed plan: advance computed tokens, append sampled tokens, finish requests."""
@@ -273,7 +273,7 @@ class Scheduler:
                 req.num_computed_tokens = s.context_len
             if not s.sample:
                 continue
-            stop_ids, token_limit = ends[rid]
+            _, stop_ids, token_limit = ends[rid]
             tokens = req.token_ids
             for token in ((sampled[rid],) if steps is None else steps[rid]):
                 if len(tokens) > s.context_len:  # multi-step: this token's input is computed now
