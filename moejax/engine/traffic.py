@@ -43,7 +43,8 @@ def attn_params(cfg: ModelConfig, layer: int) -> int:
     return D * cfg.q_size * (3 if cfg.attn_output_gate else 2) + D * cfg.kv_size * 2 + 2 * D
 
 
-def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
+@cache  # a pure function of the (frozen) config, asked for every simulated iteration
+def layer_shapes(cfg: ModelConfig) -> tuple[LayerShape, ...]:
     D = cfg.hidden_size
     shapes = []
     for i in range(cfg.num_layers):
@@ -55,7 +56,7 @@ def layer_shapes(cfg: ModelConfig) -> list[LayerShape]:
             dense, expert = 3 * D * cfg.dense_intermediate_size, 0
         shapes.append(LayerShape(attn_params(cfg, i), dense, expert, cfg.kv_elems_per_token(i), cfg.sliding_windows[i],
                                  cfg.state_bytes(i)))
-    return shapes
+    return tuple(shapes)
 
 
 @cache
