@@ -176,22 +176,29 @@ def layer_stats(cfg: ModelConfig, plan: IterationPlan, expert_tokens: np.ndarray
     if distinct_experts is None:
         distinct_experts = (expert_tokens > 0).sum(axis=1) if expert_tokens is not None else \
             np.zeros(cfg.num_layers, np.int64)
-    shapes = layer_shapes(cfg)
+    expert, dense, kv_elems, state = _layer_columns(cfg)
     work = work if work is not None else layer_work(cfg, plan)
+    distinct_experts = np.asarray(distinct_experts, np.int64)
     nbytes = cfg.dtype_bytes
-    ran = work.tokens > 0
     return LayerStats(
-        distinct_experts=np.asarray(distinct_experts, np.int64),
-        expert_bytes=np.array([d * s.expert_params * nbytes for d, s in zip(distinct_experts, shapes)], float),
-        dense_weight_bytes=np.array([(s.attn_params + s.dense_ffn_params) * nbytes if r else 0.0
-                                     for s, r in zip(shapes, ran)]),
-        kv_read_bytes=np.array([k * s.kv_elems_per_token * nbytes + r * s.state_bytes
-                                for k, r, s in zip(work.keys_read, work.resumed, shapes)], float),
-        kv_write_bytes=np.array([t * s.kv_elems_per_token * nbytes + n * s.state_bytes
-                                 for t, n, s in zip(work.tokens, work.slices, shapes)], float),
+        distinct_experts=distinct_experts,
+        expert_bytes=(distinct_experts * expert * nbytes).astype(float),
+        dense_weight_bytes=np.where(work.tokens > 0, dense * nbytes, 0).astype(float),
+        kv_read_bytes=(work.keys_read * kv_elems * nbytes + work.resumed * state).astype(float),
+        kv_write_bytes=(work.tokens * kv_elems * nbytes + work.slices * state).astype(float),
         tokens=work.tokens,
         expert_tokens=expert_tokens,
     )
+
+
+@cache
+def _layer_columns(cfg: ModelConfig) -> tuple[np.ndarray, ...]:
+    """layer_shapes as [L] int64 columns: one routed expert's, the dense weights' (attention + dense
+    FFN) and per-token KV elements, state bytes -- layer_stats' operands, vectorised over layers."""
+    shapes = layer_shapes(cfg)
+    return tuple(np.array(column, np.int64) for column in (
+        [s.expert_params for s in shapes], [s.attn_params + s.dense_ffn_params for s in shapes],
+        [s.kv_elems_per_token for s in shapes], [s.state_bytes for s in shapes]))
 
 
 def mixer_flops_per_token(cfg: ModelConfig) -> np.ndarray:
