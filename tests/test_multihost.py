@@ -18,6 +18,10 @@ from moejax.cli import main
 PROMPTS = ["1,2,3,4,5", "7,8,9", ",".join(str((11 * i + 3) % 500) for i in range(29))]
 GENERATE = ["moejax", "generate", "--model", "tiny-qwen3-moe", "--layout", "cpu8-ep", "--ignore-eos", "--json",
             *(a for p in PROMPTS for a in ("--prompt-token-ids", p))]
+# The serving engine of this test and tests/test_serve_multihost.py: one shape, so that the second to run
+# finds the first's programs in the compilation cache; 8-token iterations make the warm-up compile one
+# prefill program (each costs ~10 s over 2 x 4 devices) and short requests few multi-host decode steps.
+SERVING = ["--layout", "cpu8-ep", "--max-model-len", "64", "--token-budget", "8"]
 PROCESS_TIMEOUT_S = 240  # a run takes ~30 s on 2 cores; only a hang gets near this
 FATAL = "Terminating process because the JAX distributed service detected fatal errors"
 
@@ -118,8 +122,8 @@ def test_missing_settings_are_one_clear_line():
 def test_serving_with_arrivals_over_time(tmp_path):
     """Requests arriving at a finite rate are admitted by process 0's clock: both processes plan the
     same iterations and finish (a disagreement would hang them in different collectives)."""
-    command = ["moejax", "bench", "serve", "--model", "tiny-qwen3-moe", "--layout", "cpu8-ep", "--rate", "20",
-               "--num-requests", "4", "--max-model-len", "128", "--json", str(tmp_path / "serve.json")]
+    command = ["moejax", "bench", "serve", "--model", "tiny-qwen3-moe", *SERVING, "--rate", "20", "--num-requests", "4",
+               "--json", str(tmp_path / "serve.json")]
     port = free_port()
     procs = [launch(0, port, command, tmp_path), launch(1, port, command, tmp_path)]
     codes = finish(procs, PROCESS_TIMEOUT_S)

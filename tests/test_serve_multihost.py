@@ -10,19 +10,19 @@ import openai
 import pytest
 
 from moejax import LLM, SamplingParams
-from test_multihost import PROCESS_TIMEOUT_S, finish, free_port, launch, stop
+from test_multihost import PROCESS_TIMEOUT_S, SERVING, finish, free_port, launch, stop
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [(11 * i + 3) % 500 for i in range(29)]]
 
 
 @pytest.mark.slow
 def test_two_processes_serve_as_one(tmp_path):
-    llm = LLM("tiny-qwen3-moe", layout="cpu8-ep", max_model_len=128)
+    llm = LLM("tiny-qwen3-moe", layout="cpu8-ep", max_model_len=64, token_budget=8)  # as SERVING
     want = [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=8, ignore_eos=True))]
 
     port, http_port = free_port(), free_port()
-    command = ["moejax", "serve", "--model", "tiny-qwen3-moe", "--layout", "cpu8-ep", "--max-model-len", "128",
-               "--port", str(http_port), "--log-level", "warning"]
+    command = ["moejax", "serve", "--model", "tiny-qwen3-moe", *SERVING, "--port", str(http_port),
+               "--log-level", "warning"]
     procs = [launch(pid, port, command, tmp_path) for pid in (0, 1)]
     try:
         deadline = time.monotonic() + PROCESS_TIMEOUT_S
