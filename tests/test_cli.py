@@ -61,10 +61,15 @@ def test_simulate_json_has_stable_metrics(tmp_path, capsys):
     assert "ttft_mean_s" in capsys.readouterr().out
 
 
+# every run below on one engine shape (its KV cache and token budget): the runs' warm-ups share 4 compiled
+# prefill programs (8 .. 64 tokens) and one decode program instead of compiling their own
+ENGINE_SHAPE = ["--max-model-len", "64", "--token-budget", "64"]
+
+
 def test_bench_serve_and_compare_real(tmp_path, capsys):
     path = tmp_path / "cmp.json"
     assert main(["compare", "--policies", "chunked@64,layered", "--workload", "sharegpt", "--rate", "inf",
-                 "--num-requests", "4", "--max-model-len", "256", "--json", str(path)]) == 0
+                 "--num-requests", "4", *ENGINE_SHAPE, "--json", str(path)]) == 0
     runs = json.loads(path.read_text())["runs"]
     assert set(runs) == {"chunked@64", "layered"}
     for r in runs.values():
@@ -75,8 +80,8 @@ def test_bench_serve_and_compare_real(tmp_path, capsys):
     assert "layered/chunked@64" in out and f"wrote {path}" in out  # the table has the ratio column
 
     path = tmp_path / "serve.json"
-    assert main(["bench", "serve", "--policy", "no_chunk", "--num-requests", "3", "--rate", "inf",
-                 "--max-model-len", "256", "--json", str(path)]) == 0
+    assert main(["bench", "serve", "--policy", "no_chunk", "--num-requests", "3", "--rate", "inf", *ENGINE_SHAPE,
+                 "--json", str(path)]) == 0
     r = json.loads(path.read_text())
     m = r["metrics"]
     assert (r["model"], r["policy"], r["simulated"]) == ("tiny-qwen3-moe", "no_chunk", False)
