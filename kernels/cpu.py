@@ -1,4 +1,5 @@
-"""The CPU backend: a loop over the active tiles only, one fused expert FFN per tile.
+"""The CPU backend: the native routed-experts kernel (native.py: `moe_ffn.cc`) at decode and mixed sizes,
+else a loop over the active tiles only, one fused expert FFN per tile.
 
 Each loop step slices one tile of rows and its expert's weights (a dynamic slice of the leading
 axis) and runs gate/up GEMM (+ bias) -> gated activation -> down GEMM on it. The trip count is the traced number of
@@ -6,6 +7,11 @@ active tiles, so experts without rows cost nothing and decode reads each active 
 once. bf16 stays bf16 into the dots (XLA:CPU then uses the CPU's bf16 matrix units where it has
 them; upcasting each tile to fp32 measured 1.6-4.1x slower at the same tile height),
 accumulating in fp32.
+
+The native kernel runs whole MoE layers (`moe_ffn`) with fewer than PREFILL_ROWS rows per expert, where
+the loop's per-tile weight copies, sorts and gathers cost more than the GEMMs; on bigger problems
+XLA's dots (spread over its threads) win. Grouped GEMMs and expert FFNs on sorted rows always run the
+loop.
 
 Chosen over `jax.lax.ragged_dot` (which XLA:CPU computes densely over every group), a dense
 all-experts einsum and other tile heights by measurement: benchmarks/kernels.md.
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from . import native
 from .tile_map import Tiles
 from .reference import glu
 from .tiled import Backend, TileKernels, shape_class
@@ -65,4 +72,19 @@ def ffn(x, w_gate_up, w_down, tiles: Tiles, cfg: Config, activation, out_dtype, 
     return _tile_loop(x, tiles, cfg.block_m, w_down.shape[2], out_dtype, expert)
 
 
-backend = Backend(TileKernels(config=config, gmm=gmm, ffn=ffn))
+class CpuBackend(Backend):
+    def moe_ffn(self, x, slot_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up=None):
+        if self.runs_native(x, slot_ids, w_gate_up, w_down):
+            return native.moe_ffn(x, slot_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up)
+        return super().moe_ffn(x, slot_ids, topk_weights, w_gate_up, w_down, activation, b_gate_up)
+
+    @staticmethod
+    def runs_native(x, slot_ids, w_gate_up, w_down) -> bool:
+        """Whether moe_ffn runs the native kernel on this problem (static: shapes and dtypes)."""
+        same_dtype = x.dtype == w_gate_up.dtype == w_down.dtype and x.dtype in (jnp.float32, jnp.bfloat16)
+        return (same_dtype and slot_ids.size < PREFILL_ROWS * w_gate_up.shape[0]
+                and jax.default_backend() == "cpu" and native.available())
+
+
+PREFILL_ROWS = 64  # rows per expert from which the tile loop's dots beat the native kernel
+backend = CpuBackend(TileKernels(config=config, gmm=gmm, ffn=ffn))

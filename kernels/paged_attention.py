@@ -1,4 +1,4 @@
-"""Paged attention in plain jnp, two ways (and on XLA:CPU a native kernel, native_attention.py; on
+"""Paged attention in plain jnp, two ways (and on XLA:CPU a native kernel, native.py; on
 GPUs a Pallas kernel, pallas_attention.py):
 
     rows   every token row gathers, CHUNK blocks at a time, the KV of its own sequence: one
@@ -22,7 +22,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from . import native_attention, pallas_attention
+from . import native, pallas_attention
 
 TILE = 32  # rows per tile
 CHUNK = 8  # KV blocks read per loop step
@@ -156,7 +156,7 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
     window: a row sees keys (position - window, position]; only the blocks holding them are read.
     sinks: [H] per-head logits that join the softmax denominator (GPT-OSS's attention sinks).
     method: "rows" | "tiles" | "auto" (tiles when a tile holds a prompt chunk, else rows) | "native"
-    (native_attention.py: XLA:CPU only, no sinks) | "pallas" (pallas_attention.py: compiled on GPU,
+    (native.py: XLA:CPU only, no sinks) | "pallas" (pallas_attention.py: compiled on GPU,
     interpreted elsewhere); default native on CPU (auto where it cannot be built, or with sinks),
     pallas on GPU, rows elsewhere."""
     q, k_cache, v_cache, positions, seq_ids, block_tables = map(
@@ -172,8 +172,8 @@ def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positi
         if sinks is not None:
             raise ValueError("paged_attention: the native CPU kernel has no attention sinks "
                              "(method rows, tiles or auto)")
-        return native_attention.paged_attention(q, k_cache, v_cache, positions, seq_ids, block_tables,
-                                                scale=scale, window=window).astype(q.dtype)
+        return native.paged_attention(q, k_cache, v_cache, positions, seq_ids, block_tables,
+                                      scale=scale, window=window).astype(q.dtype)
     T, H, hd = q.shape
     kvh = k_cache.shape[2]
     qg = q.reshape(T, kvh, H // kvh, hd).astype(jnp.float32) * scale
@@ -204,7 +204,7 @@ def _default_method(sinks) -> str | None:
     """The method a platform runs by default (None: rows)."""
     platform = jax.default_backend()
     if platform == "cpu":
-        return "native" if sinks is None and native_attention.available() else "auto"
+        return "native" if sinks is None and native.available() else "auto"
     return "pallas" if platform == "gpu" else None
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from moejax import kernels
-from moejax.kernels import native_attention
+from moejax.kernels import native
 
 
 def dense_reference(q, k_seq, v_seq, positions, window, sinks=None):
@@ -122,7 +122,7 @@ def test_native_matches_rows_in_bfloat16_on_decode_batches(window, hd, bs):
     bf16 rows: many sequences, scattered tables, padding rows (position 0 of sequence 0) and a table
     entry past the pool (clamped by both); head sizes on the scalar path (12) and on the 8-lane
     vector path (32, unrolled at compile time), with a block size that is not a whole vector (5)."""
-    assert native_attention.available()
+    assert native.available()
     rng = np.random.default_rng(3 + (window or 0))
     nb, H, KV, S, width = 400, 8, 2, 37, 9
     k_cache, v_cache = (jnp.asarray(rng.normal(size=(nb, bs, KV, hd)), jnp.bfloat16) for _ in range(2))
@@ -132,11 +132,11 @@ def test_native_matches_rows_in_bfloat16_on_decode_batches(window, hd, bs):
     seq_ids = np.concatenate([rng.permutation(S), np.zeros(3, int)]).astype(np.int32)
     q = jnp.asarray(rng.normal(size=(len(positions), H, hd)), jnp.bfloat16)
     args = (q, k_cache, v_cache, positions, seq_ids, tables, np.int32(positions.max() // bs + 1))
-    native = kernels.paged_attention(*args, scale=hd ** -0.5, window=window)  # the CPU default
+    default = kernels.paged_attention(*args, scale=hd ** -0.5, window=window)  # the CPU default: native
     rows = kernels.paged_attention(*args, scale=hd ** -0.5, window=window, method="rows")
-    assert native.dtype == rows.dtype == jnp.bfloat16
+    assert default.dtype == rows.dtype == jnp.bfloat16
     # both accumulate in float32 from the same bf16 inputs: apart by bf16 rounding of the output
-    np.testing.assert_allclose(np.asarray(native, np.float32), np.asarray(rows, np.float32), rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(default, np.float32), np.asarray(rows, np.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_pallas_matches_rows_on_ragged_decode_batches():

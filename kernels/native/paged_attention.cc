@@ -8,29 +8,17 @@
 // a step. Here each row streams its blocks straight from the cache.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
-#include <memory>
-#include <condition_variable>
-#include <mutex>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "common.h"
 
 namespace {
 
-inline float load(const float* p, int64_t i) { return p[i]; }
-inline float load(const uint16_t* p, int64_t i) {  // bfloat16: the high half of a float32
-  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using namespace moejax;
 
 struct Shape {
   int64_t rows, heads, head_dim, kv_heads, block_size, num_blocks, table_width, num_tables;
@@ -38,65 +26,21 @@ struct Shape {
   int64_t window;  // 0: none
 };
 
-// Head sizes that are a multiple of 8 run on 8-lane float vectors (GCC/Clang vector extensions: one AVX2
-// register, two NEON ones), with the common sizes known at compile time so their loops unroll; other
-// head sizes run the scalar loops.
-constexpr int64_t kLanes = 8;
-typedef float f8 __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t i8 __attribute__((vector_size(kLanes * sizeof(int32_t))));
-typedef uint16_t h8 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-
-inline f8 load8(const float* p) {
-  f8 v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline f8 load8(const uint16_t* p) {  // 8 bfloat16 -> float32
-  h8 h;
-  std::memcpy(&h, p, sizeof h);
-  const i8 bits = __builtin_convertvector(h, i8) << 16;
-  f8 v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-inline float sum8(f8 v) {
-  float s = 0.f;
-  for (int64_t u = 0; u < kLanes; ++u) s += v[u];
-  return s;
-}
-
+// Head sizes that are a multiple of 8 run on 8-lane vectors, with the common sizes known at compile
+// time so their loops unroll; other head sizes run the scalar loops.
 template <int64_t HD>
 inline int64_t head_size(int64_t runtime) { return HD > 0 ? HD : runtime; }
 
-// exp(x) for x <= 0 (scores minus their running max), on 8 lanes: std::exp is a scalar libm call,
-// at decode sizes a third of the kernel. Cephes' expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a
-// degree-6 polynomial, 2^n from the exponent bits; ~1 ulp.
-inline f8 exp_nonpositive(f8 x) {
-  const f8 lowest = f8{} - 87.0f;  // exp(-87) ~ 1.6e-38: below it, 0 for a softmax
-  x = x < lowest ? lowest : x;
-  const i8 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i8);  // round to nearest (x <= 0)
-  const f8 nf = __builtin_convertvector(n, f8);
-  const f8 r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
-  f8 p = f8{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const i8 bits = (n + 127) << 23;
-  f8 scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+// q . k on the vector path (a head size that is a multiple of 8), as 8 lane sums
+template <int64_t HD, typename T>
+inline f8 dot_lanes(const float* __restrict q, const T* __restrict k, int64_t hd) {
+  f8 acc = {};
+  for (int64_t d = 0; d < head_size<HD>(hd); d += kLanes) acc += load8(q + d) * load8(k + d);
+  return acc;
 }
 
-template <int64_t HD, typename T>
+template <typename T>
 inline float dot(const float* __restrict q, const T* __restrict k, int64_t hd) {
-  if (head_size<HD>(hd) % kLanes == 0) {
-    f8 acc = {};
-    for (int64_t d = 0; d < head_size<HD>(hd); d += kLanes) acc += load8(q + d) * load8(k + d);
-    return sum8(acc);
-  }
   float sum = 0.f;
   for (int64_t d = 0; d < hd; ++d) sum += q[d] * load(k, d);
   return sum;
@@ -114,6 +58,22 @@ inline void axpy(float a, const T* __restrict x, float* __restrict y, int64_t hd
   for (int64_t d = 0; d < hd; ++d) y[d] += a * load(x, d);
 }
 
+// o += sum_j p[j] v[j] over a block's keys j0 .. j1, in key order. Head sizes 32 and 64 keep o in registers
+// across the keys (128 would spill AVX2's 16); the rest go through memory.
+template <int64_t HD, typename T>
+inline void add_weighted_values(const float* p, const T* vb, int64_t stride, int64_t j0, int64_t j1, float* o,
+                                int64_t hd) {
+  if constexpr (HD == 32 || HD == 64) {
+    f8 acc[HD / kLanes];
+    for (int64_t i = 0; i < HD / kLanes; ++i) acc[i] = load8(o + i * kLanes);
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t i = 0; i < HD / kLanes; ++i) acc[i] += p[j] * load8(vb + j * stride + i * kLanes);
+    for (int64_t i = 0; i < HD / kLanes; ++i) store8(o + i * kLanes, acc[i]);
+  } else {
+    for (int64_t j = j0; j < j1; ++j) axpy<HD>(p[j], vb + j * stride, o, hd);
+  }
+}
+
 // Rows [begin, end): out[r, h, :] = softmax(q[r, h] . k[keys] * scale) @ v[keys]. One pass over a
 // row's blocks with an online softmax: per block, the scores of the g query heads sharing a KV head
 // (each key read once for all g), their exponentials 8 at a time, then the weighted values.
@@ -123,7 +83,8 @@ void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32
   const int64_t g = s.heads / s.kv_heads, hd = head_size<HD>(s.head_dim), bs = s.block_size;
   const int64_t block_stride = bs * s.kv_heads * hd, slot_stride = s.kv_heads * hd;
   const int64_t padded_bs = (bs + kLanes - 1) / kLanes * kLanes;
-  std::vector<float> qf(g * hd), scores(g * padded_bs, 0.f), best(g), total(g);
+  const int64_t score_stride = padded_bs + kLanes;  // room for 8 scores stored from any key j < bs
+  std::vector<float> qf(g * hd), scores(g * score_stride, 0.f), best(g), total(g);
   for (int64_t r = begin; r < end; ++r) {
     const int64_t pos = positions[r];
     const int64_t seq = std::clamp<int64_t>(seq_ids[r], 0, s.num_tables - 1);
@@ -140,10 +101,20 @@ void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32
         const int64_t j0 = std::max<int64_t>(first - b * bs, 0), j1 = std::min<int64_t>(pos - b * bs + 1, bs);
         const T* kb = k + block * block_stride + kh * hd;
         const T* vb = v + block * block_stride + kh * hd;
-        for (int64_t j = j0; j < j1; ++j)
-          for (int64_t h = 0; h < g; ++h) scores[h * padded_bs + j] = dot<HD>(qf.data() + h * hd, kb + j * slot_stride, hd);
+        if (hd % kLanes == 0) {
+          for (int64_t j = j0; j < j1; j += kLanes)  // 8 keys' scores at once: one 8 x 8 lane reduction
+            for (int64_t h = 0; h < g; ++h) {
+              f8 partial[kLanes];
+              for (int64_t u = 0; u < kLanes; ++u)  // past j1: the last key again (never read)
+                partial[u] = dot_lanes<HD>(qf.data() + h * hd, kb + std::min(j + u, j1 - 1) * slot_stride, hd);
+              store8(scores.data() + h * score_stride + j, sum8x8(partial));
+            }
+        } else {
+          for (int64_t j = j0; j < j1; ++j)
+            for (int64_t h = 0; h < g; ++h) scores[h * score_stride + j] = dot(qf.data() + h * hd, kb + j * slot_stride, hd);
+        }
         for (int64_t h = 0; h < g; ++h) {
-          float* sh = scores.data() + h * padded_bs;
+          float* sh = scores.data() + h * score_stride;
           float m = best[h];
           for (int64_t j = j0; j < j1; ++j) m = std::max(m, sh[j]);
           // 0 on the first block (best = -inf); lanes outside j0..j1 hold stale scores, never read
@@ -159,7 +130,7 @@ void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32
           total[h] = total[h] * correction + sum;
           float* oh = o + h * hd;
           for (int64_t d = 0; d < hd; ++d) oh[d] *= correction;
-          for (int64_t j = j0; j < j1; ++j) axpy<HD>(sh[j], vb + j * slot_stride, oh, hd);
+          add_weighted_values<HD>(sh, vb, slot_stride, j0, j1, oh, hd);
         }
       }
       for (int64_t h = 0; h < g; ++h) {
@@ -182,33 +153,6 @@ void attend_rows_any(const Shape& s, const T* q, const T* k, const T* v, const i
   }
 }
 
-// Runs `rows` rows in chunks taken from a shared counter by the calling thread and by tasks on the
-// pool: the caller never waits for a chunk nobody has started, so a busy (or one-thread) pool cannot
-// deadlock it. Tasks may start after the call returned; they then find no chunk left.
-template <typename Work>
-void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t grain, Work work) {
-  struct State {
-    std::atomic<int64_t> next{0};
-    int64_t chunks, done = 0;
-    std::mutex mutex;
-    std::condition_variable finished;
-  };
-  auto state = std::make_shared<State>();
-  state->chunks = (rows + grain - 1) / grain;
-  auto run = [state, rows, grain, work]() {
-    for (int64_t c; (c = state->next.fetch_add(1)) < state->chunks;) {
-      work(c * grain, std::min(rows, (c + 1) * grain));
-      std::lock_guard<std::mutex> lock(state->mutex);
-      if (++state->done == state->chunks) state->finished.notify_all();
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), state->chunks - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(run)(run));  // a copy per task
-  run();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->finished.wait(lock, [&] { return state->done == state->chunks; });
-}
-
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k_cache,
                               ffi::AnyBuffer v_cache, ffi::Buffer<ffi::S32> positions,
                               ffi::Buffer<ffi::S32> seq_ids, ffi::Buffer<ffi::S32> block_tables, float scale,
@@ -228,14 +172,14 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
     case ffi::DataType::F32: {
       auto *qp = static_cast<const float*>(q.untyped_data()), *kp = static_cast<const float*>(k_cache.untyped_data()),
            *vp = static_cast<const float*>(v_cache.untyped_data());
-      parallel_rows(pool, s.rows, grain, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
+      parallel_chunks(pool, s.rows, grain, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
       return ffi::Error::Success();
     }
     case ffi::DataType::BF16: {
       auto *qp = static_cast<const uint16_t*>(q.untyped_data()),
            *kp = static_cast<const uint16_t*>(k_cache.untyped_data()),
            *vp = static_cast<const uint16_t*>(v_cache.untyped_data());
-      parallel_rows(pool, s.rows, grain, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
+      parallel_chunks(pool, s.rows, grain, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
       return ffi::Error::Success();
     }
     default:

@@ -158,6 +158,11 @@ def _decode_steps(io_def, layer_defs, sampler, placement, num_experts, activatio
     return out, kv, counts
 
 
+def _on_params(fn: Callable, param_def) -> Callable:
+    """fn(io_state, layer_states, expert_states, *args) as a function of the flattened parameters."""
+    return lambda leaves, *args: fn(*jax.tree.unflatten(param_def, leaves), *args)
+
+
 def _logits_at(graphdef, state, hidden, rows):
     return nnx.merge(graphdef, state).logits(jnp.take(hidden, rows, axis=0))
 
@@ -178,6 +183,9 @@ class Model:
         self.layer_kind = [first_of.setdefault(g, i) for i, g in enumerate(self.layer_defs)]
         self.check_experts = os.environ.get("MOEJAX_DEBUG", "") not in ("", "0")  # see experts()
         self.expert_activation = expert_activation(config)
+        # Every parameter array, flattened once: the whole-model programs take these leaves, as
+        # flattening the nnx states at each dispatch cost more than the rest of the call.
+        self._param_leaves, self._param_def = jax.tree.flatten((self.io_state, self.layer_states, self.expert_states))
         self._fns: dict[tuple, Callable] = {}
 
     @property
@@ -281,11 +289,10 @@ class Model:
         (one dispatch per iteration: what a decode step needs). Same result as embed / run_layers /
         logits; the KV buffers are donated and replaced in kv_caches.
         -> (head's output, tokens per expert [L, E])."""
-        fn = self._fn(("whole", head), lambda: jax.jit(
+        fn = self._fn(("whole", head), lambda: jax.jit(_on_params(
             partial(_whole_model, self.io_def, tuple(self.layer_defs), head, self.placement,
-                    max(self.config.num_experts, 1), self.expert_activation), donate_argnums=(3,)))
-        out, kv_caches[:], counts = fn(self.io_state, self.layer_states, self.expert_states, kv_caches, token_ids,
-                                       meta, rows, head_args)
+                    max(self.config.num_experts, 1), self.expert_activation), self._param_def), donate_argnums=(1,)))
+        out, kv_caches[:], counts = fn(self._param_leaves, kv_caches, token_ids, meta, rows, head_args)
         return out, counts
 
     def decode_steps(self, token_ids: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata,
@@ -298,13 +305,13 @@ class Model:
         The KV buffers are donated and replaced in kv_caches.
         -> (tokens [max_steps, R], -1 once a row has stopped; (tokens per expert [L, E], experts
         activated [L]), both summed over the steps)."""
-        fn = self._fn(("decode_steps", sampler, max_steps), lambda: jax.jit(
+        fn = self._fn(("decode_steps", sampler, max_steps), lambda: jax.jit(_on_params(
             partial(_decode_steps, self.io_def, tuple(self.layer_defs), sampler, self.placement,
                     max(self.config.num_experts, 1), self.expert_activation, max_steps,
-                    tuple(i for i, linear in enumerate(self.config.linear_layers) if not linear)),
-            donate_argnums=(3,)))
-        out, kv_caches[:], counts = fn(self.io_state, self.layer_states, self.expert_states, kv_caches, token_ids,
-                                       meta, num_steps, sampling, stop_ids, remaining)
+                    tuple(i for i, linear in enumerate(self.config.linear_layers) if not linear)), self._param_def),
+            donate_argnums=(1,)))
+        out, kv_caches[:], counts = fn(self._param_leaves, kv_caches, token_ids, meta, num_steps, sampling, stop_ids,
+                                       remaining)
         return out, counts
 
     def run_layers(self, x: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata,

@@ -1,0 +1,129 @@
+// What the native XLA:CPU kernels share: 8-lane float vectors (GCC/Clang vector extensions: one AVX2
+// register, two NEON ones), bfloat16 loads and rounding, a vectorised exp and sigmoid, and work spread
+// over XLA's intra-op thread pool.
+
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace moejax {
+
+namespace ffi = xla::ffi;
+
+constexpr int64_t kLanes = 8;
+typedef float f8 __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t i8 __attribute__((vector_size(kLanes * sizeof(int32_t))));
+typedef uint16_t h8 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+
+inline float load(const float* p, int64_t i) { return p[i]; }
+inline float load(const uint16_t* p, int64_t i) {  // bfloat16: the high half of a float32
+  uint32_t bits = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f8 load8(const uint16_t* p) {  // 8 bfloat16 -> float32
+  h8 h;
+  std::memcpy(&h, p, sizeof h);
+  const i8 bits = __builtin_convertvector(h, i8) << 16;
+  f8 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
+
+// Lane u of the result = the sum of a[u]'s lanes: eight horizontal sums in 14 shuffles and 7 adds (a
+// pairwise tree: neighbours, then pairs, then halves) instead of 56 scalar adds.
+inline f8 sum8x8(const f8 (&a)[8]) {
+  f8 pairs[4], quads[2];
+  for (int u = 0; u < 4; ++u)
+    pairs[u] = __builtin_shufflevector(a[2 * u], a[2 * u + 1], 0, 8, 2, 10, 4, 12, 6, 14) +
+               __builtin_shufflevector(a[2 * u], a[2 * u + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  for (int u = 0; u < 2; ++u)
+    quads[u] = __builtin_shufflevector(pairs[2 * u], pairs[2 * u + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(pairs[2 * u], pairs[2 * u + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(quads[0], quads[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(quads[0], quads[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+// float32 -> the nearest bfloat16 (ties to even) -> float32: what XLA's convert does, so a kernel that
+// rounds an intermediate to the input's dtype matches the jnp code that casts it.
+inline f8 round_to_bf16(f8 v) {
+  i8 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & ~0xFFFF;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+// exp(x) for x <= 0, on 8 lanes (std::exp is a scalar libm call). Cephes' expf: x = n ln2 + r,
+// |r| <= ln2 / 2, exp(r) by a degree-6 polynomial, 2^n from the exponent bits; ~1 ulp.
+inline f8 exp_nonpositive(f8 x) {
+  const f8 lowest = f8{} - 87.0f;  // exp(-87) ~ 1.6e-38: below it, 0 for a softmax or a sigmoid
+  x = x < lowest ? lowest : x;
+  const i8 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i8);  // round to nearest (x <= 0)
+  const f8 nf = __builtin_convertvector(n, f8);
+  const f8 r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  f8 p = f8{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const i8 bits = (n + 127) << 23;
+  f8 scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// 1 / (1 + exp(-x)) without overflow: e = exp(-|x|) <= 1, then 1 / (1 + e) or e / (1 + e).
+inline f8 sigmoid(f8 x) {
+  const f8 e = exp_nonpositive(x < 0 ? x : -x);
+  return (x < 0 ? e : f8{} + 1.0f) / (1.0f + e);
+}
+
+// Runs work(begin, end) over [0, n) in chunks of `grain`, taken from a shared counter by the calling
+// thread and by tasks on the pool: the caller never waits for a chunk nobody has started, so a busy (or
+// one-thread) pool cannot deadlock it. Tasks may start after the call returned; they then find no chunk
+// left. Which thread runs a chunk never changes what it computes.
+template <typename Work>
+void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t grain, Work work) {
+  struct State {
+    std::atomic<int64_t> next{0};
+    int64_t chunks, done = 0;
+    std::mutex mutex;
+    std::condition_variable finished;
+  };
+  if (n <= 0) return;
+  auto state = std::make_shared<State>();
+  state->chunks = (n + grain - 1) / grain;
+  auto run = [state, n, grain, work]() {
+    for (int64_t c; (c = state->next.fetch_add(1)) < state->chunks;) {
+      work(c * grain, std::min(n, (c + 1) * grain));
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (++state->done == state->chunks) state->finished.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), state->chunks - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(run)(run));  // a copy per task
+  run();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done == state->chunks; });
+}
+
+}  // namespace moejax
