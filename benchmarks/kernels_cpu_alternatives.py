@@ -1,14 +1,16 @@
 """How the CPU backend was chosen: candidate CPU implementations of `moe_ffn`, timed side by side.
 
-    .venv/bin/python benchmarks/kernels_cpu_alternatives.py [--json PATH]
+    .venv/bin/python benchmarks/kernels_cpu_alternatives.py [--json PATH] [--tokens 8 64 512]
 
 Candidates (all compute the same routed SwiGLU experts; checked against the reference first):
   ragged_dot      the reference backend (XLA:CPU expands ragged_dot densely over all groups)
   dense           every expert on every token, combine weights zero for unrouted pairs (E x FLOPs)
   tiles/bm        the tiled layout + a loop over active tiles (what `cpu` runs) at tile height bm
   tiles/32/f32    the same, each tile's rows and expert weights upcast to fp32 inside the loop
-  cpu (table)     the cpu backend with its tuned tile height (cpu.BLOCK_M by shape class)
-The chosen `cpu.BLOCK_M` table and the results are in benchmarks/kernels.md.
+  native          the native XLA:CPU kernel (kernels/native/moe_ffn.cc)
+  cpu (table)     the cpu backend: native below cpu.PREFILL_ROWS rows per expert, else the tile loop
+                  with its tuned tile height (cpu.BLOCK_M by shape class)
+The chosen `cpu.BLOCK_M` table, the native kernel's range and the results are in benchmarks/kernels.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.kernels import cpu, moe_ffn, tiled
+from moejax.kernels import cpu, moe_ffn, native, tiled
 from moejax.kernels.benchmark import CPU_SCALE, MODELS, Problem, inputs
 
 
@@ -58,6 +60,7 @@ def candidates(num_experts: int, tokens: int) -> dict:
     for bm in (8, 16, 32, 64, 128):
         out[f"tiles/{bm}"] = tiles(bm)
     out["tiles/32/f32"] = tiles(32, upcast=True)
+    out["native"] = lambda x, ids, wts, wgu, wd: native.moe_ffn(x, ids, wts, wgu, wd, "silu")[0].astype(x.dtype)
     out["cpu (table)"] = lambda *a: moe_ffn(*a, backend="cpu")[0]
     return out
 
@@ -77,11 +80,12 @@ def seconds(fn, *args, reps=5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[8, 64, 512], help="T per model (< 512: decode)")
     args = parser.parse_args()
     results, load = [], os.getloadavg()[0]
     print(f"load average at start: {load:.1f} on {os.cpu_count()} CPUs")
     for model, (D, F, E, k) in MODELS.items():
-        for T in (8, 64, 512):
+        for T in args.tokens:
             p = Problem(model, "decode" if T < 512 else "prefill", T, D // CPU_SCALE, F // CPU_SCALE,
                         min(E, 64), k)  # DeepSeek-V3 sliced to 64 experts to fit 2 cores' patience
             problem = inputs(p)

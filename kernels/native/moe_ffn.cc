@@ -53,54 +53,61 @@ struct Glu {
 // AVX2's 16 registers (4 x 4 spilled), 12 multiply-adds per 8 loads.
 constexpr int64_t kRows = 6;
 constexpr int64_t kColVectors = 2;
+constexpr int64_t kItemRows = 8 * kRows;  // rows of one slot per work item: its weights stream once per item
 
-// c[r, :N] = a[r, :K] @ w[:K, :N] for R rows; a: float32 rows with stride lda, w: [K, N] row-major
-// (float32 or bfloat16), c: float32 rows with stride ldc. Every c[r, n] is the same ascending-k chain of
-// multiply-adds for every R and column block, so a row's result never depends on its neighbours.
-template <int64_t R, typename T>
-void gemm_rows(const float* a, int64_t lda, const T* w, int64_t K, int64_t N, float* c, int64_t ldc) {
-  int64_t n = 0;
-  for (; n + kColVectors * kLanes <= N; n += kColVectors * kLanes) {
-    f8 acc[R][kColVectors] = {};
-    for (int64_t k = 0; k < K; ++k) {
-      f8 wk[kColVectors];
-      for (int64_t v = 0; v < kColVectors; ++v) wk[v] = load8(w + k * N + n + v * kLanes);
-      for (int64_t r = 0; r < R; ++r) {
-        const float ar = a[r * lda + k];
-        for (int64_t v = 0; v < kColVectors; ++v) acc[r][v] += ar * wk[v];
-      }
-    }
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t v = 0; v < kColVectors; ++v) store8(c + r * ldc + n + v * kLanes, acc[r][v]);
-  }
-  for (; n + kLanes <= N; n += kLanes) {
-    f8 acc[R] = {};
-    for (int64_t k = 0; k < K; ++k) {
-      const f8 wk = load8(w + k * N + n);
-      for (int64_t r = 0; r < R; ++r) acc[r] += a[r * lda + k] * wk;
-    }
-    for (int64_t r = 0; r < R; ++r) store8(c + r * ldc + n, acc[r]);
-  }
-  for (; n < N; ++n) {  // columns past the last whole vector
+// c[r, n:n+W] = a[r, :K] @ w[:K, n:n+W] for R rows, W = 8 * V columns (V vectors) or 1 (scalar); a:
+// float32 rows with stride lda, w: [K, N] row-major (float32 or bfloat16), c: float32 rows with stride
+// ldc. Every c[r, n] is the same ascending-k chain of multiply-adds whatever R and the column block, so a
+// row's result never depends on its neighbours.
+template <int64_t R, int64_t V, typename T>
+void tile(const float* a, int64_t lda, const T* w, int64_t K, int64_t N, int64_t n, float* c, int64_t ldc) {
+  if constexpr (V == 0) {
     float acc[R] = {};
     for (int64_t k = 0; k < K; ++k) {
       const float wk = load(w, k * N + n);
       for (int64_t r = 0; r < R; ++r) acc[r] += a[r * lda + k] * wk;
     }
     for (int64_t r = 0; r < R; ++r) c[r * ldc + n] = acc[r];
+  } else {
+    f8 acc[R][V] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      f8 wk[V];
+      for (int64_t v = 0; v < V; ++v) wk[v] = load8(w + k * N + n + v * kLanes);
+      for (int64_t r = 0; r < R; ++r) {
+        const float ar = a[r * lda + k];
+        for (int64_t v = 0; v < V; ++v) acc[r][v] += ar * wk[v];
+      }
+    }
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t v = 0; v < V; ++v) store8(c + r * ldc + n + v * kLanes, acc[r][v]);
   }
 }
 
+// The column block [n, n + 8V) (V = 0: the single column n) for any number of rows, kRows at a time:
+// the block's weights stay in cache across the row groups.
+template <int64_t V, typename T>
+void column_block(int64_t rows, const float* a, int64_t lda, const T* w, int64_t K, int64_t N, int64_t n, float* c,
+                  int64_t ldc) {
+  int64_t r = 0;
+  for (; r + kRows <= rows; r += kRows) tile<kRows, V>(a + r * lda, lda, w, K, N, n, c + r * ldc, ldc);
+  switch (rows - r) {
+    case 1: return tile<1, V>(a + r * lda, lda, w, K, N, n, c + r * ldc, ldc);
+    case 2: return tile<2, V>(a + r * lda, lda, w, K, N, n, c + r * ldc, ldc);
+    case 3: return tile<3, V>(a + r * lda, lda, w, K, N, n, c + r * ldc, ldc);
+    case 4: return tile<4, V>(a + r * lda, lda, w, K, N, n, c + r * ldc, ldc);
+    case 5: return tile<5, V>(a + r * lda, lda, w, K, N, n, c + r * ldc, ldc);
+    default: return;
+  }
+}
+
+// c[:rows, :N] = a[:rows, :K] @ w[:K, :N]: whole 2-vector blocks, then an 8-lane one, then single columns.
 template <typename T>
 void gemm(int64_t rows, const float* a, int64_t lda, const T* w, int64_t K, int64_t N, float* c, int64_t ldc) {
-  switch (rows) {
-    case 1: return gemm_rows<1>(a, lda, w, K, N, c, ldc);
-    case 2: return gemm_rows<2>(a, lda, w, K, N, c, ldc);
-    case 3: return gemm_rows<3>(a, lda, w, K, N, c, ldc);
-    case 4: return gemm_rows<4>(a, lda, w, K, N, c, ldc);
-    case 5: return gemm_rows<5>(a, lda, w, K, N, c, ldc);
-    default: return gemm_rows<kRows>(a, lda, w, K, N, c, ldc);
-  }
+  int64_t n = 0;
+  for (; n + kColVectors * kLanes <= N; n += kColVectors * kLanes)
+    column_block<kColVectors>(rows, a, lda, w, K, N, n, c, ldc);
+  for (; n + kLanes <= N; n += kLanes) column_block<1>(rows, a, lda, w, K, N, n, c, ldc);
+  for (; n < N; ++n) column_block<0>(rows, a, lda, w, K, N, n, c, ldc);
 }
 
 struct Problem {
@@ -108,7 +115,7 @@ struct Problem {
   Glu glu;
 };
 
-// One work item: up to kRows (token, k) pairs routed to one slot.
+// One work item: up to kItemRows (token, k) pairs routed to one slot.
 struct Item {
   int32_t slot, first, count;  // pairs sorted[first .. first + count)
 };
@@ -118,8 +125,9 @@ void run_items(const Problem& p, const T* x, const T* w_gate_up, const T* w_down
                const int32_t* sorted, const Item* items, int64_t begin, int64_t end, float* y) {
   const int64_t D = p.D, F = p.F, Fp = (F + kLanes - 1) / kLanes * kLanes;
   // xs: the rows' inputs; gu: gate | up, padded so 8-lane reads past 2F stay inside; h: the
-  // activation; ys: the rows' outputs.
-  std::vector<float> xs(kRows * D), gu(kRows * 2 * F + kLanes), h(kRows * Fp), ys(kRows * D);
+  // activation; ys: the rows' outputs. One set per thread, kept between calls.
+  thread_local std::vector<float> xs, gu, h, ys;
+  xs.resize(kItemRows * D), gu.resize(kItemRows * 2 * F + kLanes), h.resize(kItemRows * Fp), ys.resize(kItemRows * D);
   for (int64_t i = begin; i < end; ++i) {
     const Item item = items[i];
     const int32_t* pairs = sorted + item.first;
@@ -157,8 +165,8 @@ void moe_ffn(ffi::ThreadPool& pool, const Problem& p, const T* x, const int32_t*
     if (slots[i] >= 0 && slots[i] < p.S) sorted[fill[slots[i]]++] = static_cast<int32_t>(i);
   std::vector<Item> items;
   for (int64_t s = 0; s < p.S; ++s)
-    for (int32_t first = start[s]; first < start[s + 1]; first += kRows)
-      items.push_back({static_cast<int32_t>(s), first, std::min<int32_t>(kRows, start[s + 1] - first)});
+    for (int32_t first = start[s]; first < start[s + 1]; first += kItemRows)
+      items.push_back({static_cast<int32_t>(s), first, std::min<int32_t>(kItemRows, start[s + 1] - first)});
 
   std::unique_ptr<float[]> y(new float[pairs * D]);  // expert output per (token, k) pair
   parallel_chunks(pool, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
