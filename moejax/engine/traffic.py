@@ -178,10 +178,10 @@ def layer_stats(cfg: ModelConfig, plan: IterationPlan, expert_tokens: np.ndarray
             np.zeros(cfg.num_layers, np.int64)
     expert, dense, kv_elems, state = _layer_columns(cfg)
     work = work if work is not None else layer_work(cfg, plan)
-    distinct_experts = np.asarray(distinct_experts, np.int64)
+    distinct_experts = np.asarray(distinct_experts)  # expected counts (pricing) are fractional: bytes keep them
     nbytes = cfg.dtype_bytes
     return LayerStats(
-        distinct_experts=distinct_experts,
+        distinct_experts=distinct_experts.astype(np.int64),
         expert_bytes=(distinct_experts * expert * nbytes).astype(float),
         dense_weight_bytes=np.where(work.tokens > 0, dense * nbytes, 0).astype(float),
         kv_read_bytes=(work.keys_read * kv_elems * nbytes + work.resumed * state).astype(float),
