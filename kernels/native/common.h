@@ -97,12 +97,18 @@ inline f8 sigmoid(f8 x) {
   return (x < 0 ? e : f8{} + 1.0f) / (1.0f + e);
 }
 
+// Below this many multiply-adds a kernel runs on the calling thread alone: waking a pool thread costs
+// more than the half of the work it would take.
+constexpr int64_t kParallelMinFlops = 1 << 21;
+
 // Runs work(begin, end) over [0, n) in chunks of `grain`, taken from a shared counter by the calling
 // thread and by tasks on the pool: the caller never waits for a chunk nobody has started, so a busy (or
 // one-thread) pool cannot deadlock it. Tasks may start after the call returned; they then find no chunk
-// left. Which thread runs a chunk never changes what it computes.
+// left. Which thread runs a chunk never changes what it computes. `flops`: the whole work's
+// multiply-adds; below kParallelMinFlops the caller runs it all.
 template <typename Work>
-void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t grain, Work work) {
+void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t grain, int64_t flops, Work work) {
+  if (flops < kParallelMinFlops) return work(0, n);
   struct State {
     std::atomic<int64_t> next{0};
     int64_t chunks, done = 0;

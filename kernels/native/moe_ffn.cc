@@ -169,11 +169,12 @@ void moe_ffn(ffi::ThreadPool& pool, const Problem& p, const T* x, const int32_t*
       items.push_back({static_cast<int32_t>(s), first, std::min<int32_t>(kItemRows, start[s + 1] - first)});
 
   std::unique_ptr<float[]> y(new float[pairs * D]);  // expert output per (token, k) pair
-  parallel_chunks(pool, static_cast<int64_t>(items.size()), 1, [&](int64_t b, int64_t e) {
+  const int64_t flops = static_cast<int64_t>(start[p.S]) * 3 * D * p.F;
+  parallel_chunks(pool, static_cast<int64_t>(items.size()), 1, flops, [&](int64_t b, int64_t e) {
     run_items(p, x, w_gate_up, w_down, b_gate_up, sorted.data(), items.data(), b, e, y.get());
   });
   const int64_t grain = std::max<int64_t>(1, p.T / (4 * std::max<int64_t>(pool.num_threads(), 1)));
-  parallel_chunks(pool, p.T, grain, [&](int64_t b, int64_t e) {
+  parallel_chunks(pool, p.T, grain, pairs * D, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       float* o = out + t * D;
       std::fill(o, o + D, 0.f);

@@ -168,18 +168,21 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   const int32_t *pos = positions.typed_data(), *seq = seq_ids.typed_data(), *tab = block_tables.typed_data();
   float* o = out->typed_data();
   const int64_t grain = std::max<int64_t>(1, s.rows / (4 * std::max<int64_t>(pool.num_threads(), 1)));
+  int64_t keys = 0;  // the work: keys read per row (queries x keys x head size x 2 multiply-adds)
+  for (int64_t r = 0; r < s.rows; ++r) keys += std::min<int64_t>(pos[r] + 1, s.window > 0 ? s.window : pos[r] + 1);
+  const int64_t flops = keys * s.heads * s.head_dim * 2;
   switch (q.element_type()) {
     case ffi::DataType::F32: {
       auto *qp = static_cast<const float*>(q.untyped_data()), *kp = static_cast<const float*>(k_cache.untyped_data()),
            *vp = static_cast<const float*>(v_cache.untyped_data());
-      parallel_chunks(pool, s.rows, grain, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
+      parallel_chunks(pool, s.rows, grain, flops, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
       return ffi::Error::Success();
     }
     case ffi::DataType::BF16: {
       auto *qp = static_cast<const uint16_t*>(q.untyped_data()),
            *kp = static_cast<const uint16_t*>(k_cache.untyped_data()),
            *vp = static_cast<const uint16_t*>(v_cache.untyped_data());
-      parallel_chunks(pool, s.rows, grain, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
+      parallel_chunks(pool, s.rows, grain, flops, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
       return ffi::Error::Success();
     }
     default:

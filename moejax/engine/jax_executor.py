@@ -123,6 +123,11 @@ class RowMap:
     valid: np.ndarray  # [T]
 
 
+# Decode steps one multi-step program runs at most (fewer when a request is waiting to be admitted,
+# see Scheduler._decode_steps): 16 over 8 cut host and dispatch time per token by measurement
+# (benchmarks/engine.md); streaming deltas come up to this many tokens at a time.
+MAX_DECODE_STEPS = 16
+
 class JaxExecutor:
     """Runs plans on the model's placement. Under data parallelism the rows of each group are laid out
     shard-major (each request shard's rows together, every shard padded to the same bucket), so each
@@ -132,7 +137,7 @@ class JaxExecutor:
     splits_experts = False  # runs a model whose routed experts sit on devices apart (moejax.disagg)
 
     def __init__(self, model: Model, num_blocks: int | tuple[int, ...], block_size: int, max_model_len: int,
-                 fuse: bool = True, max_decode_steps: int = 8, state_slots: int = 0):
+                 fuse: bool = True, max_decode_steps: int = MAX_DECODE_STEPS, state_slots: int = 0):
         """num_blocks: blocks of each KV group (kv_cache.kv_groups), or one count for every group.
         fuse: run iterations whose slices all cross every layer as one compiled program (else layer by
         layer, as every other iteration runs). max_decode_steps: the most decode steps one program runs
@@ -485,7 +490,7 @@ def resolve_model(model, *, layout=None, dtype: str | None = None, seed: int = 0
 def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
            layout=None, dtype: str | None = None, num_blocks: int | None = None,
            kv_budget_bytes: int | None = None, state_slots: int | None = None, fuse: bool = True,
-           max_decode_steps: int = 8):
+           max_decode_steps: int = MAX_DECODE_STEPS):
     from moejax.engine.factory import Built
 
     model = resolve_model(model, layout=layout, dtype=dtype, seed=seed)
