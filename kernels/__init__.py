@@ -11,8 +11,8 @@ per-head K/V, or over MLA's latent cache).
                      back to "reference" when it was chosen by platform, and raises when it was
                      asked for by name.
 
-Backends: "reference" (`jax.lax.ragged_dot`, the ground truth), "cpu" (a loop over active expert
-tiles), "pallas" (BlockSpec kernels: compiled on TPU, interpreted elsewhere), "mosaic_gpu" (Hopper
+Backends: "reference" (`jax.lax.ragged_dot`, the ground truth), "cpu" (a native XLA:CPU kernel at
+decode sizes, native.py; a loop over active expert tiles above them), "pallas" (BlockSpec kernels: compiled on TPU, interpreted elsewhere), "mosaic_gpu" (Hopper
 warp-specialised TMA + wgmma kernels; GPU-interpreted elsewhere). See benchmarks/kernels.md.
 
 Expert buffers: `moe_ffn` computes with the experts of a buffer of S slots (w_gate_up: [S, D, 2F])
