@@ -40,7 +40,7 @@ def dense(x, ids, weights, w_gate_up, w_down):
 
 def tiles(block_m: int, upcast: bool = False):
     """The cpu backend at a fixed tile height; upcast: each tile's expert weights cast to fp32."""
-    def ffn_f32(x, w_gate_up, w_down, tiles_, cfg, activation, out_dtype):
+    def ffn_f32(x, w_gate_up, w_down, tiles_, cfg, activation, out_dtype, b_gate_up=None):
         def expert(rows, e):
             rows, w1, w2 = rows.astype(jnp.float32), w_gate_up[e].astype(jnp.float32), w_down[e].astype(jnp.float32)
             gate, up = jnp.split(rows @ w1, 2, axis=-1)
