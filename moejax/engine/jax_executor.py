@@ -128,6 +128,7 @@ class RowMap:
 # (benchmarks/engine.md); streaming deltas come up to this many tokens at a time.
 MAX_DECODE_STEPS = 16
 
+
 class JaxExecutor:
     """Runs plans on the model's placement. Under data parallelism the rows of each group are laid out
     shard-major (each request shard's rows together, every shard padded to the same bucket), so each
