@@ -319,6 +319,23 @@ def test_expert_pool_too_small_is_refused_before_loading():
         build(ARCH, "disagg", layout="cpu8-attn6-exp2", device_memory=1 << 20, **SIZES)
 
 
+def test_expert_pool_counts_the_replica_slots_it_copies(monkeypatch):
+    """Memory that holds the layout's own expert split refuses replicas that copy slots beside it, and
+    names them; the layout's own split given as replica lists copies nothing and passes."""
+    import moejax.checkpoint
+    from moejax.disagg.executor import check_expert_pool, routed_expert_bytes_per_device
+
+    cfg, placements = PRESETS[ARCH], moejax.checkpoint.placements_for("cpu8-attn4-exp4")
+    own = routed_expert_bytes_per_device(cfg, placements)
+    check_expert_pool(cfg, placements, own)
+    check_expert_pool(cfg, placements, own, replicas=[list(range(n * 4, n * 4 + 4)) for n in range(4)])
+    with pytest.raises(LayoutError, match=r"GiB of them replica slots\) .* or fewer expert_slots"):
+        check_expert_pool(cfg, placements, own, replicas="auto", expert_slots=6)
+    monkeypatch.setattr(moejax.checkpoint, "load_model", lambda *a, **k: pytest.fail("loaded the model"))
+    with pytest.raises(ValueError, match="needs expert_slots="):  # a bad option, before any loading
+        build(ARCH, "disagg", layout="cpu8-attn4-exp4", replicas="auto", **SIZES)
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(micro_batches=0), "micro_batches=0"),
     (dict(exchange="all_to_all"), "exchange='all_to_all'"),

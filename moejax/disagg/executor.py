@@ -44,7 +44,7 @@ import numpy as np
 from moejax.config import ModelConfig
 from moejax.disagg.exchange import FORMS, HOST_NETWORK, Exchange, host_map, seconds
 from moejax.disagg.microbatch import choose_micro_batches, split_rows
-from moejax.disagg.replicas import ExpertReplicas
+from moejax.disagg.replicas import ExpertReplicas, copied_slots
 from moejax.disagg.timeline import Timeline
 from moejax.engine.jax_executor import JaxExecutor, RowMap, _scatter_rows, kv_blocks_for
 from moejax.engine.kv_cache import state_slots_for
@@ -246,10 +246,11 @@ class DisaggExecutor(JaxExecutor):
 
 # --- construction (moejax.engine.build(..., "disagg")) -------------------------------------------------
 
-def routed_expert_bytes_per_device(cfg: ModelConfig, placements: Placements) -> int:
-    """Bytes of routed-expert weights on each device of the expert pool (experts split evenly)."""
-    per_layer = cfg.num_experts * cfg.expert_params() * cfg.dtype_bytes
-    return sum(cfg.moe_layers) * per_layer // placements.experts.shards("expert")
+def routed_expert_bytes_per_device(cfg: ModelConfig, placements: Placements, copied: int = 0) -> int:
+    """Bytes of routed-expert weights on each device of the expert pool: the model's experts split
+    evenly, plus `copied` expert slots of replica buffers (moejax.disagg.replicas.copied_slots)."""
+    per_expert = cfg.expert_params() * cfg.dtype_bytes
+    return sum(cfg.moe_layers) * cfg.num_experts * per_expert // placements.experts.shards("expert") + copied * per_expert
 
 
 def device_memory_bytes(device) -> int | None:
@@ -266,18 +267,24 @@ def device_memory_bytes(device) -> int | None:
     return None
 
 
-def check_expert_pool(cfg: ModelConfig, placements: Placements, memory_bytes: int | None = None) -> None:
-    """Refuse an expert pool whose devices cannot hold their share of the routed experts
-    (memory_bytes: per device; default what this process's first device of the pool has)."""
-    need = routed_expert_bytes_per_device(cfg, placements)
+def check_expert_pool(cfg: ModelConfig, placements: Placements, memory_bytes: int | None = None, *,
+                      replicas=None, expert_slots: int | None = None, expert_load=None) -> None:
+    """Refuse an expert pool whose devices cannot hold their share of the routed experts and the
+    replica slots the options copy beside them (memory_bytes: per device; default what this
+    process's first device of the pool has). Bad replica options raise here, before any loading."""
+    copied = copied_slots(cfg.num_experts, placements.experts.shards("expert"), sum(cfg.moe_layers), replicas,
+                          expert_slots, expert_load)
+    own, need = (routed_expert_bytes_per_device(cfg, placements, n) for n in (0, copied))
     mine = [d for d in placements.experts.mesh.devices.flat if d.process_index == jax.process_index()]
     have = memory_bytes if memory_bytes is not None else device_memory_bytes(mine[0])
     if have is not None and need > have:
         layout = placements.experts.layout
+        of_replicas = f" ({(need - own) / 2**30:.3g} GiB of them replica slots)" if copied else ""
         raise LayoutError(f"the expert pool of layout part {layout.name!r} ({placements.experts.mesh.size} devices, "
-                          f"experts split {placements.experts.shards('expert')} ways) needs {need / 2**30:.2f} GiB "
-                          f"of routed experts per device for {cfg.name} ({cfg.dtype}), but a device holds "
-                          f"{have / 2**30:.2f} GiB: give the expert pool more devices")
+                          f"experts split {placements.experts.shards('expert')} ways) needs {need / 2**30:.3g} GiB "
+                          f"of routed experts per device{of_replicas} for {cfg.name} ({cfg.dtype}), but a device "
+                          f"holds {have / 2**30:.3g} GiB: give the expert pool more devices"
+                          + (" or fewer expert_slots" if copied else ""))
 
 
 def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
@@ -293,6 +300,7 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
     from moejax.config import PRESETS, load_hf_config
     from moejax.engine.factory import Built
 
+    pool = dict(replicas=replicas, expert_slots=expert_slots, expert_load=expert_load)
     if isinstance(model, Model):
         if dtype is not None:
             raise ValueError("dtype applies when loading a model by name; this Model is loaded already")
@@ -305,10 +313,10 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
         cfg = PRESETS[model] if path is None and model in PRESETS else \
             load_hf_config(path) if path is not None and (path / "config.json").is_file() else None
         if cfg is not None:
-            check_expert_pool(cfg.replace(dtype=dtype) if dtype else cfg, placements, device_memory)
+            check_expert_pool(cfg.replace(dtype=dtype) if dtype else cfg, placements, device_memory, **pool)
         model = load_model(model, layout=layout, dtype=dtype, seed=seed)[0]
     if not model.placements.colocated:  # (a colocated model: the executor names the fix)
-        check_expert_pool(model.config, model.placements, device_memory)
+        check_expert_pool(model.config, model.placements, device_memory, **pool)
     max_model_len = max_model_len or min(model.config.max_position, 4096)
     state_slots = state_slots_for(model.config, max_num_seqs, state_slots)
     num_blocks, shards = kv_blocks_for(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,

@@ -68,6 +68,21 @@ def instance_experts(replicas, num_experts: int, num_instances: int, slots: int 
     return [held] * num_moe_layers, slots
 
 
+def layout_own(held: list[list[int]], slots: int, num_experts: int) -> bool:
+    """Whether one MoE layer's placement is the layout's own split: instance n holds slots
+    [n * slots, (n + 1) * slots) filled with those experts in order, so the experts kernel reads the
+    model's own buffer and nothing is copied."""
+    return all(len(experts) == slots for experts in held) and sum(held, []) == list(range(num_experts))
+
+
+def copied_slots(num_experts: int, num_instances: int, num_moe_layers: int, replicas=None,
+                 expert_slots: int | None = None, expert_load: np.ndarray | None = None) -> int:
+    """Expert slots per instance, summed over the MoE layers, that ExpertReplicas copies beside the
+    model's own experts (0 for the layout's own split). Raises as instance_experts on a bad option."""
+    held, slots = instance_experts(replicas, num_experts, num_instances, expert_slots, expert_load, num_moe_layers)
+    return sum(slots for layer_held in held if not layout_own(layer_held, slots, num_experts))
+
+
 @partial(jax.jit, static_argnames=("policy",))
 def _schedule(ids, replicas, slot_in, policy):
     """ids [T, K] (E: padding), replicas [E, R], slot_in [N, E] (global slot of expert e on instance n,
@@ -105,7 +120,7 @@ class ExpertReplicas:
                 expert_at[n, :len(experts)] = experts
                 slot_in[n, experts] = n * self.slots + np.arange(len(experts))
             buffer = model.expert_weights(i)
-            if not np.array_equal(expert_at.reshape(-1), np.arange(cfg.num_experts)):  # not the layout's own
+            if not layout_own(layer_held, self.slots, cfg.num_experts):
                 buffer = _gather_slots(buffer, jax.device_put(expert_at.reshape(-1), on_pool),
                                        tuple(a.sharding for a in buffer))
             self.layers[i] = (buffer, jax.device_put(replica_table(layer_held, cfg.num_experts), on_pool),
