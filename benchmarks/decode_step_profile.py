@@ -8,7 +8,10 @@ Stage times wrap the engine's own functions with time.perf_counter during one wa
 prompts x NEW_TOKENS tokens), summed over the run and given per decode step (one token per request):
 `Model.decode_steps` is the dispatch of a multi-step program (the time until the call returns),
 `device_get` where the host waits for it, the rest host work. The parts are the last decode
-iteration's inputs captured mid-run, each jitted alone and timed over repeated calls.
+iteration's inputs captured mid-run, each jitted alone and timed over repeated calls. With run-ahead
+(the default) the host's work overlaps the device's, so the stages overlap too: `device_get` is then
+what remains of the device's time after the host's. Last, the same generate with run-ahead off and on,
+alternating on one engine, best of 3 each.
 """
 
 from __future__ import annotations
@@ -77,8 +80,10 @@ def profile(llm: LLM, batch: int) -> dict:
     Model.decode_steps = decode_steps
 
     totals: dict[str, float] = collections.defaultdict(float)
-    wrapped = [(Engine, "step"), (Scheduler, "schedule"), (Scheduler, "update"),
-               (executor_module.JaxExecutor, "execute"), (Model, "decode_steps"), (executor_module.jax, "device_get")]
+    executor = executor_module.JaxExecutor
+    wrapped = [(Engine, "step"), (Scheduler, "schedule"), (Scheduler, "schedule_ahead"), (Scheduler, "update"),
+               (executor, "execute"), (executor, "launch"), (executor, "finish"), (Model, "decode_steps"),
+               (executor_module.jax, "device_get")]
     originals = [(owner, name, timed(owner, name, totals)) for owner, name in wrapped]
     t0 = time.perf_counter()
     llm.generate(prompts(512, batch), params)
@@ -86,14 +91,24 @@ def profile(llm: LLM, batch: int) -> dict:
     for owner, name, fn in originals:
         setattr(owner, name, fn)
     per_step = {name: seconds / NEW_TOKENS * 1e3 for name, seconds in totals.items()}
+    executing = per_step["execute"] + per_step["launch"] + per_step["finish"]  # multi-step plans: launch, finish
+    planning = per_step["schedule"] + per_step["schedule_ahead"] + per_step["update"]
     split = {
         "device (waiting for results)": per_step["device_get"],
         "dispatch (decode_steps call)": per_step["decode_steps"],
-        "host: schedule + update": per_step["schedule"] + per_step["update"],
-        "host: executor inputs": per_step["execute"] - per_step["decode_steps"] - per_step["device_get"],
+        "host: schedule + update": planning,
+        "host: executor inputs": executing - per_step["decode_steps"] - per_step["device_get"],
         "host: engine and LLM rest": wall / NEW_TOKENS * 1e3 - per_step["step"],
-        "host: engine step rest": per_step["step"] - per_step["execute"] - per_step["schedule"] - per_step["update"],
+        "host: engine step rest": per_step["step"] - executing - planning,
     }
+    run_ahead = {False: [], True: []}  # side by side on this engine, alternating, best of 3
+    for _ in range(3):
+        for on in run_ahead:
+            llm.engine.run_ahead = on
+            t0 = time.perf_counter()
+            llm.generate(prompts(512, batch), params)
+            run_ahead[on].append((time.perf_counter() - t0) / NEW_TOKENS * 1e3)
+    llm.engine.run_ahead = True
 
     model, token_ids, kv, meta, num_steps, max_steps, sampler, *rest = captured["args"]
     cfg = model.config
@@ -121,7 +136,8 @@ def profile(llm: LLM, batch: int) -> dict:
     }
     return {"batch": batch, "decode_rows": R, "num_kv_blocks": int(meta.num_kv_blocks),
             "iterations": llm.last_stats["iterations"], "ms_per_decode_step": wall / NEW_TOKENS * 1e3,
-            "split_ms_per_decode_step": split, "part_ms_per_call": parts}
+            "split_ms_per_decode_step": split, "part_ms_per_call": parts,
+            "run_ahead_ms_per_decode_step": {"off": min(run_ahead[False]), "on": min(run_ahead[True])}}
 
 
 def main() -> None:
@@ -136,6 +152,8 @@ def main() -> None:
         rows.append(profile(llm, batch))
         r = rows[-1]
         print(f"batch {batch}: {r['ms_per_decode_step']:.2f} ms per decode step ({r['iterations']} iterations)")
+        ahead = r["run_ahead_ms_per_decode_step"]
+        print(f"  run-ahead off / on: {ahead['off']:.3f} / {ahead['on']:.3f} ms per decode step")
         for name, ms in {**r["split_ms_per_decode_step"], **r["part_ms_per_call"]}.items():
             print(f"  {name:60s} {ms:7.3f} ms")
     result = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (no accelerator)",

@@ -43,6 +43,35 @@ def test_multi_step_equals_one_step(arch):
     assert sum(p.result.expert_bytes for p in plans_many) == bytes_one  # same rows each step, same routing
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_run_ahead_equals_serial(arch, monkeypatch):
+    """Dispatching the next multi-step iteration before the last one's tokens are back changes no
+    output, also where requests stop on a token or their length inside an iteration run ahead of,
+    and frees every block (serve checks)."""
+    from moejax.engine.scheduler import Scheduler
+
+    launched_ahead = []
+    schedule_ahead = Scheduler.schedule_ahead
+    monkeypatch.setattr(Scheduler, "schedule_ahead",
+                        lambda self, *a: launched_ahead.append(schedule_ahead(self, *a)) or launched_ahead[-1])
+    model = build_model(get_preset(arch), seed=5)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (4, 11, 7, 19, 2)]
+    free, _, _ = serve(model, prompts, [SamplingParams(max_tokens=30, ignore_eos=True)] * 5, 4, run_ahead=False)
+    params = [SamplingParams(max_tokens=30, stop_token_ids=(free[0].output_token_ids[9],)),  # stops mid-way
+              SamplingParams(max_tokens=13, temperature=0.9, top_p=0.8, seed=3, ignore_eos=True),
+              SamplingParams(max_tokens=30, temperature=1.1, top_k=20, seed=4, ignore_eos=True),
+              SamplingParams(max_tokens=5, ignore_eos=True),
+              SamplingParams(max_tokens=27, stop_token_ids=(free[4].output_token_ids[14],))]
+    serial, plans_serial, _ = serve(model, prompts, params, 4, run_ahead=False)
+    assert not launched_ahead
+    ahead, plans_ahead, _ = serve(model, prompts, params, 4)
+    assert [r.output_token_ids for r in ahead] == [r.output_token_ids for r in serial]
+    assert [r.finish_reason for r in ahead] == [r.finish_reason for r in serial]
+    assert {serial[0].finish_reason, serial[4].finish_reason} == {"stop"}
+    assert sum(p is not None for p in launched_ahead) >= 3
+
+
 def test_stop_tokens_inside_a_multi_step_iteration():
     model = build_model(get_preset("tiny-qwen3-moe"), seed=5)
     prompt = [5, 9, 13, 2, 7]

@@ -38,6 +38,12 @@ class FakeExecutor:
         self.max_decode_steps = max_decode_steps
         self.max_tokens_seen = 0
 
+    def launch(self, plan, after=None):
+        return plan  # computed in finish: by then the tokens feeding a plan run ahead (after's) are known
+
+    def finish(self, plan):
+        return self.execute(plan)
+
     def execute(self, plan):
         kv, bs = self.s.kv, self.s.kv.block_size
         tables = {rid: (t, *plan.group_block_tables.get(rid, ())) for rid, t in plan.block_tables.items()}
@@ -53,18 +59,24 @@ class FakeExecutor:
         steps = ([min(plan.decode_steps, left) for _, left in plan.decode_limits] if plan.decode_steps > 1
                  else [1] * len(plan.slices))
         for sl, reserved in zip(plan.slices, steps):
-            req = self.s.requests[sl.request_id]
+            req = self.s.requests.get(sl.request_id)
+            if req is None:  # a plan run ahead: its request stopped in the iteration before it
+                continue
             end = sl.start + max(sl.num_tokens, reserved)
             assert len(plan.block_tables[sl.request_id]) * bs >= end
             for group, table in zip(kv.groups, tables[sl.request_id]):  # every key the rows see is live
                 assert FREED not in table[group.first_live_block(sl.start, bs):-(-end // bs)]
-            assert tuple(req.token_ids[sl.start:sl.start + sl.num_tokens]) == sl.token_ids
+            assert sl.token_ids == (-1,) or tuple(req.token_ids[sl.start:sl.start + sl.num_tokens]) == sl.token_ids
+            if plan.decode_steps > 1:  # a plan run ahead too: its input is the request's last token
+                assert len(req.token_ids) == sl.start + 1
             if sl.sample:
                 sampled[sl.request_id] = next_token(tuple(req.token_ids))
         if plan.decode_steps == 1:
             return StepResult(sampled, 0.001, 0.0)
         steps = {}  # as the device loop does: each token feeds the next, a row stops at a stop id or its limit
         for sl, (stop_ids, left) in zip(plan.slices, plan.decode_limits):
+            if sl.request_id not in self.s.requests:
+                continue
             ctx, out = list(self.s.requests[sl.request_id].token_ids), []
             while len(out) < plan.decode_steps:
                 out.append(next_token(tuple(ctx)))

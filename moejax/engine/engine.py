@@ -77,7 +77,10 @@ class Arrival:
 
 
 class Engine:
-    def __init__(self, scheduler: Scheduler, executor: Executor, *, virtual_time: bool = False, seed: int = 0):
+    def __init__(self, scheduler: Scheduler, executor: Executor, *, virtual_time: bool = False, seed: int = 0,
+                 run_ahead: bool = True):
+        """run_ahead: a multi-step decode iteration dispatches the next one before its own tokens are
+        back (step())."""
         self.scheduler = scheduler
         self.executor = executor
         self.config: ModelConfig = scheduler.model_config
@@ -88,6 +91,8 @@ class Engine:
         self.handoffs: list[Handoff] = []  # requests handed off after their prefill, with their KV
         self._next_id = 0
         self._decode_step_s: float | None = None  # time per step of the last multi-step iteration
+        self.run_ahead = run_ahead
+        self._ahead = None  # (plan, launched): the iteration dispatched ahead, collected by the next step()
 
     # --- requests -----------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None, *,
@@ -166,14 +171,33 @@ class Engine:
     def step(self, until: float | None = None) -> StepOutput:
         """One iteration. A decode-only iteration runs several decode steps in one go (up to the
         executor's max_decode_steps); `until` (a time on this engine's clock, e.g. the next arrival)
-        bounds them to what is expected to finish by then, so that new requests do not wait."""
-        plan = self.scheduler.schedule(self._decode_steps(until))
-        if plan.is_empty and self.scheduler.has_unfinished and not plan.released:
-            raise RuntimeError("the scheduler planned nothing while requests are unfinished")
+        bounds them to what is expected to finish by then, so that new requests do not wait.
+
+        Run-ahead (without `until`): a multi-step decode dispatches the iteration after it
+        (Scheduler.schedule_ahead: the same requests decoding on) before waiting for its own tokens,
+        so the device computes while the host collects, updates requests and plans; the next call
+        collects that one. Outputs are the same as without (a request that stopped meanwhile drops
+        what it produced ahead); a request added meanwhile waits for the iteration run ahead."""
+        if self._ahead is not None:
+            (plan, launched), self._ahead = self._ahead, None
+        else:
+            plan, launched = self.scheduler.schedule(self._decode_steps(until)), None
+            if plan.is_empty and self.scheduler.has_unfinished and not plan.released:
+                raise RuntimeError("the scheduler planned nothing while requests are unfinished")
         try:
-            result = self.executor.execute(plan)
+            if plan.decode_steps > 1:  # executors that plan several steps launch them (Executor)
+                launched = launched or self.executor.launch(plan)
+                ahead = self.scheduler.schedule_ahead(plan, self.executor.max_decode_steps) \
+                    if self.run_ahead and until is None else None
+                if ahead is not None:
+                    self._ahead = (ahead, self.executor.launch(ahead, after=launched))
+                result = self.executor.finish(launched)
+            else:
+                result = self.executor.execute(plan)
         except Exception as e:
-            raise StepError(sorted({s.request_id for s in plan.slices}), e) from e
+            lost = [s.request_id for p in (plan, *(self._ahead or ())[:1]) for s in p.slices]
+            self._ahead = None
+            raise StepError(sorted(set(lost)), e) from e
         self.clock.advance(result.elapsed_s)
         now = self.clock.now()
         for rid, logprobs in result.logprobs.items():  # before update: a request finishing now has them too
@@ -182,6 +206,8 @@ class Engine:
                 req.logprobs.append(logprobs)
         finished = self.scheduler.update(plan, result, now)
         self.finished.extend(finished)
+        if self._ahead and not any(s.request_id in self.scheduler.requests for s in self._ahead[0].slices):
+            self._ahead = None  # every request it runs for has stopped: nothing to collect
         for req in list(self.scheduler.handed_off):
             self._hand_off(req)
         if plan.decode_steps > 1:
@@ -230,7 +256,7 @@ class Engine:
         most = min(cfg.max_num_seqs, max_num_seqs or cfg.max_num_seqs)
         request_buckets = [b for b in (8 << i for i in range(32)) if b <= bucket(most)]
         cells = [(t, r) for t in token_buckets for r in request_buckets if r <= t]
-        params = SamplingParams(max_tokens=steps + 1, ignore_eos=True)
+        params = SamplingParams(max_tokens=2 * steps + 1, ignore_eos=True)  # a decode iteration, one ahead
         bar = _progress() if progress else None
         before = (len(self.steps), len(self.finished), self._next_id)
         with count_compilations() as compiled, bar or contextlib.nullcontext():

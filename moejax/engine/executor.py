@@ -33,6 +33,10 @@ class Executor(Protocol):
         sampled rows sampled, and the state of `plan.released` requests (kept hidden rows) dropped."""
         ...
 
+    # Executors with max_decode_steps > 1 run a multi-step decode plan in two halves (the engine may
+    # launch the next one, run ahead, in between): launch(plan, after=None) dispatches it without
+    # waiting (after: the launched iteration whose tokens feed it), finish(launched) -> StepResult.
+
     def export_kv(self, block_ids: tuple[int, ...], num_tokens: int,
                   group_block_ids: tuple[tuple[int, ...], ...] = (), state_slot: int | None = None,
                   layers: range | None = None) -> KVPayload:

@@ -66,7 +66,8 @@ def _factory(name: str) -> Factory:
 
 
 def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget: int = 512, max_num_seqs: int = 256,
-          max_model_len: int | None = None, block_size: int = 16, seed: int = 0, **options) -> Engine:
+          max_model_len: int | None = None, block_size: int = 16, seed: int = 0, run_ahead: bool = True,
+          **options) -> Engine:
     """An engine serving `model` on `executor` with a scheduling policy ("name" or "name@token_budget").
 
     Other options go to the policy (layered: group_table, cohorts_in_flight, max_prefill_tokens, ...;
@@ -74,7 +75,9 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
     the executor's factory (jax: layout, dtype, num_blocks, kv_budget_bytes, state_slots, fuse,
     max_decode_steps; sim: hardware, routing, routing_params, calibration, memory_fraction, state_slots;
     offload / sim-offload: theirs, state_slots too); an option neither takes is an error. state_slots:
-    per-request state slots of Gated DeltaNet layers (Qwen3-Next), default one per max_num_seqs."""
+    per-request state slots of Gated DeltaNet layers (Qwen3-Next), default one per max_num_seqs.
+    run_ahead: dispatch the next multi-step decode iteration before the last one's tokens are back
+    (Engine.step)."""
     name, overrides = parse_policy(policy)
     token_budget = overrides.get("token_budget", token_budget)
     for field, value, least in (("token_budget", token_budget, 1), ("max_num_seqs", max_num_seqs, 1),
@@ -107,7 +110,7 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
                         num_state_slots=built.state_slots)
     scheduler = Scheduler(built.executor.config, kv, chosen, SchedulerConfig(
         max_num_seqs=max_num_seqs, token_budget=token_budget, max_model_len=built.max_model_len))
-    return Engine(scheduler, built.executor, virtual_time=built.virtual_time, seed=seed)
+    return Engine(scheduler, built.executor, virtual_time=built.virtual_time, seed=seed, run_ahead=run_ahead)
 
 
 _SIZES = ("model", "max_num_seqs", "max_model_len", "block_size", "seed")  # what build passes every factory

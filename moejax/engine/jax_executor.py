@@ -123,6 +123,24 @@ class RowMap:
     valid: np.ndarray  # [T]
 
 
+@jax.jit
+def _last_tokens(tokens: jax.Array, step: jax.Array, rows: jax.Array) -> jax.Array:
+    """Row r's input token of a run-ahead iteration: tokens[step, rows[r]] of the iteration before
+    it (tokens [max_steps, R]; -1 where a row stopped: its output is dropped, 0 stands in)."""
+    return jnp.maximum(tokens[step, rows], 0)
+
+
+@dataclass
+class Launched:
+    """A multi-step decode dispatched (JaxExecutor.launch), its tokens still on the device."""
+
+    plan: IterationPlan
+    rows: dict[int, int]  # request id -> its row
+    tokens: jax.Array  # [max_steps, R], -1 once a row stopped
+    counts: tuple  # (tokens per expert [L, E], experts activated [L]), summed over the steps
+    t0: float  # when it was dispatched
+
+
 # Decode steps one multi-step program runs at most (fewer when a request is waiting to be admitted,
 # see Scheduler._decode_steps): 16 over 8 cut host and dispatch time per token by measurement
 # (benchmarks/engine.md); streaming deltas come up to this many tokens at a time.
@@ -146,6 +164,7 @@ class JaxExecutor:
         Gated DeltaNet layers (one per request the scheduler runs at once)."""
         self.fuse = fuse
         self.max_decode_steps = max_decode_steps if fuse else 1
+        self._finished_at = 0.0  # when the last launched iteration was collected (finish)
         self.model = model
         self.config = model.config
         self.kv_dtype = model.dtype
@@ -249,19 +268,16 @@ class JaxExecutor:
                 self.kv[i] = layer_kv
 
     def execute(self, plan: IterationPlan) -> StepResult:
+        if plan.decode_steps > 1:
+            return self.finish(self.launch(plan))
         t0 = time.perf_counter()
-        for rid in plan.released:
-            self.stash.release(rid)
-        for rid, block_ids, payload in plan.kv_imports:
-            self.import_kv(block_ids, payload, plan.group_block_tables.get(rid, ()), plan.state_slots.get(rid))
+        self._release_and_import(plan)
         L, E = self.config.num_layers, max(self.config.num_experts, 1)
         if not plan.slices:
             return self._result(plan, {}, np.zeros((L, E), np.int64), t0)
 
         seq_of = {rid: i for i, rid in enumerate(plan.block_tables)}
         tables = self._tables(plan, seq_of)
-        if plan.decode_steps > 1:
-            return self._run_decode_steps(plan, seq_of, tables, t0)
         whole = plan.groups[0]
         head = sample_with_logprobs if any(r.logprobs for r in plan.sampling) else sample
         if self.fuse and len(plan.groups) == 1 and (whole.layer_start, whole.layer_end) == (0, L):
@@ -275,6 +291,12 @@ class JaxExecutor:
         if head is sample_with_logprobs:
             result.logprobs = _logprobs_of(plan, *out[1:])
         return result
+
+    def _release_and_import(self, plan: IterationPlan) -> None:
+        for rid in plan.released:
+            self.stash.release(rid)
+        for rid, block_ids, payload in plan.kv_imports:
+            self.import_kv(block_ids, payload, plan.group_block_tables.get(rid, ()), plan.state_slots.get(rid))
 
     def _tables(self, plan: IterationPlan, seq_of: dict[int, int]):
         """The block tables of the plan's requests [S, max_blocks] (KV group 0), and of the other KV
@@ -304,14 +326,27 @@ class JaxExecutor:
                                   window_tables=window_tables, state_slots=state_slots,
                                   num_state_slots=self.num_state_slots)
 
-    def _run_decode_steps(self, plan: IterationPlan, seq_of: dict[int, int], tables, t0: float):
-        """A decode-only plan run for plan.decode_steps steps in one program (Model.decode_steps)."""
+    def launch(self, plan: IterationPlan, after: Launched | None = None) -> Launched:
+        """Dispatch a multi-step decode plan (plan.decode_steps steps in one program, Model.decode_steps)
+        without waiting for it; `finish` collects it. after: the iteration this one runs ahead of
+        (Scheduler.schedule_ahead), still running: each row's input token is its request's last token
+        there, taken on the device, so the host never waits between the two."""
+        t0 = time.perf_counter()
+        self._release_and_import(plan)
+        seq_of = {rid: i for i, rid in enumerate(plan.block_tables)}
         row_map = self._row_map(plan, plan.groups[0].slices, seq_of)
         R = len(row_map.valid)
-        token_ids = np.zeros(R, np.int32)
         order = np.array([row_map.offsets[i] for i in range(len(plan.slices))])  # slice -> its row
-        token_ids[order] = [s.token_ids[0] for s in plan.slices]
-        meta = self._meta(row_map, tables, once=True)
+        if after is None:
+            token_ids = np.zeros(R, np.int32)
+            token_ids[order] = [s.token_ids[0] for s in plan.slices]
+            token_ids = to_device(token_ids, self._replicated)
+        else:
+            rows = np.zeros(R, np.int32)
+            rows[order] = [after.rows[s.request_id] for s in plan.slices]
+            token_ids = _last_tokens(after.tokens, np.int32(after.plan.decode_steps - 1),
+                                     to_device(rows, self._replicated))
+        meta = self._meta(row_map, self._tables(plan, seq_of), once=True)
         stops = bucket(max(len(ids) for ids, _ in plan.decode_limits), minimum=1)
         stop_ids, remaining = np.full((R, stops), -1, np.int32), np.ones(R, np.int32)
         for row, (ids, left) in zip(order, plan.decode_limits):
@@ -321,13 +356,21 @@ class JaxExecutor:
             for column, value in zip(columns, (r.temperature, r.top_k, r.top_p, r.seed, r.output_index)):
                 column[row] = value
         tokens, counts = self.model.decode_steps(
-            to_device(token_ids, self._replicated), self.kv, meta, np.int32(plan.decode_steps), self.max_decode_steps,
+            token_ids, self.kv, meta, np.int32(plan.decode_steps), self.max_decode_steps,
             sample, to_device(tuple(columns), self._replicated), to_device(stop_ids, self._replicated),
             to_device(remaining, self._replicated))
-        host_tokens, (expert_tokens, distinct) = jax.device_get((tokens, counts))
-        steps = {s.request_id: [int(t) for t in host_tokens[:, row] if t >= 0] for s, row in zip(plan.slices, order)}
-        result = self._result(plan.as_steps({rid: len(t) for rid, t in steps.items()}),
-                              {rid: t[0] for rid, t in steps.items()}, expert_tokens, t0, distinct)
+        return Launched(plan, {s.request_id: int(row) for s, row in zip(plan.slices, order)}, tokens, counts, t0)
+
+    def finish(self, launched: Launched) -> StepResult:
+        """Wait for a launched multi-step decode -> its StepResult (`sampled_steps`: each request's
+        tokens). Its elapsed time starts when it was dispatched or when the one before it finished,
+        whichever is later."""
+        host_tokens, (expert_tokens, distinct) = jax.device_get((launched.tokens, launched.counts))
+        steps = {rid: [int(t) for t in host_tokens[:, row] if t >= 0] for rid, row in launched.rows.items()}
+        result = self._result(launched.plan.as_steps({rid: len(t) for rid, t in steps.items()}),
+                              {rid: t[0] for rid, t in steps.items()}, expert_tokens,
+                              max(launched.t0, self._finished_at), distinct)
+        self._finished_at = time.perf_counter()
         result.sampled_steps = steps
         return result
 

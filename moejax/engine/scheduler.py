@@ -223,16 +223,54 @@ class Scheduler:
         if max_decode_steps > 1 and slices and all(s.is_decode for s in slices) \
                 and not any(r.params.logprobs is not None for r in requests):
             steps, limits = self._decode_steps(requests, max_decode_steps)
+        return self._plan(slices, requests, steps, limits)
+
+    def schedule_ahead(self, plan: IterationPlan, max_decode_steps: int) -> IterationPlan | None:
+        """The iteration after `plan`, a multi-step decode still running, planned before its tokens are
+        known (run-ahead): every running request decodes on, each assumed to produce all the steps
+        `plan` gives it and none to stop on a token; those `plan` brings to their last token are left
+        out. Its slices carry no input token: the executor takes each from `plan`'s output on the
+        device. update() later skips a request that did stop in `plan`, so what it produced here is
+        dropped and its blocks, freed by then, are reused only by iterations that run after this one.
+        None when the next iteration may be anything else: requests waiting, a running request not in
+        `plan`, a single step left, or KV short for the steps."""
+        in_plan = {s.request_id for s in plan.slices}
+        if plan.decode_steps <= 1 or self.waiting or any(r.request_id not in in_plan for r in self.running):
+            return None
+        done = plan.decode_steps  # tokens each continuing request produces in `plan`
+        going = [(req, stop_ids, left - done) for s, (stop_ids, left) in zip(plan.slices, plan.decode_limits)
+                 if left > done and (req := self.requests.get(s.request_id)) is not None
+                 and req.status is Status.RUNNING and not req.handoff]
+        if not going:
+            return None
+        requests = [r for r, _, _ in going]
+        steps = min(max_decode_steps, max(left for _, _, left in going))
+        while steps > 1 and not self.kv.can_allocate_all(requests, done + steps):
+            steps //= 2
+        if steps <= 1:
+            return None
+        for r, _, left in going:  # blocks for both iterations' tokens: update() has not advanced r yet
+            self.kv.allocate(r, done + min(steps, left))
+        L = self.num_layers
+        slices = [new_tuple(RowSlice, (r.request_id, r.num_computed_tokens + done, (-1,), 0, L, True,
+                                       r.num_computed_tokens + done + 1)) for r in requests]
+        return self._plan(slices, requests, steps, tuple((stop_ids, left) for _, stop_ids, left in going),
+                          produced=done, step=self.step + 1)
+
+    def _plan(self, slices: list[RowSlice], requests: list[Request], steps: int, limits: tuple,
+              produced: int = 0, step: int | None = None) -> IterationPlan:
+        """The plan of these slices (of `requests`); produced: tokens each request has yet to receive
+        from a running iteration before these (run-ahead), counted in the sampler's output index."""
         sampling = []
         for s, r in zip(slices, requests):
             if s.sample:
                 p = r.params
                 sampling.append(new_tuple(SamplingRow, (r.request_id, p.temperature, p.top_p, p.top_k, r.seed,
-                                                        len(r.token_ids) - len(r.prompt_token_ids),
+                                                        len(r.token_ids) - len(r.prompt_token_ids) + produced,
                                                         p.logprobs is not None)))
         hybrid = len(self.kv.groups) > 1
         plan = IterationPlan(
-            step=self.step, slices=tuple(slices), groups=layer_groups(slices, self.num_layers),
+            step=self.step if step is None else step, slices=tuple(slices), groups=layer_groups(slices, self.num_layers),
             block_tables={r.request_id: r.block_ids for r in requests},
             sampling=tuple(sampling), released=tuple(self._released), num_layers=self.num_layers,
             kv_shards={r.request_id: self.kv.shard_of(r) for r in requests} if len(self.kv.shards) > 1 else {},
