@@ -72,6 +72,27 @@ def test_run_ahead_equals_serial(arch, monkeypatch):
     assert sum(p is not None for p in launched_ahead) >= 3
 
 
+def test_abort_while_an_iteration_runs_ahead():
+    """Aborting every request while the iteration after the current one is already dispatched drops
+    it; its writes into the freed blocks change nothing for the requests served next."""
+    model = build_model(get_preset("tiny-qwen3-moe"), seed=5)
+    prompts, later = [[5, 9, 13, 2, 7], [3, 3, 8]], [[11, 4, 6, 1]]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    (fresh,), _, _ = serve(model, later, [params], 4)
+    engine = build(model, max_model_len=64, block_size=4, num_blocks=16, max_decode_steps=4)  # blocks reused
+    first = [engine.add_request(p, params) for p in prompts]
+    while engine._ahead is None:
+        engine.step()
+    for r in first:
+        engine.abort(r.request_id)
+    req = engine.add_request(later[0], params)
+    while engine.has_unfinished:
+        engine.step()
+    assert [r.finish_reason for r in first] == ["abort"] * 2
+    assert req.output_token_ids == fresh.output_token_ids
+    assert engine.scheduler.kv.num_free_blocks == engine.scheduler.kv.num_blocks
+
+
 def test_stop_tokens_inside_a_multi_step_iteration():
     model = build_model(get_preset("tiny-qwen3-moe"), seed=5)
     prompt = [5, 9, 13, 2, 7]

@@ -178,9 +178,10 @@ class Engine:
         so the device computes while the host collects, updates requests and plans; the next call
         collects that one. Outputs are the same as without (a request that stopped meanwhile drops
         what it produced ahead); a request added meanwhile waits for the iteration run ahead."""
-        if self._ahead is not None:
-            (plan, launched), self._ahead = self._ahead, None
-        else:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and any(s.request_id in self.scheduler.requests for s in ahead[0].slices):
+            plan, launched = ahead
+        else:  # (nothing run ahead, or only for requests that have stopped or were aborted since)
             plan, launched = self.scheduler.schedule(self._decode_steps(until)), None
             if plan.is_empty and self.scheduler.has_unfinished and not plan.released:
                 raise RuntimeError("the scheduler planned nothing while requests are unfinished")
@@ -195,9 +196,8 @@ class Engine:
             else:
                 result = self.executor.execute(plan)
         except Exception as e:
-            lost = [s.request_id for p in (plan, *(self._ahead or ())[:1]) for s in p.slices]
-            self._ahead = None
-            raise StepError(sorted(set(lost)), e) from e
+            self._ahead = None  # (run for requests of this plan)
+            raise StepError(sorted({s.request_id for s in plan.slices}), e) from e
         self.clock.advance(result.elapsed_s)
         now = self.clock.now()
         for rid, logprobs in result.logprobs.items():  # before update: a request finishing now has them too
@@ -206,8 +206,6 @@ class Engine:
                 req.logprobs.append(logprobs)
         finished = self.scheduler.update(plan, result, now)
         self.finished.extend(finished)
-        if self._ahead and not any(s.request_id in self.scheduler.requests for s in self._ahead[0].slices):
-            self._ahead = None  # every request it runs for has stopped: nothing to collect
         for req in list(self.scheduler.handed_off):
             self._hand_off(req)
         if plan.decode_steps > 1:
