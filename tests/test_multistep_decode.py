@@ -161,6 +161,20 @@ def test_second_generate_of_a_loaded_checkpoint_compiles_nothing(tmp_path):
     assert llm.last_stats["compilations"] == 0, llm.last_stats
 
 
+def test_run_ahead_meets_the_same_decode_program(tmp_path):
+    """Token ids taken on the device from the iteration run ahead of, and token ids from the host,
+    reach the multi-step program in one placement: one compiled decode program, also for a
+    checkpoint's committed parameters (whose programs' outputs are committed)."""
+    from moejax import LLM
+    from moejax.checkpoint import save_model
+
+    save_model(build_model(get_preset("tiny-qwen3-moe"), seed=5), tmp_path / "ckpt")
+    llm = LLM(str(tmp_path / "ckpt"), max_model_len=64, block_size=4, num_blocks=64, max_decode_steps=4)
+    llm.generate([[5, 9, 13, 2, 7]], SamplingParams(max_tokens=30, ignore_eos=True))  # several iterations ahead
+    decode = [fn for key, fn in llm.model._fns.items() if key[0] == "decode_steps"]
+    assert len(decode) == 1 and decode[0]._cache_size() == 1
+
+
 def test_identical_second_generate_compiles_nothing_at_any_batch():
     """A user's identical second `generate` compiles nothing, at every batch size of one LLM: one
     request, a few, and more than the KV cache holds at once (multi-step iterations cut short by

@@ -123,7 +123,6 @@ class RowMap:
     valid: np.ndarray  # [T]
 
 
-@jax.jit
 def _last_tokens(tokens: jax.Array, step: jax.Array, rows: jax.Array) -> jax.Array:
     """Row r's input token of a run-ahead iteration: tokens[step, rows[r]] of the iteration before
     it (tokens [max_steps, R]; -1 where a row stopped: its output is dropped, 0 stands in)."""
@@ -192,6 +191,11 @@ class JaxExecutor:
         # host) jit takes global arrays only.
         self._replicated = placement.sharding(()) if placement and placement.mesh.is_multi_process else None
         self.stash = HiddenStash(model.config.hidden_size, model.dtype, self._replicated)
+        # A multi-step decode's token ids come from the host or, run ahead, from the iteration before on
+        # the device: committed to one placement either way, so that both meet one compiled program.
+        self._token_sharding = placement.sharding(()) if placement else \
+            jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        self._last_tokens = jax.jit(_last_tokens, out_shardings=self._token_sharding)
 
     def attach(self, policy) -> None:
         """Size the stash for the hidden rows the policy keeps between iterations."""
@@ -340,12 +344,12 @@ class JaxExecutor:
         if after is None:
             token_ids = np.zeros(R, np.int32)
             token_ids[order] = [s.token_ids[0] for s in plan.slices]
-            token_ids = to_device(token_ids, self._replicated)
+            token_ids = to_device(token_ids, self._token_sharding)
         else:
             rows = np.zeros(R, np.int32)
             rows[order] = [after.rows[s.request_id] for s in plan.slices]
-            token_ids = _last_tokens(after.tokens, np.int32(after.plan.decode_steps - 1),
-                                     to_device(rows, self._replicated))
+            token_ids = self._last_tokens(after.tokens, np.int32(after.plan.decode_steps - 1),
+                                          to_device(rows, self._replicated))
         meta = self._meta(row_map, self._tables(plan, seq_of), once=True)
         stops = bucket(max(len(ids) for ids, _ in plan.decode_limits), minimum=1)
         stop_ids, remaining = np.full((R, stops), -1, np.int32), np.ones(R, np.int32)
