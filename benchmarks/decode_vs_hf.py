@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-BATCHES, PROMPT_LEN, NEW_TOKENS, REPEATS = (1, 16, 64, 256), 32, 128, 3
+BATCHES, PROMPT_LEN, NEW_TOKENS, REPEATS = (1, 16, 64, 256), 32, 128, 5
 HERE = Path(__file__).resolve().parent
 CKPT = HERE / ".cache" / "tiny-qwen3-moe-hf"
 
@@ -119,6 +119,7 @@ def main() -> None:
             "moejax": {"seconds": seconds, "tokens_per_s": tokens / seconds,
                        "iterations": llm.last_stats["iterations"], "first_call_compilations": first_compilations,
                        "second_call_compilations": second_compilations},
+            "round_seconds": times,  # every round's time per side: how much this machine moved meanwhile
             "speedup_vs_hf_default": hf_default / seconds,
             "speedup_vs_hf_eager_experts": hf_eager / seconds,
             # against each HF experts implementation: the two can differ from each other on a near-tie
