@@ -269,7 +269,8 @@ def cmd_serve_http(args: argparse.Namespace) -> int:
     options = {k: v for k, v in (("max_model_len", args.max_model_len), ("num_blocks", args.num_blocks))
                if v is not None}
     llm = LLM(args.checkpoint or args.model, dtype=args.dtype, seed=args.seed, layout=args.layout,
-              policy=args.policy, max_num_seqs=args.max_num_seqs, token_budget=args.token_budget, **options)
+              policy=args.policy, max_num_seqs=args.max_num_seqs, token_budget=args.token_budget,
+              run_ahead=args.run_ahead, **options)
     if args.warmup:  # every process, in step (their engines run the same throwaway iterations)
         llm.warmup(progress=jax.process_index() == 0)
     if jax.process_index() != 0:  # multi-host: process 0 serves HTTP, this one follows its requests
@@ -355,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--warmup", action="store_true",
                      help="compile every program serving can meet before listening (minutes on CPU at the "
                           "default sizes), so that no request waits for a compiler")
+    srv.add_argument("--run-ahead", action="store_true",
+                     help="dispatch the next multi-step decode iteration before the last one's tokens are back: "
+                          "more tokens/s, but a request arriving meanwhile waits one more iteration (up to 16 "
+                          "decode steps) before its prefill")
     srv.set_defaults(func=cmd_serve_http)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
