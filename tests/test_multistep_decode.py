@@ -72,6 +72,27 @@ def test_run_ahead_equals_serial(arch, monkeypatch):
     assert sum(p is not None for p in launched_ahead) >= 3
 
 
+def test_run_ahead_with_arrivals_to_come(monkeypatch):
+    """Serving a workload whose next request is still to arrive (Engine.run's `until`), iterations run
+    ahead within the time left before it, and the outputs are those of run_ahead=False."""
+    from moejax.engine.engine import Arrival, Engine
+
+    bounded = []  # (until, steps an iteration run ahead may take)
+    steps_ahead = Engine._steps_ahead
+    monkeypatch.setattr(Engine, "_steps_ahead",
+                        lambda self, plan, until: bounded.append((until, steps_ahead(self, plan, until))) or bounded[-1][1])
+    model = build_model(get_preset("tiny-qwen3-moe"), seed=5)
+    rng = np.random.default_rng(3)
+    arrivals = [Arrival(0.0, rng.integers(0, 512, n).tolist(), SamplingParams(max_tokens=40, ignore_eos=True))
+                for n in (6, 3, 9)] + [Arrival(1.0, [4, 4, 2], SamplingParams(max_tokens=12, ignore_eos=True))]
+    outputs = {}
+    for run_ahead in (False, True):
+        engine = build(model, max_model_len=64, block_size=4, num_blocks=128, max_decode_steps=4, run_ahead=run_ahead)
+        outputs[run_ahead] = [r.output_token_ids for r in engine.run(arrivals)]
+    assert outputs[True] == outputs[False] and all(len(t) for t in outputs[True])
+    assert any(until is not None and steps > 1 for until, steps in bounded), bounded
+
+
 def test_abort_while_an_iteration_runs_ahead():
     """Aborting every request while the iteration after the current one is already dispatched drops
     it; its writes into the freed blocks change nothing for the requests served next."""

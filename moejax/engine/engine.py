@@ -90,7 +90,7 @@ class Engine:
         self.finished: list[Request] = []
         self.handoffs: list[Handoff] = []  # requests handed off after their prefill, with their KV
         self._next_id = 0
-        self._decode_step_s: float | None = None  # time per step of the last multi-step iteration
+        self._decode_step_s: float | None = None  # time per decode step, of the last decode-only iteration
         self.run_ahead = run_ahead
         self._ahead = None  # (plan, launched): the iteration dispatched ahead, collected by the next step()
 
@@ -173,11 +173,12 @@ class Engine:
         executor's max_decode_steps); `until` (a time on this engine's clock, e.g. the next arrival)
         bounds them to what is expected to finish by then, so that new requests do not wait.
 
-        Run-ahead (without `until`): a multi-step decode dispatches the iteration after it
+        Run-ahead: a multi-step decode dispatches the iteration after it
         (Scheduler.schedule_ahead: the same requests decoding on) before waiting for its own tokens,
         so the device computes while the host collects, updates requests and plans; the next call
         collects that one. Outputs are the same as without (a request that stopped meanwhile drops
-        what it produced ahead); a request added meanwhile waits for the iteration run ahead."""
+        what it produced ahead); a request added meanwhile waits for the iteration run ahead, which
+        `until` bounds like any other."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None and any(s.request_id in self.scheduler.requests for s in ahead[0].slices):
             plan, launched = ahead
@@ -188,8 +189,7 @@ class Engine:
         try:
             if plan.decode_steps > 1:  # executors that plan several steps launch them (Executor)
                 launched = launched or self.executor.launch(plan)
-                ahead = self.scheduler.schedule_ahead(plan, self.executor.max_decode_steps) \
-                    if self.run_ahead and until is None else None
+                ahead = self.scheduler.schedule_ahead(plan, self._steps_ahead(plan, until)) if self.run_ahead else None
                 if ahead is not None:
                     self._ahead = (ahead, self.executor.launch(ahead, after=launched))
                 result = self.executor.finish(launched)
@@ -211,6 +211,8 @@ class Engine:
         if plan.decode_steps > 1:
             produced = sum(len(t) for t in result.sampled_steps.values())
             self._decode_step_s = result.elapsed_s / (produced / len(plan.slices))
+        elif plan.slices and not plan.num_prefill_tokens:  # one decode step: its host work in, an upper bound
+            self._decode_step_s = result.elapsed_s
         if not plan.is_empty:
             num_tokens = produced if plan.decode_steps > 1 else plan.num_tokens
             self.steps.append(StepRecord(now, result.elapsed_s, num_tokens, plan.num_prefill_tokens,
@@ -226,6 +228,18 @@ class Engine:
         if self._decode_step_s is None:
             return 1  # no measure yet: one step at a time until there is one
         return max(1, min(most, int((until - self.clock.now()) / self._decode_step_s)))
+
+    def _steps_ahead(self, plan: IterationPlan, until: float | None) -> int:
+        """Decode steps an iteration run ahead of `plan` may take: the executor's most, or what the last
+        measured step time fits between `plan`'s expected end and `until`, so that a request arriving
+        then waits no longer than without run-ahead."""
+        most = self.executor.max_decode_steps
+        if until is None:
+            return most
+        if self._decode_step_s is None:
+            return 1  # (no run-ahead before a step time is measured)
+        plan_end = self.clock.now() + plan.decode_steps * self._decode_step_s
+        return max(1, min(most, int((until - plan_end) / self._decode_step_s)))
 
     def _hand_off(self, req: Request) -> None:
         """Export a handed-off request's KV (all but its last token: the next engine computes that one)."""
