@@ -78,9 +78,14 @@ def test_run_ahead_with_arrivals_to_come(monkeypatch):
     from moejax.engine.engine import Arrival, Engine
 
     bounded = []  # (until, steps an iteration run ahead may take)
-    steps_ahead = Engine._steps_ahead
-    monkeypatch.setattr(Engine, "_steps_ahead",
-                        lambda self, plan, until: bounded.append((until, steps_ahead(self, plan, until))) or bounded[-1][1])
+    decode_steps = Engine._decode_steps
+
+    def spy(self, until, after=0):
+        steps = decode_steps(self, until, after)
+        if after:
+            bounded.append((until, steps))
+        return steps
+    monkeypatch.setattr(Engine, "_decode_steps", spy)
     model = build_model(get_preset("tiny-qwen3-moe"), seed=5)
     rng = np.random.default_rng(3)
     arrivals = [Arrival(0.0, rng.integers(0, 512, n).tolist(), SamplingParams(max_tokens=40, ignore_eos=True))

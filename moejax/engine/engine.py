@@ -189,7 +189,7 @@ class Engine:
         try:
             if plan.decode_steps > 1:  # executors that plan several steps launch them (Executor)
                 launched = launched or self.executor.launch(plan)
-                ahead = self.scheduler.schedule_ahead(plan, self._steps_ahead(plan, until)) if self.run_ahead else None
+                ahead = self.scheduler.schedule_ahead(plan, self._decode_steps(until, after=plan.decode_steps)) if self.run_ahead else None
                 if ahead is not None:
                     self._ahead = (ahead, self.executor.launch(ahead, after=launched))
                 result = self.executor.finish(launched)
@@ -219,27 +219,18 @@ class Engine:
                                          result.expert_bytes, result.energy_j))
         return StepOutput(plan, result, finished)
 
-    def _decode_steps(self, until: float | None) -> int:
+    def _decode_steps(self, until: float | None, after: int = 0) -> int:
         """Decode steps the next iteration may run: the executor's most, or as many as the last
-        measured step time fits before `until`."""
+        measured step time fits before `until`. after: decode steps that run before it starts (an
+        iteration run ahead of one still running), so that a request arriving at `until` waits no
+        longer than without run-ahead."""
         most = self.executor.max_decode_steps
         if until is None or most == 1:
             return most
         if self._decode_step_s is None:
             return 1  # no measure yet: one step at a time until there is one
-        return max(1, min(most, int((until - self.clock.now()) / self._decode_step_s)))
-
-    def _steps_ahead(self, plan: IterationPlan, until: float | None) -> int:
-        """Decode steps an iteration run ahead of `plan` may take: the executor's most, or what the last
-        measured step time fits between `plan`'s expected end and `until`, so that a request arriving
-        then waits no longer than without run-ahead."""
-        most = self.executor.max_decode_steps
-        if until is None:
-            return most
-        if self._decode_step_s is None:
-            return 1  # (no run-ahead before a step time is measured)
-        plan_end = self.clock.now() + plan.decode_steps * self._decode_step_s
-        return max(1, min(most, int((until - plan_end) / self._decode_step_s)))
+        start = self.clock.now() + after * self._decode_step_s
+        return max(1, min(most, int((until - start) / self._decode_step_s)))
 
     def _hand_off(self, req: Request) -> None:
         """Export a handed-off request's KV (all but its last token: the next engine computes that one)."""
