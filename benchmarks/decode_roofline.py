@@ -34,7 +34,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 

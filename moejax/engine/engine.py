@@ -189,14 +189,16 @@ class Engine:
         try:
             if plan.decode_steps > 1:  # executors that plan several steps launch them (Executor)
                 launched = launched or self.executor.launch(plan)
-                ahead = self.scheduler.schedule_ahead(plan, self._decode_steps(until, after=plan.decode_steps)) if self.run_ahead else None
+                ahead = None
+                if self.run_ahead:
+                    ahead = self.scheduler.schedule_ahead(plan, self._decode_steps(until, after=plan.decode_steps))
                 if ahead is not None:
                     self._ahead = (ahead, self.executor.launch(ahead, after=launched))
                 result = self.executor.finish(launched)
             else:
                 result = self.executor.execute(plan)
         except Exception as e:
-            self._ahead = None  # (run for requests of this plan)
+            self._ahead = None  # its requests are this plan's: the StepError names them
             raise StepError(sorted({s.request_id for s in plan.slices}), e) from e
         self.clock.advance(result.elapsed_s)
         now = self.clock.now()
