@@ -29,6 +29,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 from moejax.checkpoint import load_model  # noqa: E402
 from moejax.engine import build  # noqa: E402
 from moejax.engine.sampling import SamplingParams  # noqa: E402
+from timeline_plot import plot_pool_spans  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODEL, LAYOUT = "tiny-qwen3-moe", "cpu8-attn4-exp4"
@@ -73,24 +74,6 @@ def measure(model, transport: str = "device_put", **options) -> tuple[dict, dict
     return serve(engine)
 
 
-def plot(spans: dict[int, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(spans), 1, figsize=(10, 1.6 * len(spans)), sharex=True)
-    colours = {"attention": "tab:blue", "experts": "tab:orange", "exchange": "tab:gray"}
-    for ax, (m, pools) in zip(axes, spans.items()):
-        for row, (pool, s) in enumerate(pools.items()):
-            ax.broken_barh([(a * 1e3, (b - a) * 1e3) for a, b in s], (row - 0.4, 0.8), color=colours[pool])
-        ax.set_yticks(range(len(pools)), list(pools))
-        ax.set_title(f"one decode step, m = {m} (device_put exchange)", fontsize=9)
-    axes[-1].set_xlabel("ms since the step's first dispatch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 def main() -> None:
     load_start = os.getloadavg()[0]
     model = load_model(MODEL, layout=LAYOUT)[0]
@@ -116,7 +99,7 @@ def main() -> None:
         "replicas_6_slots": replicas, "timeline_spans_s": spans,
     }
     (HERE / "disagg_cpu.json").write_text(json.dumps(result, indent=1))
-    plot(spans, HERE / "disagg_cpu_timeline.png")
+    plot_pool_spans(spans, HERE / "disagg_cpu_timeline.png", "device_put exchange")
     for name, r in micro.items():
         d = r["decode"]
         print(f"{name}: decode attention busy {d['attention_busy']:.2f}, experts {d['expert_busy']:.2f}, "

@@ -5,8 +5,8 @@ micro-batch ping-pong from MegaScale-Infer, arXiv 2504.02263). build(model, "dis
 
 The attention pool holds the attention side and the KV cache (data-parallel over requests), the
 expert pool the routed experts (expert-parallel). One program cannot span two disjoint meshes, so
-each MoE layer runs in its steps, only `run_layers` changes (fuse=False: also one decode step per
-plan, multi-step decode does not apply):
+each MoE layer runs in its steps, in the layer loop of moejax.disagg.pingpong (fuse=False: also one
+decode step per plan, multi-step decode does not apply):
 
     attend + route            attention pool
     rows, ids, weights  ->    expert pool   (moejax.disagg.exchange: direct or two-phase)
@@ -23,7 +23,7 @@ expert seconds for the step (microbatch.choose_micro_batches) unless given.
 
 Over several processes (moejax.launch) each pool spans every process and a move is one resharding
 program over both pools' devices, waited for on the host (exchange.Exchange._union_move): correct,
-but there the pools do not overlap.
+but there the pools do not overlap. Experts in a process of their own: moejax.disagg.remote.
 
 Greedy outputs equal the colocated executor's: every row sees the same operations on the same
 weights, only where they run changes. Step results carry the exchange's bytes and messages and the
@@ -43,12 +43,12 @@ import numpy as np
 
 from moejax.config import ModelConfig
 from moejax.disagg.exchange import FORMS, HOST_NETWORK, Exchange, host_map, seconds
-from moejax.disagg.microbatch import choose_micro_batches, split_rows
+from moejax.disagg.microbatch import choose_micro_batches
+from moejax.disagg.pingpong import PingPongExecutor
 from moejax.disagg.replicas import ExpertReplicas, copied_slots
-from moejax.disagg.timeline import Timeline
-from moejax.engine.jax_executor import JaxExecutor, RowMap, _scatter_rows, kv_blocks_for
+from moejax.engine.jax_executor import kv_blocks_for
 from moejax.engine.kv_cache import state_slots_for
-from moejax.engine.metadata import bucket, to_device
+from moejax.engine.metadata import bucket
 from moejax.engine.plan import IterationPlan, StepResult
 from moejax.engine.traffic import layer_stats
 from moejax.meshes import LayoutError
@@ -65,12 +65,7 @@ SUMMED = ("exchange_bytes", "exchange_messages", "exchange_cross_host_bytes", "e
 BALANCE = ("distinct_experts_max", "distinct_experts_mean", "instance_tokens_max", "instance_tokens_mean")
 
 
-@jax.jit
-def _take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
-    return jnp.take(x, rows, axis=0)
-
-
-class DisaggExecutor(JaxExecutor):
+class DisaggExecutor(PingPongExecutor):
     splits_experts = True  # the one executor that runs an attention/experts split layout
 
     def __init__(self, model: Model, num_blocks, block_size: int, max_model_len: int, *,
@@ -92,7 +87,7 @@ class DisaggExecutor(JaxExecutor):
             raise ValueError(f"micro_batches={micro_batches!r}: must be an integer >= 1 (or None: chosen per step)")
         if exchange not in ("auto", *FORMS):
             raise ValueError(f"exchange={exchange!r}: expected auto, {', '.join(FORMS)}")
-        super().__init__(model, num_blocks, block_size, max_model_len, fuse=False, state_slots=state_slots)
+        super().__init__(model, num_blocks, block_size, max_model_len, state_slots=state_slots)
         self.micro_batches, self.form = micro_batches, exchange
         self.replicas = ExpertReplicas(model, replicas, expert_slots, expert_load, activation_policy)
         self.cost = CostModel(model.config, get_hardware(hardware))
@@ -100,21 +95,19 @@ class DisaggExecutor(JaxExecutor):
                                            "experts": list(p.experts.mesh.devices.flat)}, emulated_hosts))
         self._to_experts = p.experts.sharding(())  # rows replicated over the expert pool
         self._to_attention = p.attention.sharding(("batch", None))
-        self.timeline = Timeline()
         self.last_pools = None
-        self._group: tuple[RowMap, tuple] | None = None
-        self._step_m, self._step_form = 1, "direct"
+        self._step_form = "direct"
         self._balance: list[tuple[jax.Array, jax.Array]] = []  # per scheduled layer: (distinct [N], tokens [N])
         self.totals: dict[str, float] = {}
 
     # --- one step -------------------------------------------------------------------------------------
     def execute(self, plan: IterationPlan) -> StepResult:
         if plan.slices:
-            self._step_m, self._step_form = self.choose(plan)
+            self.step_micro_batches, self._step_form = self.choose(plan)
         result = super().execute(plan)
         pools, sent = self.timeline.finish(), self.exchange.take()
         self.last_pools = pools  # the step's busy intervals (benchmarks plot them)
-        result.extra.update(micro_batches=self._step_m, exchange_form=self._step_form,
+        result.extra.update(micro_batches=self.step_micro_batches, exchange_form=self._step_form,
                             exchange_bytes=sent.bytes, exchange_messages=sent.messages,
                             exchange_cross_host_bytes=sent.cross_host_bytes,
                             exchange_cross_host_messages=sent.cross_host_messages,
@@ -190,58 +183,20 @@ class DisaggExecutor(JaxExecutor):
         intra = self.cost.hw.interconnect
         return (seconds(there, row_in, intra) + seconds(back, row_out, intra), len(there) + len(back))
 
-    # --- layers ---------------------------------------------------------------------------------------
-    def _meta(self, row_map: RowMap, tables, once: bool = False):
-        self._group = (row_map, tables)  # run_layers splits this group's rows into micro-batches
-        return super()._meta(row_map, tables, once)
+    # --- where the experts run (PingPongExecutor's layer loop) ------------------------------------------
+    def send_experts(self, i: int, y: jax.Array, ids: jax.Array, weights: jax.Array, routed_at: int):
+        sent = self.exchange.deliver((y, ids, weights), self._to_experts, self._step_form)
+        sent_at = self.timeline.add("exchange", sent, (routed_at,))
+        routed, tokens, distinct, load = self.replicas.run(i, *sent)  # schedule + experts, one program
+        self._balance.append((distinct, load))
+        experts_at = self.timeline.add("experts", routed, (sent_at,))
+        back = self.exchange.deliver((routed,), self._to_attention, self._step_form,
+                                     held_as=self._to_experts)[0]  # every expert device has all rows
+        return (back, self.timeline.add("exchange", back, (experts_at,))), tokens
 
-    def run_layers(self, x: jax.Array, meta, start: int, end: int) -> tuple[jax.Array, list]:
-        model, E = self.model, max(self.config.num_experts, 1)
-        row_map, tables = self._group
-        batches = [(x, meta, None)] if self._step_m == 1 else [
-            (_take_rows(x, to_device(np.maximum(rows, 0), self._replicated)), super(DisaggExecutor, self)._meta(
-                RowMap({}, row_map.positions[rows], row_map.seq_ids[rows], row_map.valid[rows] & (rows >= 0)),
-                tables), rows)
-            for rows in split_rows(row_map.valid, row_map.seq_ids, self.row_shards, self._step_m)]
-        xs = [b[0] for b in batches]
-        pending: list = [None] * len(batches)  # (layer, h, y, routed, timeline index) awaiting combine
-        counts = []
-        for i in range(start, end):
-            layer_counts = None  # tokens per expert [E], on the expert pool
-            for j, (_, mb_meta, _) in enumerate(batches):
-                xs[j] = self._combine(pending[j], xs[j])
-                h, self.kv[i] = model.attend(i, xs[j], self.kv[i], mb_meta)
-                y, weights, ids = model.route(i, h, mb_meta.valid)
-                routed_at = self.timeline.add("attention", (h, y))
-                if ids is None:
-                    pending[j] = (i, h, y, None, routed_at)
-                    continue
-                sent = self.exchange.deliver((y, ids, weights), self._to_experts, self._step_form)
-                sent_at = self.timeline.add("exchange", sent, (routed_at,))
-                routed, tokens, distinct, load = self.replicas.run(i, *sent)  # schedule + experts, one program
-                layer_counts = tokens if layer_counts is None else layer_counts + tokens
-                self._balance.append((distinct, load))
-                experts_at = self.timeline.add("experts", routed, (sent_at,))
-                back = self.exchange.deliver((routed,), self._to_attention, self._step_form,
-                                             held_as=self._to_experts)[0]  # every expert device has all rows
-                pending[j] = (i, h, y, back, self.timeline.add("exchange", back, (experts_at,)))
-            counts.append(jnp.zeros((E,), jnp.int32) if layer_counts is None else layer_counts)
-        xs = [self._combine(p, x_j) for p, x_j in zip(pending, xs)]
-        if self._step_m == 1:
-            return xs[0], counts
-        T = x.shape[0]
-        for x_j, (_, _, rows) in zip(xs, batches):  # each micro-batch's rows back in the group's row map
-            src = to_device(np.arange(len(rows), dtype=np.int32), self._replicated)
-            x = _scatter_rows(x, x_j, src, to_device(np.where(rows >= 0, rows, T).astype(np.int32), self._replicated))
-        return x, counts
-
-    def _combine(self, pending, x: jax.Array) -> jax.Array:
-        if pending is None:
-            return x
-        i, h, y, routed, after = pending
-        out = self.model.combine(i, h, y, routed)
-        self.timeline.add("attention", out, (after,))
-        return out
+    def expert_output(self, handle):
+        back, back_at = handle
+        return back, (back_at,)
 
 
 # --- construction (moejax.engine.build(..., "disagg")) -------------------------------------------------

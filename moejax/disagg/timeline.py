@@ -2,7 +2,7 @@
 
 The executor records every dispatched piece (its pool, when it was dispatched, what it waits for);
 one watcher thread per pool blocks on the pool's outputs in dispatch order and notes when each is
-ready. A pool runs its pieces one after another, so a piece starts when it was dispatched, the
+ready (a piece computed in another process comes with its own start and end: `add_span`). A pool runs its pieces one after another, so a piece starts when it was dispatched, the
 pool's previous piece was done and its inputs from the other pool had arrived (`after`); it is busy
 from then until ready. `busy` sums those intervals per pool and the time both compute pools were
 busy at once (the overlap ping-pong buys).
@@ -67,6 +67,13 @@ class Timeline:
         self.ready.append(0.0)
         self._queues[pool].put((i, output))
         return i
+
+    def add_span(self, pool: str, start: float, end: float) -> int:
+        """Record a piece timed elsewhere (another process's perf_counter: the same monotonic clock on
+        one host) -> its index."""
+        self.events.append((pool, start, ()))
+        self.ready.append(end)
+        return len(self.events) - 1
 
     def finish(self) -> Busy:
         """Wait for every recorded piece, and start afresh."""

@@ -47,6 +47,7 @@ EXECUTORS: dict[str, str | Factory] = {
     "offload": "moejax.offload.executor:create",  # routed experts in host memory, a device expert cache
     "sim-offload": "moejax.offload.sim:create",  # the same, priced on a cost model's host link
     "disagg": "moejax.disagg.executor:create",  # attention and routed experts on disjoint device pools
+    "remote-experts": "moejax.disagg.remote:create",  # routed experts in a process of their own
 }
 
 

@@ -1,0 +1,277 @@
+"""Routed experts in a process of their own: the attention side (this engine) and an expert server
+exchange each MoE layer's rows over a connection, with micro-batch ping-pong (moejax.disagg.pingpong)
+so that both processes compute at once.
+
+    build("tiny-qwen3-moe", "remote-experts", micro_batches=2)     # spawns the expert server
+    python -m moejax.disagg.remote --model NAME --connect HOST:PORT # the server (the executor runs it)
+
+Two processes have what two device pools of one process lack on a CPU: their own compute (XLA:CPU
+runs every device of a process on one thread pool). The executor listens on a loopback port, starts
+the server (same model name, seed and dtype, optionally pinned to `server_cpus`), and checks its
+hello: the model's name and shapes and a fingerprint of the routed experts' weights, so that a
+server holding other weights is refused rather than silently mixed in.
+
+Per MoE layer and micro-batch the executor sends (layer, rows, ids, weights) as numpy arrays and
+the server answers, in order, with the experts' output and when it computed them (monotonic clock,
+shared by processes of one host: the timeline's expert pool). The send waits for the rows (the
+attention piece that made them); the next micro-batch's attention is dispatched before the answer
+is awaited, so the server's experts and this process's attention overlap. Outputs equal the
+colocated executor's: the same `Model.experts` program on the same weights.
+
+A server that goes away fails the step with a ConnectionError naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from multiprocessing.connection import Client, Listener
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.disagg.pingpong import PingPongExecutor
+from moejax.engine.jax_executor import kv_blocks_for, resolve_model
+from moejax.engine.kv_cache import state_slots_for
+from moejax.models.model import Model
+from moejax.models.moe import expert_counts
+
+AUTHKEY_ENV = "MOEJAX_EXPERTS_AUTHKEY"
+CONNECT_TIMEOUT_S = 300.0  # the server loads the model before it says hello
+
+
+def fingerprint(model: Model) -> list[float]:
+    """Per MoE layer, a sum over its routed experts' weights: equal on both sides iff they loaded the
+    same experts (in practice)."""
+    return [float(sum(jnp.sum(a.astype(jnp.float32)) for a in model.expert_weights(i)))
+            for i, is_moe in enumerate(model.config.moe_layers) if is_moe]
+
+
+def hello_of(model: Model) -> dict:
+    cfg = model.config
+    return {"model": cfg.name, "hidden_size": cfg.hidden_size, "num_experts": cfg.num_experts,
+            "moe_layers": list(cfg.moe_layers), "dtype": str(cfg.dtype), "fingerprint": fingerprint(model)}
+
+
+# --- the server -------------------------------------------------------------------------------------
+
+def serve(model: Model, conn) -> int:
+    """Answer (layer, y, ids, weights) with (out, started, finished) until the peer says stop or goes
+    away -> the requests served."""
+    buffers = {i: model.expert_weights(i) for i, is_moe in enumerate(model.config.moe_layers) if is_moe}
+    conn.send(hello_of(model))
+    served = 0
+    while True:
+        try:
+            message = conn.recv()
+        except EOFError:
+            return served
+        if message is None:
+            return served
+        i, y, ids, weights = message
+        started = time.perf_counter()
+        out = np.asarray(model.experts(jnp.asarray(y), jnp.asarray(ids), jnp.asarray(weights), buffers[i]))
+        conn.send((out, started, time.perf_counter()))
+        served += 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m moejax.disagg.remote", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="preset, shipped checkpoint or checkpoint dir (as the engine's)")
+    p.add_argument("--connect", required=True, metavar="HOST:PORT", help="the executor's address")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--cpus", default=None, help="CPU ids this process runs on, e.g. 1 or 2,3 (default: all)")
+    args = p.parse_args(argv)
+    if args.cpus:  # before JAX starts: XLA:CPU sizes its thread pool by the affinity
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
+    from moejax.checkpoint import load_model
+
+    model = load_model(args.model, dtype=args.dtype, seed=args.seed)[0]
+    host, port = args.connect.rsplit(":", 1)
+    with Client((host, int(port)), authkey=bytes.fromhex(os.environ[AUTHKEY_ENV])) as conn:
+        serve(model, conn)
+
+
+# --- the executor -----------------------------------------------------------------------------------
+
+class ExpertServer:
+    """A spawned expert server process and its connection; answers come back in send order."""
+
+    def __init__(self, model: Model, source: str, *, seed: int, dtype: str | None, cpus: str | None):
+        authkey = os.urandom(16)
+        with Listener(("127.0.0.1", 0), authkey=authkey) as listener:
+            host, port = listener.address
+            cmd = [sys.executable, "-m", "moejax.disagg.remote", "--model", source, "--connect", f"{host}:{port}",
+                   "--seed", str(seed), *(["--dtype", dtype] if dtype else []), *(["--cpus", cpus] if cpus else [])]
+            self.process = subprocess.Popen(cmd, env={**os.environ, AUTHKEY_ENV: authkey.hex()})
+            self.name = f"expert server (pid {self.process.pid})"
+            self.conn = _accept(listener, self.process, self.name)
+        weakref.finalize(self, _shut_down, self.conn, self.process)
+        hello, mine = self._receive(), hello_of(model)
+        if hello != mine:
+            self.close()
+            differ = sorted(k for k in mine if hello.get(k) != mine[k])
+            raise ValueError(f"{self.name} holds other experts than this engine's model: {', '.join(differ)} "
+                             f"differ (server {[hello.get(k) for k in differ]}, engine {[mine[k] for k in differ]})")
+        self._waiting: deque[int] = deque()  # tickets sent, answers not yet received
+        self._answers: dict[int, tuple] = {}
+        self._sent = 0
+        # answers are read as they come: a server blocked writing a big answer would stop reading the
+        # next request, while this side blocks writing it
+        self._inbox: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True, name="expert-server-read").start()
+
+    def send(self, i: int, y: jax.Array, ids: jax.Array, weights: jax.Array) -> int:
+        """Send MoE layer i's rows (waits for them to be computed) -> a ticket for `receive`."""
+        try:
+            self.conn.send((i, *jax.device_get((y, ids, weights))))
+        except OSError as e:
+            raise ConnectionError(f"{self.name} went away (exit code {self.process.poll()}): {e}") from e
+        self._sent += 1
+        self._waiting.append(self._sent)
+        return self._sent
+
+    def receive(self, ticket: int) -> tuple[np.ndarray, float, float]:
+        """The answer to `ticket`: (out [T, D], started, finished); earlier answers are kept."""
+        while ticket not in self._answers:
+            answer = self._inbox.get()
+            if answer is None:
+                self._inbox.put(None)  # every later call fails the same way
+                raise ConnectionError(f"{self.name} went away (exit code {self.process.poll()})")
+            self._answers[self._waiting.popleft()] = answer
+        return self._answers.pop(ticket)
+
+    def _receive(self):
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError) as e:
+            raise ConnectionError(f"{self.name} went away (exit code {self.process.poll()})") from e
+
+    def _read(self) -> None:
+        while True:
+            try:
+                self._inbox.put(self.conn.recv())
+            except (EOFError, OSError):
+                self._inbox.put(None)
+                return
+
+    def close(self) -> None:
+        _shut_down(self.conn, self.process)
+
+
+def _accept(listener: Listener, process: subprocess.Popen, name: str):
+    """The spawned server's connection; fails as soon as the process has exited, or after
+    CONNECT_TIMEOUT_S."""
+    accepted: list = []
+
+    def accept():
+        try:
+            accepted.append(listener.accept())
+        except OSError:  # the listener closed: the caller gave up
+            pass
+
+    waiter = threading.Thread(target=accept, daemon=True)
+    waiter.start()
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while waiter.is_alive() and process.poll() is None and time.monotonic() < deadline:
+        waiter.join(0.1)
+    if accepted:
+        return accepted[0]
+    process.kill()
+    why = f"exited with code {process.wait()}" if process.poll() is not None else \
+        f"did not connect within {CONNECT_TIMEOUT_S:.0f} s"
+    raise ConnectionError(f"{name} {why} before saying hello (its output above says why)")
+
+
+def _shut_down(conn, process: subprocess.Popen) -> None:
+    try:
+        conn.send(None)
+        conn.close()
+    except OSError:
+        pass
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+_expert_counts = jax.jit(expert_counts, static_argnums=1)
+
+
+class RemoteExpertsExecutor(PingPongExecutor):
+    """Attention, KV and sampling in this process; routed experts on an ExpertServer."""
+
+    def __init__(self, model: Model, server: ExpertServer, num_blocks, block_size: int, max_model_len: int, *,
+                 micro_batches: int = 2, state_slots: int = 0):
+        super().__init__(model, num_blocks, block_size, max_model_len, state_slots=state_slots)
+        self.server, self.step_micro_batches = server, micro_batches
+        self.last_pools = None
+        self.totals: dict[str, float] = {}
+
+    def execute(self, plan):
+        result = super().execute(plan)
+        pools = self.last_pools = self.timeline.finish()
+        result.extra.update(micro_batches=self.step_micro_batches, attention_busy_s=pools.attention_s,
+                            expert_busy_s=pools.experts_s, pool_overlap_s=pools.overlap_s, pools_wall_s=pools.wall_s,
+                            **pools.fractions())
+        return result
+
+    def send_experts(self, i, y, ids, weights, routed_at):
+        tokens = _expert_counts(ids, self.config.num_experts)
+        return self.server.send(i, y, ids, weights), tokens
+
+    def expert_output(self, ticket):
+        out, started, finished = self.server.receive(ticket)
+        return jnp.asarray(out), (self.timeline.add_span("experts", started, finished),)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
+           dtype: str | None = None, num_blocks: int | None = None, kv_budget_bytes: int | None = None,
+           micro_batches: int = 2, server_model: str | None = None, server_cpus: str | None = None,
+           state_slots: int | None = None):
+    """A RemoteExpertsExecutor for `model` (a preset or checkpoint name, or a loaded Model) with a
+    spawned expert server loading `server_model` (default: the name given, or a Model's preset name;
+    seed and dtype as here) on the CPU ids `server_cpus` (e.g. "1"; default all)."""
+    from moejax.config import PRESETS
+    from moejax.engine.factory import Built
+
+    if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
+        raise ValueError(f"micro_batches={micro_batches!r}: must be an integer >= 1")
+    if server_model is None:
+        server_model = model.config.name if isinstance(model, Model) else str(model)
+        if isinstance(model, Model) and server_model not in PRESETS:
+            raise ValueError(f"executor 'remote-experts': the expert server loads the model by name; give "
+                             f"server_model= (the checkpoint {model.config.name} was loaded from)")
+    cfg = model.config if isinstance(model, Model) else PRESETS.get(model)
+    if cfg is None:  # a checkpoint: its config once loaded
+        model = resolve_model(model, dtype=dtype, seed=seed)
+        cfg = model.config
+    if not cfg.num_experts:
+        raise ValueError(f"{cfg.name} has no routed experts: executor 'remote-experts' has nothing to serve")
+    model = resolve_model(model, dtype=dtype, seed=seed)
+    if model.placements.attention is not None:
+        raise ValueError("executor 'remote-experts' runs this side on one device: load the model without a layout")
+    max_model_len = max_model_len or min(model.config.max_position, 4096)
+    state_slots = state_slots_for(model.config, max_num_seqs, state_slots)
+    num_blocks, shards = kv_blocks_for(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                                       block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes,
+                                       state_slots=state_slots)
+    server = ExpertServer(model, server_model, seed=seed, dtype=dtype, cpus=server_cpus)
+    executor = RemoteExpertsExecutor(model, server, num_blocks, block_size, max_model_len,
+                                     micro_batches=micro_batches, state_slots=state_slots)
+    return Built(executor, num_blocks, max_model_len, kv_shards=shards, state_slots=state_slots)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Routed experts in an expert server process (executor "remote-experts", moejax.disagg.remote): greedy
+outputs equal the colocated executor's for one and two micro-batches, with dense layers, shared and
+biased experts; every MoE layer of every micro-batch is served by the server, whose compute times make
+the timeline's expert pool; a server holding other weights, one that cannot start and one that dies
+are clear errors (the engine's StepError names the iteration's requests)."""
+
+import pytest
+
+from moejax.checkpoint import load_model
+from moejax.disagg.timeline import Timeline
+from moejax.engine import build
+from moejax.engine.engine import StepError
+from moejax.engine.sampling import SamplingParams
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [(11 * i + 3) % 500 for i in range(23)], [5] * 12, [42]]
+GREEDY = SamplingParams(max_tokens=5, ignore_eos=True)
+SIZES = dict(max_model_len=64, block_size=4, num_blocks=96, policy="chunked@8", seed=3)
+
+
+def generate(engine, prompts=PROMPTS):
+    reqs = [engine.add_request(p, GREEDY) for p in prompts]
+    outs = []
+    while engine.has_unfinished:
+        outs.append(engine.step())
+    return [r.output_token_ids for r in reqs], outs
+
+
+def colocated(arch: str, prompts=PROMPTS):
+    return generate(build(arch, "jax", fuse=False, **SIZES), prompts)[0]
+
+
+def test_greedy_equals_colocated_and_every_moe_layer_is_served_remotely():
+    want = colocated("tiny-qwen3-moe")
+    for m in (1, 2):
+        engine = build("tiny-qwen3-moe", "remote-experts", micro_batches=m, **SIZES)
+        got, outs = generate(engine)
+        assert got == want, m
+        decode = [o for o in outs if o.plan.slices and not o.plan.num_prefill_tokens]
+        assert decode and all(o.result.extra["expert_busy_s"] > 0 for o in decode)
+        # the last step: each routed attention piece (one per MoE layer and micro-batch, plus its
+        # combine) was answered by one span timed in the server
+        spans = engine.executor.last_pools.spans
+        assert len(spans["experts"]) >= sum(engine.executor.config.moe_layers)
+        assert 2 * len(spans["experts"]) == len(spans["attention"])
+        engine.executor.close()
+        assert engine.executor.server.process.wait(timeout=30) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["tiny-qwen2-moe", "tiny-gpt-oss"])  # dense layer + shared experts; biased experts
+def test_greedy_equals_colocated_other_architectures(arch):
+    prompts = PROMPTS[:2]
+    got, _ = generate(build(arch, "remote-experts", micro_batches=2, **SIZES), prompts)
+    assert got == colocated(arch, prompts)
+
+
+def test_a_server_with_other_weights_is_refused():
+    model = load_model("tiny-qwen3-moe", seed=5)[0]  # the server loads the preset with the engine's seed (3)
+    with pytest.raises(ValueError, match="holds other experts than this engine's model: fingerprint differ"):
+        build(model, "remote-experts", **SIZES)
+
+
+def test_a_server_that_cannot_start_or_dies_is_a_clear_error():
+    with pytest.raises(ConnectionError, match=r"expert server \(pid \d+\) exited with code [1-9]"):
+        build(load_model("tiny-qwen3-moe")[0], "remote-experts", server_model="no-such-model", **SIZES)
+    engine = build("tiny-qwen3-moe", "remote-experts", **SIZES)
+    engine.add_request(PROMPTS[0], GREEDY)
+    engine.step()
+    engine.executor.server.process.kill()
+    engine.executor.server.process.wait()
+    with pytest.raises(StepError, match=r"requests \[0\]: ConnectionError\('expert server \(pid \d+\) went away"):
+        while engine.has_unfinished:
+            engine.step()
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(ValueError, match="qwen3-8b has no routed experts"):
+        build("qwen3-8b", "remote-experts", **SIZES)
+    with pytest.raises(ValueError, match="micro_batches=0"):
+        build("tiny-qwen3-moe", "remote-experts", micro_batches=0, **SIZES)
+
+
+def test_a_span_timed_elsewhere_joins_the_timeline():
+    timeline = Timeline()
+    experts = timeline.add_span("experts", 10.0, 10.5)
+    timeline.events.append(("attention", 10.2, (experts,)))  # dispatched before the experts were done
+    timeline.ready.append(10.8)
+    busy = timeline.finish()
+    assert busy.spans["experts"] == [(10.0, 10.5)]
+    assert busy.spans["attention"] == [(10.5, 10.8)]  # waits for the experts' output
+    assert busy.overlap_s == 0.0 and busy.wall_s == pytest.approx(0.8)
