@@ -5,7 +5,7 @@ mode; attention and experts on disjoint devices of one process give the same lay
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from moejax.checkpoint import load_model
 from moejax.config import get_preset

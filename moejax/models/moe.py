@@ -15,7 +15,7 @@ from moejax import kernels
 from moejax.config import ModelConfig
 from moejax.meshes import sharded_ops
 from moejax.meshes.placement import Placement
-from moejax.models.layers import SwiGLU, expert_param, init_normal, param
+from moejax.models.layers import expert_param, init_normal, param
 
 
 @dataclass(frozen=True)
