@@ -1,6 +1,6 @@
 """Routed experts in an expert server process (executor "remote-experts", moejax.disagg.remote): greedy
 outputs equal the colocated executor's for one and two micro-batches, with dense layers, shared and
-biased experts; every MoE layer of every micro-batch is served by the server, whose compute times make
+biased experts, chunked and layered; every MoE layer of every micro-batch is served by the server, whose compute times make
 the timeline's expert pool; a server holding other weights, one that cannot start and one that dies
 are clear errors (the engine's StepError names the iteration's requests)."""
 
@@ -25,12 +25,8 @@ def generate(engine, prompts=PROMPTS):
     return [r.output_token_ids for r in reqs], outs
 
 
-def colocated(arch: str, prompts=PROMPTS):
-    return generate(build(arch, "jax", fuse=False, **SIZES), prompts)[0]
-
-
 def test_greedy_equals_colocated_and_every_moe_layer_is_served_remotely():
-    want = colocated("tiny-qwen3-moe")
+    want = generate(build("tiny-qwen3-moe", "jax", fuse=False, **SIZES))[0]
     for m in (1, 2):
         engine = build("tiny-qwen3-moe", "remote-experts", micro_batches=m, **SIZES)
         got, outs = generate(engine)
@@ -47,11 +43,14 @@ def test_greedy_equals_colocated_and_every_moe_layer_is_served_remotely():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["tiny-qwen2-moe", "tiny-gpt-oss"])  # dense layer + shared experts; biased experts
-def test_greedy_equals_colocated_other_architectures(arch):
-    prompts = PROMPTS[:2]
-    got, _ = generate(build(arch, "remote-experts", micro_batches=2, **SIZES), prompts)
-    assert got == colocated(arch, prompts)
+@pytest.mark.parametrize("arch, policy", [
+    ("tiny-qwen2-moe", "layered"),    # a dense layer, shared experts; layer groups, rows kept between iterations
+    ("tiny-gpt-oss", "chunked@8"),    # biased experts
+])
+def test_greedy_equals_colocated_other_architectures_and_policies(arch, policy):
+    prompts, sizes = PROMPTS[:2], {**SIZES, "policy": policy}
+    got, _ = generate(build(arch, "remote-experts", micro_batches=2, **sizes), prompts)
+    assert got == generate(build(arch, "jax", fuse=False, **sizes), prompts)[0]
 
 
 def test_a_server_with_other_weights_is_refused():

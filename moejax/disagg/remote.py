@@ -63,24 +63,22 @@ def hello_of(model: Model) -> dict:
 
 # --- the server -------------------------------------------------------------------------------------
 
-def serve(model: Model, conn) -> int:
+def serve(model: Model, conn) -> None:
     """Answer (layer, y, ids, weights) with (out, started, finished) until the peer says stop or goes
-    away -> the requests served."""
+    away."""
     buffers = {i: model.expert_weights(i) for i, is_moe in enumerate(model.config.moe_layers) if is_moe}
     conn.send(hello_of(model))
-    served = 0
     while True:
         try:
             message = conn.recv()
         except EOFError:
-            return served
+            return
         if message is None:
-            return served
+            return
         i, y, ids, weights = message
         started = time.perf_counter()
         out = np.asarray(model.experts(jnp.asarray(y), jnp.asarray(ids), jnp.asarray(weights), buffers[i]))
         conn.send((out, started, time.perf_counter()))
-        served += 1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,9 +184,9 @@ def _accept(listener: Listener, process: subprocess.Popen, name: str):
         waiter.join(0.1)
     if accepted:
         return accepted[0]
+    code = process.poll()
+    why = f"exited with code {code}" if code is not None else f"did not connect within {CONNECT_TIMEOUT_S:.0f} s"
     process.kill()
-    why = f"exited with code {process.wait()}" if process.poll() is not None else \
-        f"did not connect within {CONNECT_TIMEOUT_S:.0f} s"
     raise ConnectionError(f"{name} {why} before saying hello (its output above says why)")
 
 
@@ -215,7 +213,6 @@ class RemoteExpertsExecutor(PingPongExecutor):
         super().__init__(model, num_blocks, block_size, max_model_len, state_slots=state_slots)
         self.server, self.step_micro_batches = server, micro_batches
         self.last_pools = None
-        self.totals: dict[str, float] = {}
 
     def execute(self, plan):
         result = super().execute(plan)
@@ -254,13 +251,14 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
         if isinstance(model, Model) and server_model not in PRESETS:
             raise ValueError(f"executor 'remote-experts': the expert server loads the model by name; give "
                              f"server_model= (the checkpoint {model.config.name} was loaded from)")
-    cfg = model.config if isinstance(model, Model) else PRESETS.get(model)
-    if cfg is None:  # a checkpoint: its config once loaded
+    preset = PRESETS.get(model) if isinstance(model, str) else None
+    if preset is None:  # a Model or a checkpoint: its config once loaded
         model = resolve_model(model, dtype=dtype, seed=seed)
-        cfg = model.config
+    cfg = preset or model.config
     if not cfg.num_experts:
         raise ValueError(f"{cfg.name} has no routed experts: executor 'remote-experts' has nothing to serve")
-    model = resolve_model(model, dtype=dtype, seed=seed)
+    if preset is not None:
+        model = resolve_model(model, dtype=dtype, seed=seed)
     if model.placements.attention is not None:
         raise ValueError("executor 'remote-experts' runs this side on one device: load the model without a layout")
     max_model_len = max_model_len or min(model.config.max_position, 4096)
