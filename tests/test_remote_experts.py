@@ -2,7 +2,13 @@
 outputs equal the colocated executor's for one and two micro-batches, with dense layers, shared and
 biased experts, chunked and layered; every MoE layer of every micro-batch is served by the server, whose compute times make
 the timeline's expert pool; a server holding other weights, one that cannot start and one that dies
-are clear errors (the engine's StepError names the iteration's requests)."""
+are clear errors (the engine's StepError names the iteration's requests); a server started apart
+connects to an engine that listens."""
+
+import os
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -70,6 +76,23 @@ def test_a_server_that_cannot_start_or_dies_is_a_clear_error():
     with pytest.raises(StepError, match=r"requests \[0\]: ConnectionError\('expert server \(pid \d+\) went away"):
         while engine.has_unfinished:
             engine.step()
+
+
+def test_a_server_started_elsewhere_connects_to_a_listening_engine(monkeypatch):
+    monkeypatch.setenv("MOEJAX_EXPERTS_AUTHKEY", os.urandom(16).hex())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    server = subprocess.Popen([sys.executable, "-m", "moejax.disagg.remote", "--model", "tiny-qwen3-moe",
+                               "--seed", "3", "--connect", address])  # before the engine listens: it retries
+    engine = build("tiny-qwen3-moe", "remote-experts", listen=address, **SIZES)
+    assert generate(engine, PROMPTS[:2])[0] == generate(build("tiny-qwen3-moe", "jax", fuse=False, **SIZES),
+                                                        PROMPTS[:2])[0]
+    engine.executor.close()
+    assert server.wait(timeout=30) == 0
+    monkeypatch.delenv("MOEJAX_EXPERTS_AUTHKEY")
+    with pytest.raises(ValueError, match="set MOEJAX_EXPERTS_AUTHKEY"):
+        build("tiny-qwen3-moe", "remote-experts", listen=address, **SIZES)
 
 
 def test_bad_options_are_clear_errors():

@@ -4,12 +4,15 @@ so that both processes compute at once.
 
     build("tiny-qwen3-moe", "remote-experts", micro_batches=2)     # spawns the expert server
     python -m moejax.disagg.remote --model NAME --connect HOST:PORT # the server (the executor runs it)
+    build(..., "remote-experts", listen="0.0.0.0:7777")             # or waits for one started elsewhere
 
 Two processes have what two device pools of one process lack on a CPU: their own compute (XLA:CPU
 runs every device of a process on one thread pool). The executor listens on a loopback port, starts
 the server (same model name, seed and dtype, optionally pinned to `server_cpus`), and checks its
 hello: the model's name and shapes and a fingerprint of the routed experts' weights, so that a
-server holding other weights is refused rather than silently mixed in.
+server holding other weights is refused rather than silently mixed in. With `listen=` the server is
+started elsewhere (another host) and connects to this address, with the authkey both sides take
+from $MOEJAX_EXPERTS_AUTHKEY.
 
 Per MoE layer and micro-batch the executor sends (layer, rows, ids, weights) as numpy arrays and
 the server answers, in order, with the experts' output and when it computed them (monotonic clock,
@@ -84,7 +87,8 @@ def serve(model: Model, conn) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m moejax.disagg.remote", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="preset, shipped checkpoint or checkpoint dir (as the engine's)")
-    p.add_argument("--connect", required=True, metavar="HOST:PORT", help="the executor's address")
+    p.add_argument("--connect", required=True, metavar="HOST:PORT",
+                   help=f"the executor's address (the authkey in ${AUTHKEY_ENV}, hex; retried until it listens)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None)
     p.add_argument("--cpus", default=None, help="CPU ids this process runs on, e.g. 1 or 2,3 (default: all)")
@@ -95,23 +99,47 @@ def main(argv: list[str] | None = None) -> None:
 
     model = load_model(args.model, dtype=args.dtype, seed=args.seed)[0]
     host, port = args.connect.rsplit(":", 1)
-    with Client((host, int(port)), authkey=bytes.fromhex(os.environ[AUTHKEY_ENV])) as conn:
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:  # the engine may start listening after this server (multi-host launches)
+        try:
+            conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ[AUTHKEY_ENV]))
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    with conn:
         serve(model, conn)
 
 
 # --- the executor -----------------------------------------------------------------------------------
 
 class ExpertServer:
-    """A spawned expert server process and its connection; answers come back in send order."""
+    """An expert server's connection, and its process when this side spawned it; answers come back in
+    send order."""
 
-    def __init__(self, model: Model, source: str, *, seed: int, dtype: str | None, cpus: str | None):
-        authkey = os.urandom(16)
-        with Listener(("127.0.0.1", 0), authkey=authkey) as listener:
-            host, port = listener.address
-            cmd = [sys.executable, "-m", "moejax.disagg.remote", "--model", source, "--connect", f"{host}:{port}",
-                   "--seed", str(seed), *(["--dtype", dtype] if dtype else []), *(["--cpus", cpus] if cpus else [])]
-            self.process = subprocess.Popen(cmd, env={**os.environ, AUTHKEY_ENV: authkey.hex()})
-            self.name = f"expert server (pid {self.process.pid})"
+    def __init__(self, model: Model, source: str | None = None, *, seed: int = 0, dtype: str | None = None,
+                 cpus: str | None = None, listen: str | None = None):
+        """Spawn a server loading `source` (seed, dtype, pinned to `cpus`), or with listen="HOST:PORT"
+        wait for one started elsewhere (`python -m moejax.disagg.remote --connect HOST:PORT`, the same
+        hex authkey in $MOEJAX_EXPERTS_AUTHKEY on both sides) to connect."""
+        self.process = None
+        if listen is None:
+            authkey, address = os.urandom(16), ("127.0.0.1", 0)
+        else:
+            if not os.environ.get(AUTHKEY_ENV):
+                raise ValueError(f"listen={listen!r}: set {AUTHKEY_ENV} (a hex key, e.g. `openssl rand -hex 16`) "
+                                 "here and for the expert server")
+            host, port = listen.rsplit(":", 1)
+            authkey, address = bytes.fromhex(os.environ[AUTHKEY_ENV]), (host, int(port))
+        with Listener(address, authkey=authkey) as listener:
+            if listen is None:
+                host, port = listener.address
+                cmd = [sys.executable, "-m", "moejax.disagg.remote", "--model", source, "--connect",
+                       f"{host}:{port}", "--seed", str(seed), *(["--dtype", dtype] if dtype else []),
+                       *(["--cpus", cpus] if cpus else [])]
+                self.process = subprocess.Popen(cmd, env={**os.environ, AUTHKEY_ENV: authkey.hex()})
+            self.name = f"expert server (pid {self.process.pid})" if self.process else f"expert server on {listen}"
             self.conn = _accept(listener, self.process, self.name)
         weakref.finalize(self, _shut_down, self.conn, self.process)
         hello, mine = self._receive(), hello_of(model)
@@ -124,16 +152,18 @@ class ExpertServer:
         self._answers: dict[int, tuple] = {}
         self._sent = 0
         # answers are read as they come: a server blocked writing a big answer would stop reading the
-        # next request, while this side blocks writing it
+        # next request, while this side blocks writing it. The reader holds the connection, not this
+        # object: an engine dropped shuts its server down (finalize).
         self._inbox: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, daemon=True, name="expert-server-read").start()
+        threading.Thread(target=_read_into, args=(self.conn, self._inbox), daemon=True,
+                         name="expert-server-read").start()
 
     def send(self, i: int, y: jax.Array, ids: jax.Array, weights: jax.Array) -> int:
         """Send MoE layer i's rows (waits for them to be computed) -> a ticket for `receive`."""
         try:
             self.conn.send((i, *jax.device_get((y, ids, weights))))
         except OSError as e:
-            raise ConnectionError(f"{self.name} went away (exit code {self.process.poll()}): {e}") from e
+            raise self._gone(e) from e
         self._sent += 1
         self._waiting.append(self._sent)
         return self._sent
@@ -144,7 +174,7 @@ class ExpertServer:
             answer = self._inbox.get()
             if answer is None:
                 self._inbox.put(None)  # every later call fails the same way
-                raise ConnectionError(f"{self.name} went away (exit code {self.process.poll()})")
+                raise self._gone()
             self._answers[self._waiting.popleft()] = answer
         return self._answers.pop(ticket)
 
@@ -152,22 +182,19 @@ class ExpertServer:
         try:
             return self.conn.recv()
         except (EOFError, OSError) as e:
-            raise ConnectionError(f"{self.name} went away (exit code {self.process.poll()})") from e
+            raise self._gone(e) from e
 
-    def _read(self) -> None:
-        while True:
-            try:
-                self._inbox.put(self.conn.recv())
-            except (EOFError, OSError):
-                self._inbox.put(None)
-                return
+    def _gone(self, cause: BaseException | None = None) -> ConnectionError:
+        code = None if self.process is None else self.process.poll()
+        return ConnectionError(f"{self.name} went away" + (f" (exit code {code})" if code is not None else "")
+                               + (f": {cause!r}" if cause else ""))
 
     def close(self) -> None:
         _shut_down(self.conn, self.process)
 
 
-def _accept(listener: Listener, process: subprocess.Popen, name: str):
-    """The spawned server's connection; fails as soon as the process has exited, or after
+def _accept(listener: Listener, process: subprocess.Popen | None, name: str):
+    """The server's connection; fails as soon as a spawned server's process has exited, or after
     CONNECT_TIMEOUT_S."""
     accepted: list = []
 
@@ -180,14 +207,25 @@ def _accept(listener: Listener, process: subprocess.Popen, name: str):
     waiter = threading.Thread(target=accept, daemon=True)
     waiter.start()
     deadline = time.monotonic() + CONNECT_TIMEOUT_S
-    while waiter.is_alive() and process.poll() is None and time.monotonic() < deadline:
+    while waiter.is_alive() and (process is None or process.poll() is None) and time.monotonic() < deadline:
         waiter.join(0.1)
     if accepted:
         return accepted[0]
-    code = process.poll()
+    code = None if process is None else process.poll()
     why = f"exited with code {code}" if code is not None else f"did not connect within {CONNECT_TIMEOUT_S:.0f} s"
-    process.kill()
-    raise ConnectionError(f"{name} {why} before saying hello (its output above says why)")
+    if process is not None:
+        process.kill()
+    raise ConnectionError(f"{name} {why} before saying hello" + (" (its output above says why)" if process else ""))
+
+
+def _read_into(conn, inbox: queue.Queue) -> None:
+    """Every answer into `inbox`, then None once the connection is gone."""
+    while True:
+        try:
+            inbox.put(conn.recv())
+        except (EOFError, OSError):
+            inbox.put(None)
+            return
 
 
 def _shut_down(conn, process: subprocess.Popen) -> None:
@@ -196,6 +234,8 @@ def _shut_down(conn, process: subprocess.Popen) -> None:
         conn.close()
     except OSError:
         pass
+    if process is None:
+        return
     try:
         process.wait(timeout=10)
     except subprocess.TimeoutExpired:
@@ -237,16 +277,20 @@ class RemoteExpertsExecutor(PingPongExecutor):
 def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: int, seed: int = 0,
            dtype: str | None = None, num_blocks: int | None = None, kv_budget_bytes: int | None = None,
            micro_batches: int = 2, server_model: str | None = None, server_cpus: str | None = None,
-           state_slots: int | None = None):
+           listen: str | None = None, state_slots: int | None = None):
     """A RemoteExpertsExecutor for `model` (a preset or checkpoint name, or a loaded Model) with a
     spawned expert server loading `server_model` (default: the name given, or a Model's preset name;
-    seed and dtype as here) on the CPU ids `server_cpus` (e.g. "1"; default all)."""
+    seed and dtype as here) on the CPU ids `server_cpus` (e.g. "1"; default all); or, with
+    listen="HOST:PORT", one started elsewhere that connects there (ExpertServer)."""
     from moejax.config import PRESETS
     from moejax.engine.factory import Built
 
     if isinstance(micro_batches, bool) or not isinstance(micro_batches, int) or micro_batches < 1:
         raise ValueError(f"micro_batches={micro_batches!r}: must be an integer >= 1")
-    if server_model is None:
+    if listen is not None and (server_model or server_cpus):
+        raise ValueError("listen=: the expert server is started elsewhere; server_model / server_cpus are its "
+                         "--model / --cpus")
+    if server_model is None and listen is None:
         server_model = model.config.name if isinstance(model, Model) else str(model)
         if isinstance(model, Model) and server_model not in PRESETS:
             raise ValueError(f"executor 'remote-experts': the expert server loads the model by name; give "
@@ -266,10 +310,11 @@ def create(model, *, max_num_seqs: int, max_model_len: int | None, block_size: i
     num_blocks, shards = kv_blocks_for(model, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                                        block_size=block_size, num_blocks=num_blocks, kv_budget_bytes=kv_budget_bytes,
                                        state_slots=state_slots)
-    server = ExpertServer(model, server_model, seed=seed, dtype=dtype, cpus=server_cpus)
+    server = ExpertServer(model, server_model, seed=seed, dtype=dtype, cpus=server_cpus, listen=listen)
     executor = RemoteExpertsExecutor(model, server, num_blocks, block_size, max_model_len,
                                      micro_batches=micro_batches, state_slots=state_slots)
     return Built(executor, num_blocks, max_model_len, kv_shards=shards, state_slots=state_slots)
+
 
 if __name__ == "__main__":
     main()
