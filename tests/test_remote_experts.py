@@ -1,9 +1,9 @@
 """Routed experts in an expert server process (executor "remote-experts", moejax.disagg.remote): greedy
 outputs equal the colocated executor's for one and two micro-batches, with dense layers, shared and
-biased experts, chunked and layered; every MoE layer of every micro-batch is served by the server, whose compute times make
-the timeline's expert pool; a server holding other weights, one that cannot start and one that dies
-are clear errors (the engine's StepError names the iteration's requests); a server started apart
-connects to an engine that listens."""
+biased experts, chunked and layered; every MoE layer of every micro-batch is served by the server,
+whose compute times make the timeline's expert pool; a server holding other weights, one that cannot
+start and one that dies are clear errors (the engine's StepError names the iteration's requests); a
+server started apart connects to an engine that listens."""
 
 import os
 import socket

@@ -2,9 +2,10 @@
 
 The executor records every dispatched piece (its pool, when it was dispatched, what it waits for);
 one watcher thread per pool blocks on the pool's outputs in dispatch order and notes when each is
-ready (a piece computed in another process comes with its own start and end: `add_span`). A pool runs its pieces one after another, so a piece starts when it was dispatched, the
-pool's previous piece was done and its inputs from the other pool had arrived (`after`); it is busy
-from then until ready. `busy` sums those intervals per pool and the time both compute pools were
+ready (a piece computed in another process comes with its own start and end: `add_span`). A pool
+runs its pieces one after another, so a piece starts when it was dispatched, the pool's previous
+piece was done and its inputs from the other pool had arrived (`after`); it is busy from then until
+ready. `busy` sums those intervals per pool and the time both compute pools were
 busy at once (the overlap ping-pong buys).
 """
 
