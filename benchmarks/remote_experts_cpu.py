@@ -2,8 +2,8 @@
 the routed experts in an expert server process pinned to CPU 1 (executor "remote-experts"), decode
 steps with m = 1, 2, 3 micro-batches side by side, against the colocated jax executor in this
 process (one core: what one device of the pair does alone), fused (its multi-step decode program)
-and layer by layer (fuse=False: the same per-layer programs the remote executor runs). Greedy tokens checked identical across
-all settings; each pool's busy time and their overlap per decode step; a plot of one decode step's
+and layer by layer (fuse=False: one program per layer). Greedy tokens checked identical across all
+settings; each pool's busy time and their overlap per decode step; a plot of one decode step's
 busy intervals for m = 1 and m = 2.
 
     .venv/bin/python benchmarks/remote_experts_cpu.py   # -> benchmarks/remote_experts_cpu.json, _timeline.png
@@ -58,7 +58,8 @@ def serve(engine) -> dict:
     runs several), pool busy sums, the last decode step's busy spans."""
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     reqs = [engine.add_request([(7 * i + 3 * j) % 500 + 3 for j in range(PROMPT_LEN)], params) for i in range(REQUESTS)]
-    wall, steps, busy, spans = 0.0, 0, dict(attention_busy_s=0.0, expert_busy_s=0.0, pool_overlap_s=0.0, pools_wall_s=0.0), {}
+    busy = dict(attention_busy_s=0.0, expert_busy_s=0.0, pool_overlap_s=0.0, pools_wall_s=0.0)
+    wall, steps, spans = 0.0, 0, {}
     while engine.has_unfinished:
         t = time.perf_counter()
         out = engine.step()
