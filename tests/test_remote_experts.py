@@ -1,9 +1,10 @@
 """Routed experts in an expert server process (executor "remote-experts", moejax.disagg.remote): greedy
 outputs equal the colocated executor's for one and two micro-batches, with dense layers, shared and
 biased experts, chunked and layered; every MoE layer of every micro-batch is served by the server,
-whose compute times make the timeline's expert pool; a server holding other weights, one that cannot
-start and one that dies are clear errors (the engine's StepError names the iteration's requests); a
-server started apart connects to an engine that listens."""
+whose compute times make the timeline's expert pool; a server killed mid-run is replaced with no
+request lost, or, where an iteration cannot run twice, fails the step (StepError naming its requests);
+a server holding other weights or one that cannot start is a clear error; a server started apart
+connects to an engine that listens."""
 
 import os
 import socket
@@ -21,6 +22,7 @@ from moejax.engine.sampling import SamplingParams
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], [(11 * i + 3) % 500 for i in range(23)], [5] * 12, [42]]
 GREEDY = SamplingParams(max_tokens=5, ignore_eos=True)
 SIZES = dict(max_model_len=64, block_size=4, num_blocks=96, policy="chunked@8", seed=3)
+LAYERED = dict(policy="layered", group_table=((10_000, 2),))  # every prompt in 2 layer groups: rows kept
 
 
 def generate(engine, prompts=PROMPTS):
@@ -50,11 +52,11 @@ def test_greedy_equals_colocated_and_every_moe_layer_is_served_remotely():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch, policy", [
-    ("tiny-qwen2-moe", "layered"),    # a dense layer, shared experts; layer groups, rows kept between iterations
-    ("tiny-gpt-oss", "chunked@8"),    # biased experts
-])
+    ("tiny-qwen2-moe", LAYERED),                # a dense layer, shared experts; rows kept between iterations
+    ("tiny-gpt-oss", {"policy": "chunked@8"}),  # biased experts
+], ids=["tiny-qwen2-moe-layered", "tiny-gpt-oss-chunked"])
 def test_greedy_equals_colocated_other_architectures_and_policies(arch, policy):
-    prompts, sizes = PROMPTS[:2], {**SIZES, "policy": policy}
+    prompts, sizes = PROMPTS[:2], {**SIZES, **policy}
     got, _ = generate(build(arch, "remote-experts", micro_batches=2, **sizes), prompts)
     assert got == generate(build(arch, "jax", fuse=False, **sizes), prompts)[0]
 
@@ -65,17 +67,32 @@ def test_a_server_with_other_weights_is_refused():
         build(model, "remote-experts", **SIZES)
 
 
-def test_a_server_that_cannot_start_or_dies_is_a_clear_error():
+def test_a_server_that_cannot_start_is_a_clear_error():
     with pytest.raises(ConnectionError, match=r"expert server \(pid \d+\) exited with code [1-9]"):
         build(load_model("tiny-qwen3-moe")[0], "remote-experts", server_model="no-such-model", **SIZES)
+
+
+def test_a_server_killed_mid_run_is_replaced_and_no_request_is_lost():
+    want = generate(build("tiny-qwen3-moe", "jax", fuse=False, **SIZES))[0]
     engine = build("tiny-qwen3-moe", "remote-experts", **SIZES)
-    engine.add_request(PROMPTS[0], GREEDY)
+    reqs = [engine.add_request(p, GREEDY) for p in PROMPTS]
     engine.step()
+    first = engine.executor.server.process
+    first.kill()
+    first.wait()
+    while engine.has_unfinished:
+        engine.step()
+    assert [r.output_token_ids for r in reqs] == want
+    assert engine.executor.server_restarts == 1 and engine.executor.server.process.pid != first.pid
+
+
+def test_a_server_lost_where_an_iteration_cannot_run_twice_fails_the_step():
+    engine = build("tiny-qwen3-moe", "remote-experts", **{**SIZES, **LAYERED})
+    engine.add_request(PROMPTS[2], GREEDY)  # its first iteration stops at layer 2, its rows kept
     engine.executor.server.process.kill()
     engine.executor.server.process.wait()
-    with pytest.raises(StepError, match=r"requests \[0\]: ConnectionError\('expert server \(pid \d+\) went away"):
-        while engine.has_unfinished:
-            engine.step()
+    with pytest.raises(StepError, match=r"requests \[0\]: ConnectionError\(.expert server \(pid \d+\) went away"):
+        engine.step()
 
 
 def test_a_server_started_elsewhere_connects_to_a_listening_engine(monkeypatch):

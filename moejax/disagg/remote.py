@@ -21,7 +21,9 @@ attention piece that made them); the next micro-batch's attention is dispatched 
 is awaited, so the server's experts and this process's attention overlap. Outputs equal the
 colocated executor's: the same `Model.experts` program on the same weights.
 
-A server that goes away fails the step with a ConnectionError naming it.
+A server that goes away is replaced (spawned again, or awaited again on `listen`) and the iteration
+run again where that is harmless (RemoteExpertsExecutor); otherwise the step fails with a
+ConnectionError naming the server.
 """
 
 from __future__ import annotations
@@ -123,31 +125,42 @@ class ExpertServer:
         """Spawn a server loading `source` (seed, dtype, pinned to `cpus`), or with listen="HOST:PORT"
         wait for one started elsewhere (`python -m moejax.disagg.remote --connect HOST:PORT`, the same
         hex authkey in $MOEJAX_EXPERTS_AUTHKEY on both sides) to connect."""
-        self.process = None
-        if listen is None:
+        if listen is not None and not os.environ.get(AUTHKEY_ENV):
+            raise ValueError(f"listen={listen!r}: set {AUTHKEY_ENV} (a hex key, e.g. `openssl rand -hex 16`) "
+                             "here and for the expert server")
+        self._hello = hello_of(model)
+        self._spawn = None if listen is not None else [
+            "--model", source, "--seed", str(seed), *(["--dtype", dtype] if dtype else []),
+            *(["--cpus", cpus] if cpus else [])]
+        self._listen = listen
+        self.process, self.conn, self._finalizer = None, None, None
+        self.connect()
+
+    def connect(self) -> None:
+        """(Re)connect: spawn a server (or wait for one to connect on `listen`), check its hello, and
+        start afresh (answers owed by a previous server are dropped)."""
+        if self._finalizer is not None:
+            self._finalizer()  # the previous server, if any, is told to stop and reaped
+        if self._listen is None:
             authkey, address = os.urandom(16), ("127.0.0.1", 0)
         else:
-            if not os.environ.get(AUTHKEY_ENV):
-                raise ValueError(f"listen={listen!r}: set {AUTHKEY_ENV} (a hex key, e.g. `openssl rand -hex 16`) "
-                                 "here and for the expert server")
-            host, port = listen.rsplit(":", 1)
+            host, port = self._listen.rsplit(":", 1)
             authkey, address = bytes.fromhex(os.environ[AUTHKEY_ENV]), (host, int(port))
         with Listener(address, authkey=authkey) as listener:
-            if listen is None:
+            if self._spawn is not None:
                 host, port = listener.address
-                cmd = [sys.executable, "-m", "moejax.disagg.remote", "--model", source, "--connect",
-                       f"{host}:{port}", "--seed", str(seed), *(["--dtype", dtype] if dtype else []),
-                       *(["--cpus", cpus] if cpus else [])]
+                cmd = [sys.executable, "-m", "moejax.disagg.remote", "--connect", f"{host}:{port}", *self._spawn]
                 self.process = subprocess.Popen(cmd, env={**os.environ, AUTHKEY_ENV: authkey.hex()})
-            self.name = f"expert server (pid {self.process.pid})" if self.process else f"expert server on {listen}"
+            self.name = (f"expert server (pid {self.process.pid})" if self.process is not None
+                         else f"expert server on {self._listen}")
             self.conn = _accept(listener, self.process, self.name)
-        weakref.finalize(self, _shut_down, self.conn, self.process)
-        hello, mine = self._receive(), hello_of(model)
-        if hello != mine:
+        self._finalizer = weakref.finalize(self, _shut_down, self.conn, self.process)
+        hello = self._receive()
+        if hello != self._hello:
             self.close()
-            differ = sorted(k for k in mine if hello.get(k) != mine[k])
-            raise ValueError(f"{self.name} holds other experts than this engine's model: {', '.join(differ)} "
-                             f"differ (server {[hello.get(k) for k in differ]}, engine {[mine[k] for k in differ]})")
+            differ = sorted(k for k in self._hello if hello.get(k) != self._hello[k])
+            raise ValueError(f"{self.name} holds other experts than this engine's model: {', '.join(differ)} differ "
+                             f"(server {[hello.get(k) for k in differ]}, engine {[self._hello[k] for k in differ]})")
         self._waiting: deque[int] = deque()  # tickets sent, answers not yet received
         self._answers: dict[int, tuple] = {}
         self._sent = 0
@@ -190,7 +203,7 @@ class ExpertServer:
                                + (f": {cause!r}" if cause else ""))
 
     def close(self) -> None:
-        _shut_down(self.conn, self.process)
+        self._finalizer()
 
 
 def _accept(listener: Listener, process: subprocess.Popen | None, name: str):
@@ -246,20 +259,32 @@ _expert_counts = jax.jit(expert_counts, static_argnums=1)
 
 
 class RemoteExpertsExecutor(PingPongExecutor):
-    """Attention, KV and sampling in this process; routed experts on an ExpertServer."""
+    """Attention, KV and sampling in this process; routed experts on an ExpertServer. An iteration
+    whose server went away is run again on a new one (spawned, or connecting again on `listen`) when
+    running it twice is harmless: every slice runs to the last layer (no hidden rows kept for the next
+    iteration) and the model keeps no recurrent state; KV written twice is written the same."""
 
     def __init__(self, model: Model, server: ExpertServer, num_blocks, block_size: int, max_model_len: int, *,
                  micro_batches: int = 2, state_slots: int = 0):
         super().__init__(model, num_blocks, block_size, max_model_len, state_slots=state_slots)
         self.server, self.step_micro_batches = server, micro_batches
         self.last_pools = None
+        self.server_restarts = 0
 
     def execute(self, plan):
-        result = super().execute(plan)
+        try:
+            result = super().execute(plan)
+        except ConnectionError:
+            if self.num_state_slots or any(s.layer_end < self.config.num_layers for s in plan.slices):
+                raise
+            self.timeline.finish()  # the failed attempt's pieces
+            self.server.connect()
+            self.server_restarts += 1
+            result = super().execute(plan)
         pools = self.last_pools = self.timeline.finish()
         result.extra.update(micro_batches=self.step_micro_batches, attention_busy_s=pools.attention_s,
                             expert_busy_s=pools.experts_s, pool_overlap_s=pools.overlap_s, pools_wall_s=pools.wall_s,
-                            **pools.fractions())
+                            server_restarts=self.server_restarts, **pools.fractions())
         return result
 
     def send_experts(self, i, y, ids, weights, routed_at):
