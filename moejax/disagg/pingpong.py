@@ -3,7 +3,7 @@
 dispatched so that micro-batch j's experts run while micro-batch j+1 attends. Per micro-batch and
 MoE layer:
 
-    combine of the previous layer (its experts' output received), attend, route    here
+    combine of the previous layer (its experts' output received), attend, route    here, one program
     send_experts(i, y, ids, weights)                                               -> where the experts are
     ... the next micro-batch attends meanwhile ...
     expert_output(handle)                                                          <- their output
@@ -32,8 +32,9 @@ def _take_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
 
 class PingPongExecutor(JaxExecutor):
     """A JaxExecutor (fuse=False: every layer in its steps) whose run_layers hands each MoE layer's
-    routed rows to `send_experts` and combines what `expert_output` gives back, m micro-batches in
-    flight. Attention pieces are recorded in `self.timeline` (pool "attention")."""
+    routed rows to `send_experts` and combines what `expert_output` gives back with the next layer's
+    attend and route (Model.attention_stage), m micro-batches in flight. Attention pieces are recorded
+    in `self.timeline` (pool "attention")."""
 
     def __init__(self, model, num_blocks, block_size: int, max_model_len: int, *, state_slots: int = 0):
         super().__init__(model, num_blocks, block_size, max_model_len, fuse=False, state_slots=state_slots)
@@ -64,23 +65,24 @@ class PingPongExecutor(JaxExecutor):
                 tables), rows)
             for rows in split_rows(row_map.valid, row_map.seq_ids, self.row_shards, self.step_micro_batches)]
         xs = [b[0] for b in batches]
-        pending: list = [None] * len(batches)  # (layer, h, y, expert handle or None, timeline index)
+        pending: list = [None] * len(batches)  # (h, y, expert handle or None, timeline index) of the last layer
         counts = []
         for i in range(start, end):
             layer_counts = None  # tokens per expert [E]
             for j, (_, mb_meta, _) in enumerate(batches):
-                xs[j] = self._combine(pending[j], xs[j])
-                h, self.kv[i] = model.attend(i, xs[j], self.kv[i], mb_meta)
-                y, weights, ids = model.route(i, h, mb_meta.valid)
-                routed_at = self.timeline.add("attention", (h, y))
-                if ids is None:
-                    pending[j] = (i, h, y, None, routed_at)
-                    continue
-                handle, tokens = self.send_experts(i, y, ids, weights, routed_at)
-                layer_counts = tokens if layer_counts is None else layer_counts + tokens
-                pending[j] = (i, h, y, handle, routed_at)
+                prev, after = self._received(pending[j])
+                h, self.kv[i], y, weights, ids = model.attention_stage(i, xs[j], self.kv[i], mb_meta, prev)
+                routed_at = self.timeline.add("attention", (h, y), after)
+                handle = None
+                if ids is not None:
+                    handle, tokens = self.send_experts(i, y, ids, weights, routed_at)
+                    layer_counts = tokens if layer_counts is None else layer_counts + tokens
+                pending[j] = (h, y, handle, routed_at)
             counts.append(jnp.zeros((E,), jnp.int32) if layer_counts is None else layer_counts)
-        xs = [self._combine(p, x_j) for p, x_j in zip(pending, xs)]
+        for j, p in enumerate(pending):  # the last layer's combine
+            prev, after = self._received(p)
+            xs[j] = model.combine(end - 1, *prev)
+            self.timeline.add("attention", xs[j], after)
         if self.step_micro_batches == 1:
             return xs[0], counts
         T = x.shape[0]
@@ -89,11 +91,11 @@ class PingPongExecutor(JaxExecutor):
             x = _scatter_rows(x, x_j, src, to_device(np.where(rows >= 0, rows, T).astype(np.int32), self._replicated))
         return x, counts
 
-    def _combine(self, pending, x: jax.Array) -> jax.Array:
+    def _received(self, pending) -> tuple[tuple | None, tuple[int, ...]]:
+        """A micro-batch's last layer as the next stage takes it: ((h, y, routed) or None, the timeline
+        indices its combine follows)."""
         if pending is None:
-            return x
-        i, h, y, handle, routed_at = pending
+            return None, ()
+        h, y, handle, routed_at = pending
         routed, after = (None, (routed_at,)) if handle is None else self.expert_output(handle)
-        out = self.model.combine(i, h, y, routed)
-        self.timeline.add("attention", out, after)
-        return out
+        return (h, y, routed), after

@@ -59,6 +59,13 @@ def _combine(graphdef, placement, state, h, y, routed):
     return constrain(nnx.merge(graphdef, state).combine(h, y, routed), ROWS, placement)
 
 
+def _attention_stage(prev_def, graphdef, placement, prev_state, state, x, kv, meta, prev):
+    if prev is not None:  # the previous layer's combine makes this layer's input
+        x = _combine(prev_def, placement, prev_state, *prev)
+    h, kv = _attend(graphdef, placement, state, x, kv, meta)
+    return (h, kv, *_route(graphdef, state, h, meta.valid))
+
+
 def _require_resident(ids: np.ndarray, slot_of: np.ndarray) -> None:
     E = len(slot_of)
     needed = np.unique(ids[(ids >= 0) & (ids < E)])
@@ -273,6 +280,17 @@ class Model:
         fn = self._fn(("combine", kind, routed is None), lambda: jax.jit(
             partial(_combine, self.layer_defs[kind], self.placements.attention)))
         return fn(self.layer_states[i], h, y, routed)
+
+    def attention_stage(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata, prev=None):
+        """Layer i-1's combine (prev: its (h, y, routed); None: x is layer i's input) -> layer i's attend
+        and route, as one program (what an executor with the experts elsewhere runs between two
+        exchanges) -> (h, new layer KV (kv donated), y, weights, ids)."""
+        kind, prev_kind = self.layer_kind[i], self.layer_kind[i - 1] if prev is not None else None
+        fn = self._fn(("stage", prev_kind, kind, prev is not None and prev[2] is None), lambda: jax.jit(
+            partial(_attention_stage, None if prev is None else self.layer_defs[prev_kind], self.layer_defs[kind],
+                    self.placements.attention), donate_argnums=(3,)))
+        prev_state = self.layer_states[i - 1] if prev is not None else None
+        return fn(prev_state, self.layer_states[i], x, kv, meta, prev)
 
     # --- fused layers (colocated) ---------------------------------------------------------------------
     def layer(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
