@@ -241,7 +241,7 @@ def _read_into(conn, inbox: queue.Queue) -> None:
             return
 
 
-def _shut_down(conn, process: subprocess.Popen) -> None:
+def _shut_down(conn, process: subprocess.Popen | None) -> None:
     try:
         conn.send(None)
         conn.close()
