@@ -95,7 +95,6 @@ class DisaggExecutor(PingPongExecutor):
                                            "experts": list(p.experts.mesh.devices.flat)}, emulated_hosts))
         self._to_experts = p.experts.sharding(())  # rows replicated over the expert pool
         self._to_attention = p.attention.sharding(("batch", None))
-        self.last_pools = None
         self._step_form = "direct"
         self._balance: list[tuple[jax.Array, jax.Array]] = []  # per scheduled layer: (distinct [N], tokens [N])
         self.totals: dict[str, float] = {}
@@ -105,15 +104,11 @@ class DisaggExecutor(PingPongExecutor):
         if plan.slices:
             self.step_micro_batches, self._step_form = self.choose(plan)
         result = super().execute(plan)
-        pools, sent = self.timeline.finish(), self.exchange.take()
-        self.last_pools = pools  # the step's busy intervals (benchmarks plot them)
-        result.extra.update(micro_batches=self.step_micro_batches, exchange_form=self._step_form,
+        pools, sent = self.finish_pools(), self.exchange.take()
+        result.extra.update(**pools, exchange_form=self._step_form,
                             exchange_bytes=sent.bytes, exchange_messages=sent.messages,
                             exchange_cross_host_bytes=sent.cross_host_bytes,
-                            exchange_cross_host_messages=sent.cross_host_messages,
-                            attention_busy_s=pools.attention_s, expert_busy_s=pools.experts_s,
-                            exchange_busy_s=pools.exchange_s, pool_overlap_s=pools.overlap_s,
-                            pools_wall_s=pools.wall_s, **pools.fractions(), **self._take_balance())
+                            exchange_cross_host_messages=sent.cross_host_messages, **self._take_balance())
         if plan.slices:
             for k in SUMMED:
                 self.totals[k] = self.totals.get(k, 0) + result.extra[k]

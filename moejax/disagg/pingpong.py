@@ -39,8 +39,16 @@ class PingPongExecutor(JaxExecutor):
     def __init__(self, model, num_blocks, block_size: int, max_model_len: int, *, state_slots: int = 0):
         super().__init__(model, num_blocks, block_size, max_model_len, fuse=False, state_slots=state_slots)
         self.timeline = Timeline()
+        self.last_pools = None  # the last step's busy intervals (benchmarks plot them)
         self.step_micro_batches = 1
         self._group: tuple[RowMap, tuple] | None = None
+
+    def finish_pools(self) -> dict:
+        """The step's pool metrics for its result's `extra` (waits for every recorded piece)."""
+        pools = self.last_pools = self.timeline.finish()
+        return dict(micro_batches=self.step_micro_batches, attention_busy_s=pools.attention_s,
+                    expert_busy_s=pools.experts_s, exchange_busy_s=pools.exchange_s,
+                    pool_overlap_s=pools.overlap_s, pools_wall_s=pools.wall_s, **pools.fractions())
 
     def send_experts(self, i: int, y: jax.Array, ids: jax.Array, weights: jax.Array, routed_at: int):
         """Start MoE layer i's routed experts on rows y [T, D] (ids / weights [T, K]; routed_at: the

@@ -268,7 +268,6 @@ class RemoteExpertsExecutor(PingPongExecutor):
                  micro_batches: int = 2, state_slots: int = 0):
         super().__init__(model, num_blocks, block_size, max_model_len, state_slots=state_slots)
         self.server, self.step_micro_batches = server, micro_batches
-        self.last_pools = None
         self.server_restarts = 0
 
     def execute(self, plan):
@@ -281,10 +280,7 @@ class RemoteExpertsExecutor(PingPongExecutor):
             self.server.connect()
             self.server_restarts += 1
             result = super().execute(plan)
-        pools = self.last_pools = self.timeline.finish()
-        result.extra.update(micro_batches=self.step_micro_batches, attention_busy_s=pools.attention_s,
-                            expert_busy_s=pools.experts_s, pool_overlap_s=pools.overlap_s, pools_wall_s=pools.wall_s,
-                            server_restarts=self.server_restarts, **pools.fractions())
+        result.extra.update(**self.finish_pools(), server_restarts=self.server_restarts)
         return result
 
     def send_experts(self, i, y, ids, weights, routed_at):
