@@ -115,6 +115,37 @@ def test_windowed_rows_read_no_block_before_their_window(method, with_sinks):
         np.testing.assert_allclose(out[mask], ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("hd,bs", [(12, 16), (32, 16), (32, 5)])
+def test_native_matches_dense_over_many_key_chunks(window, hd, bs):
+    """Rows whose keys span several of the native kernel's key chunks (256 keys; the softmax is merged
+    across chunks), a window starting inside a chunk, and rows whose keys end just before, on and just
+    past a chunk's end: against the float64 dense reference, on fresh random inputs."""
+    assert native.available()
+    rng = np.random.default_rng()
+    H, KV, lens = 4, 2, [700, 513, 300]
+    width = -(-max(lens) // bs)
+    nb = sum(-(-n // bs) for n in lens) + 1
+    k_cache, v_cache = (rng.normal(size=(nb, bs, KV, hd)).astype(np.float32) for _ in range(2))
+    tables = np.full((len(lens), width), nb - 1, np.int32)
+    perm, used = rng.permutation(nb - 1), 0
+    for s, n in enumerate(lens):
+        tables[s, :-(-n // bs)] = perm[used:used + -(-n // bs)]
+        used += -(-n // bs)
+    rows = [(0, 699), (0, 255), (0, 256), (0, 511), (0, 512), (1, 512), (1, 257), (2, 299), (2, 0)]
+    seq_ids = np.array([s for s, _ in rows], np.int32)
+    positions = np.array([p for _, p in rows], np.int32)
+    q = rng.normal(size=(len(rows), H, hd)).astype(np.float32)
+    out = np.asarray(kernels.paged_attention(q, k_cache, v_cache, positions, seq_ids, tables,
+                                             np.int32(width), scale=hd ** -0.5, window=window, method="native"))
+    for s, n in enumerate(lens):
+        mask = seq_ids == s
+        flat = np.concatenate([np.arange(b * bs, b * bs + bs) for b in tables[s, :-(-n // bs)]])
+        ref = dense_reference(q[mask].astype(np.float64), k_cache.reshape(-1, KV, hd)[flat].astype(np.float64),
+                              v_cache.reshape(-1, KV, hd)[flat].astype(np.float64), positions[mask], window)
+        np.testing.assert_allclose(out[mask], ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("hd,bs", [(12, 16), (32, 5)])
 def test_native_matches_rows_in_bfloat16_on_decode_batches(window, hd, bs):

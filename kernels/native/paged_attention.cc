@@ -1,4 +1,4 @@
-// Paged attention for XLA:CPU, as an XLA FFI custom call (moejax.kernels.native_attention builds and
+// Paged attention for XLA:CPU, as an XLA FFI custom call (moejax.kernels.native builds and
 // registers it). Same semantics as paged_attention.py's "rows" method: every row attends causally to
 // its own sequence's keys, positions 0 .. its position (within a sliding window if one is given),
 // reading them through the sequence's block table. Rows are spread over XLA's intra-op thread pool.
@@ -74,69 +74,141 @@ inline void add_weighted_values(const float* p, const T* vb, int64_t stride, int
   }
 }
 
-// Rows [begin, end): out[r, h, :] = softmax(q[r, h] . k[keys] * scale) @ v[keys]. One pass over a
-// row's blocks with an online softmax: per block, the scores of the g query heads sharing a KV head
-// (each key read once for all g), their exponentials 8 at a time, then the weighted values.
+// Asks for bytes ahead of use, one request per 64-byte line.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
+}
+
+inline float max_lanes(f8 v) {
+  float m = v[0];
+  for (int u = 1; u < kLanes; ++u) m = std::max(m, v[u]);
+  return m;
+}
+
+inline float sum_lanes(f8 v) {
+  float s = 0.f;
+  for (int u = 0; u < kLanes; ++u) s += v[u];
+  return s;
+}
+
+// Keys per chunk (whole blocks): a chunk's scores are computed for every head, softmaxed together 8 at
+// a time, then its values are summed; the running max and total are corrected once per chunk (an
+// online softmax over chunks, not over keys or blocks).
+constexpr int64_t kChunkKeys = 256;
+
+// Rows [begin, end): out[r, h, :] = softmax(q[r, h] . k[keys] * scale) @ v[keys], keys first .. pos.
+// Per chunk of a row's blocks, two passes: the scores of every head (a K block read once for all
+// heads, each key once for the g query heads sharing its KV head), then the weighted values (each V
+// block read once), the next block prefetched while one is used: at decode batch sizes the KV of all
+// layers outgrows the last-level cache, a KV block is one 4 KiB page at the common sizes, and the
+// hardware prefetchers stop at page boundaries (they cannot follow a block table).
 template <int64_t HD, typename T>
 void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32_t* positions,
                  const int32_t* seq_ids, const int32_t* tables, float* out, int64_t begin, int64_t end) {
   const int64_t g = s.heads / s.kv_heads, hd = head_size<HD>(s.head_dim), bs = s.block_size;
-  const int64_t block_stride = bs * s.kv_heads * hd, slot_stride = s.kv_heads * hd;
-  const int64_t padded_bs = (bs + kLanes - 1) / kLanes * kLanes;
-  const int64_t score_stride = padded_bs + kLanes;  // room for 8 scores stored from any key j < bs
-  std::vector<float> qf(g * hd), scores(g * score_stride, 0.f), best(g), total(g);
+  const int64_t block_stride = bs * s.kv_heads * hd, slot_stride = s.kv_heads * hd, block_bytes = block_stride * sizeof(T);
+  const int64_t chunk_blocks = std::max<int64_t>(1, kChunkKeys / bs);
+  // per head: a chunk's scores, padded to whole vectors plus one (8 scores stored from any key)
+  const int64_t score_stride = (chunk_blocks * bs + kLanes - 1) / kLanes * kLanes + kLanes;
+  std::vector<float> qf(s.heads * hd), scores(s.heads * score_stride), best(s.heads), total(s.heads);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  auto row_table = [&](int64_t r) { return tables + std::clamp<int64_t>(seq_ids[r], 0, s.num_tables - 1) * s.table_width; };
+  auto block_of = [&](const int32_t* table, int64_t b) {  // bad table entries clamped
+    return std::clamp<int64_t>(table[std::min(b, s.table_width - 1)], 0, s.num_blocks - 1);
+  };
+  auto first_key = [&](int64_t pos) { return s.window > 0 ? std::max<int64_t>(0, pos - s.window + 1) : int64_t{0}; };
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t pos = positions[r];
-    const int64_t seq = std::clamp<int64_t>(seq_ids[r], 0, s.num_tables - 1);
-    const int64_t first = s.window > 0 ? std::max<int64_t>(0, pos - s.window + 1) : 0;
-    const int32_t* table = tables + seq * s.table_width;
-    for (int64_t kh = 0; kh < s.kv_heads; ++kh) {
-      for (int64_t i = 0; i < g * hd; ++i) qf[i] = load(q, (r * s.heads + kh * g) * hd + i) * s.scale;
-      float* o = out + (r * s.heads + kh * g) * hd;
-      std::fill(o, o + g * hd, 0.f);
-      std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
-      std::fill(total.begin(), total.end(), 0.f);
-      for (int64_t b = first / bs; b * bs <= pos; ++b) {  // keys first .. pos, bad table entries clamped
-        const int64_t block = std::clamp<int64_t>(table[std::min(b, s.table_width - 1)], 0, s.num_blocks - 1);
-        const int64_t j0 = std::max<int64_t>(first - b * bs, 0), j1 = std::min<int64_t>(pos - b * bs + 1, bs);
-        const T* kb = k + block * block_stride + kh * hd;
-        const T* vb = v + block * block_stride + kh * hd;
-        if (hd % kLanes == 0) {
-          for (int64_t j = j0; j < j1; j += kLanes)  // 8 keys' scores at once: one 8 x 8 lane reduction
-            for (int64_t h = 0; h < g; ++h) {
-              f8 partial[kLanes];
-              for (int64_t u = 0; u < kLanes; ++u)  // past j1: the last key again (never read)
-                partial[u] = dot_lanes<HD>(qf.data() + h * hd, kb + std::min(j + u, j1 - 1) * slot_stride, hd);
-              store8(scores.data() + h * score_stride + j, sum8x8(partial));
+    const int64_t pos = positions[r], first = first_key(pos);
+    const int32_t* table = row_table(r);
+    for (int64_t i = 0; i < s.heads * hd; ++i) qf[i] = load(q, r * s.heads * hd + i) * s.scale;
+    float* o = out + r * s.heads * hd;
+    std::fill(o, o + s.heads * hd, 0.f);
+    std::fill(best.begin(), best.end(), neg_inf);
+    std::fill(total.begin(), total.end(), 0.f);
+    const int64_t last_block = pos / bs;
+    for (int64_t c = first / bs; c <= last_block; c += chunk_blocks) {
+      const int64_t c_end = std::min(c + chunk_blocks, last_block + 1);  // blocks [c, c_end)
+      // the chunk's keys as score indices [lo, hi]
+      const int64_t lo = std::max<int64_t>(first - c * bs, 0), hi = std::min(pos, c_end * bs - 1) - c * bs;
+      auto keys_of = [&](int64_t b, int64_t& j0, int64_t& j1) {
+        j0 = std::max<int64_t>(first - b * bs, 0), j1 = std::min<int64_t>(pos - b * bs + 1, bs);
+      };
+      for (int64_t b = c; b < c_end; ++b) {  // scores
+        const int64_t block = block_of(table, b);
+        prefetch_bytes(b + 1 < c_end ? k + block_of(table, b + 1) * block_stride : v + block_of(table, c) * block_stride,
+                       block_bytes);
+        int64_t j0, j1;
+        keys_of(b, j0, j1);
+        for (int64_t kh = 0; kh < s.kv_heads; ++kh) {
+          const T* kb = k + block * block_stride + kh * hd;
+          for (int64_t h = 0; h < g; ++h) {
+            const float* qh = qf.data() + (kh * g + h) * hd;
+            float* sh = scores.data() + (kh * g + h) * score_stride + (b - c) * bs;
+            if (hd % kLanes == 0) {
+              for (int64_t j = j0; j < j1; j += kLanes) {  // 8 keys at once: one 8 x 8 lane reduction
+                f8 partial[kLanes];
+                for (int64_t u = 0; u < kLanes; ++u)  // past j1: the last key again (overwritten or masked)
+                  partial[u] = dot_lanes<HD>(qh, kb + std::min(j + u, j1 - 1) * slot_stride, hd);
+                store8(sh + j, sum8x8(partial));
+              }
+            } else {
+              for (int64_t j = j0; j < j1; ++j) sh[j] = dot(qh, kb + j * slot_stride, hd);
             }
-        } else {
-          for (int64_t j = j0; j < j1; ++j)
-            for (int64_t h = 0; h < g; ++h) scores[h * score_stride + j] = dot(qf.data() + h * hd, kb + j * slot_stride, hd);
-        }
-        for (int64_t h = 0; h < g; ++h) {
-          float* sh = scores.data() + h * score_stride;
-          float m = best[h];
-          for (int64_t j = j0; j < j1; ++j) m = std::max(m, sh[j]);
-          // 0 on the first block (best = -inf); lanes outside j0..j1 hold stale scores, never read
-          const float correction = best[h] == -std::numeric_limits<float>::infinity() ? 0.f
-                                   : exp_nonpositive(f8{} + (best[h] - m))[0];
-          best[h] = m;
-          for (int64_t j = 0; j < padded_bs; j += kLanes) {
-            const f8 e = exp_nonpositive(load8(sh + j) - m);
-            std::memcpy(sh + j, &e, sizeof e);
           }
-          float sum = 0.f;
-          for (int64_t j = j0; j < j1; ++j) sum += sh[j];
-          total[h] = total[h] * correction + sum;
-          float* oh = o + h * hd;
-          for (int64_t d = 0; d < hd; ++d) oh[d] *= correction;
-          add_weighted_values<HD>(sh, vb, slot_stride, j0, j1, oh, hd);
         }
       }
-      for (int64_t h = 0; h < g; ++h) {
-        const float inv = total[h] > 0.f ? 1.f / total[h] : 0.f;
-        for (int64_t d = 0; d < hd; ++d) o[h * hd + d] *= inv;
+      const int64_t padded = (hi + 1 + kLanes - 1) / kLanes * kLanes;
+      for (int64_t head = 0; head < s.heads; ++head) {  // softmax of the chunk, merged into the row's
+        float* sh = scores.data() + head * score_stride;
+        std::fill(sh, sh + lo, neg_inf);
+        std::fill(sh + hi + 1, sh + padded, neg_inf);
+        f8 m8 = f8{} + neg_inf;
+        for (int64_t j = 0; j < padded; j += kLanes) {
+          const f8 x = load8(sh + j);
+          m8 = x > m8 ? x : m8;
+        }
+        const float m = std::max(best[head], max_lanes(m8));
+        // 0 on the first chunk (best = -inf)
+        const float correction = best[head] == neg_inf ? 0.f : exp_nonpositive(f8{} + (best[head] - m))[0];
+        best[head] = m;
+        f8 sum8 = {};
+        for (int64_t j = 0; j < padded; j += kLanes) {
+          f8 e = exp_nonpositive(load8(sh + j) - m);
+          const f8 x = load8(sh + j);
+          e = x == neg_inf ? f8{} : e;  // outside the keys: exactly 0
+          sum8 += e;
+          store8(sh + j, e);
+        }
+        total[head] = total[head] * correction + sum_lanes(sum8);
+        float* oh = o + head * hd;
+        for (int64_t d = 0; d < hd; ++d) oh[d] *= correction;
       }
+      for (int64_t b = c; b < c_end; ++b) {  // weighted values
+        const int64_t block = block_of(table, b);
+        if (b + 1 < c_end) {
+          prefetch_bytes(v + block_of(table, b + 1) * block_stride, block_bytes);
+        } else if (c_end <= last_block) {
+          prefetch_bytes(k + block_of(table, c_end) * block_stride, block_bytes);
+        } else if (r + 1 < end) {  // the next row's first keys
+          const int64_t next_pos = positions[r + 1];
+          prefetch_bytes(k + block_of(row_table(r + 1), first_key(next_pos) / bs) * block_stride, block_bytes);
+        }
+        int64_t j0, j1;
+        keys_of(b, j0, j1);
+        for (int64_t kh = 0; kh < s.kv_heads; ++kh) {
+          const T* vb = v + block * block_stride + kh * hd;
+          for (int64_t h = 0; h < g; ++h) {
+            const int64_t head = kh * g + h;
+            add_weighted_values<HD>(scores.data() + head * score_stride + (b - c) * bs, vb, slot_stride, j0, j1,
+                                    o + head * hd, hd);
+          }
+        }
+      }
+    }
+    for (int64_t head = 0; head < s.heads; ++head) {
+      const float inv = total[head] > 0.f ? 1.f / total[head] : 0.f;
+      for (int64_t d = 0; d < hd; ++d) o[head * hd + d] *= inv;
     }
   }
 }
