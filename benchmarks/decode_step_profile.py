@@ -10,8 +10,13 @@ prompts x NEW_TOKENS tokens), summed over the run and given per decode step (one
 `device_get` where the host waits for it, the rest host work. The parts are the last decode
 iteration's inputs captured mid-run, each jitted alone and timed over repeated calls. With run-ahead
 (the default) the host's work overlaps the device's, so the stages overlap too: `device_get` is then
-what remains of the device's time after the host's. Last, the same generate with run-ahead off and on,
-alternating on one engine, best of 3 each.
+what remains of the device's time after the host's. Then the same generate with run-ahead off and on,
+alternating on one engine, best of 3 each. Last, two floors for the step, each measured on this
+machine in the same run: memory, the bytes a decode step must read (every row's KV at the run's mean
+context, the layers' weights with the routed experts the step activated, the LM head) over the read
+bandwidth of both cores (numpy threads streaming arrays past the last-level cache); compute, its
+multiply-adds (projections, the k routed experts of each row, attention over the mean context, the LM
+head) at the float32 GEMM rate of a large numpy matmul (its BLAS on every core).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import threading
 import os
 import platform
 import time
@@ -34,6 +40,7 @@ import moejax.engine.jax_executor as executor_module
 from moejax import LLM, SamplingParams
 from moejax.engine.engine import Engine
 from moejax.engine.scheduler import Scheduler
+from moejax.engine.traffic import layer_shapes
 from moejax.kernels.paged_attention import paged_attention
 from moejax.models.model import Model
 
@@ -65,6 +72,55 @@ def per_call_ms(fn, n: int = 50) -> float:
         out = fn()
     jax.block_until_ready(out)
     return (time.perf_counter() - t0) / n * 1e3
+
+
+def stream_read_gbps(threads: int, mib: int = 64, repeats: int = 5) -> float:
+    """Memory read bandwidth: `threads` threads each summing its own array of `mib` MiB (past the
+    last-level cache; numpy releases the GIL in the sum), best of `repeats` passes."""
+    arrays = [np.ones((mib << 20) // 4, np.float32) for _ in range(threads)]
+    best = 0.0
+    for _ in range(repeats):
+        workers = [threading.Thread(target=a.sum) for a in arrays]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = max(best, threads * arrays[0].nbytes / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def gemm_gmacs(n: int = 1024, repeats: int = 10) -> float:
+    """This machine's float32 GEMM rate in multiply-adds per second (billions): numpy's BLAS, n x n x n."""
+    a, b = (np.ones((n, n), np.float32) for _ in range(2))
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return repeats * n ** 3 / (time.perf_counter() - t0) / 1e9
+
+
+def macs_per_decode_step(cfg, rows: int) -> float:
+    """Multiply-adds of one decode step of `rows` requests at the run's mean context: every weight of
+    the attention and dense parts once per row, the row's k routed experts, attention's q.k and p.v
+    over the keys, the LM head."""
+    keys = PROMPT_LEN + NEW_TOKENS / 2
+    per_row = sum(s.attn_params + s.dense_ffn_params + cfg.num_experts_per_tok * s.expert_params
+                  + (2 * keys * cfg.num_heads * cfg.head_dim if s.kv_elems_per_token else 0)
+                  for s in layer_shapes(cfg))
+    return rows * float(per_row + cfg.vocab_size * cfg.hidden_size)
+
+
+def bytes_per_decode_step(cfg, rows: int, distinct_experts: np.ndarray) -> dict:
+    """What one decode step of `rows` requests must read, at the run's mean context (step s of
+    NEW_TOKENS - 1 attends PROMPT_LEN + s keys): every row's K and V in every layer, each layer's
+    attention and dense weights and the routed experts it activated (distinct_experts [L]), the LM head."""
+    shapes = layer_shapes(cfg)
+    keys = PROMPT_LEN + NEW_TOKENS / 2
+    kv = rows * keys * sum(cfg.kv_elems_per_token(i) for i in range(cfg.num_layers)) * cfg.dtype_bytes
+    weights = sum(s.attn_params + s.dense_ffn_params + n * s.expert_params for s, n in zip(shapes, distinct_experts))
+    weights = (weights + cfg.vocab_size * cfg.hidden_size) * cfg.dtype_bytes
+    return {"kv": kv, "weights": float(weights), "total": kv + float(weights)}
 
 
 def profile(llm: LLM, batch: int) -> dict:
@@ -126,6 +182,9 @@ def profile(llm: LLM, batch: int) -> dict:
     def program():  # K steps of the whole model; the caches are donated and replaced in kv
         return decode_steps(model, token_ids, kv, meta, num_steps, max_steps, sampler, *rest)
 
+    _, (_, activated) = program()  # experts activated per layer, summed over the steps
+    needed = bytes_per_decode_step(cfg, R, np.asarray(activated) / int(num_steps))
+
     def fused_layer():
         out, kv[0], counts = model.layer(0, x, kv[0], meta)
         return out
@@ -137,10 +196,18 @@ def profile(llm: LLM, batch: int) -> dict:
         "one layer: paged attention alone": per_call_ms(lambda: attention(
             q, kv[0][0], kv[0][1], meta.positions, meta.seq_ids, meta.block_tables, meta.num_kv_blocks)),
     }
+    bandwidth = {f"{n} threads": stream_read_gbps(n) for n in (1, 2)}
+    floor_ms = needed["total"] / bandwidth["2 threads"] / 1e6
+    macs, rate = macs_per_decode_step(cfg, R), gemm_gmacs()
+    step_ms = min(run_ahead[True])
     return {"batch": batch, "decode_rows": R, "num_kv_blocks": int(meta.num_kv_blocks),
             "iterations": llm.last_stats["iterations"], "ms_per_decode_step": wall / NEW_TOKENS * 1e3,
             "split_ms_per_decode_step": split, "part_ms_per_call": parts,
-            "run_ahead_ms_per_decode_step": {"off": min(run_ahead[False]), "on": min(run_ahead[True])}}
+            "run_ahead_ms_per_decode_step": {"off": min(run_ahead[False]), "on": step_ms},
+            "memory_floor": {"bytes_per_decode_step": needed, "stream_read_GBps": bandwidth,
+                             "floor_ms_per_decode_step": floor_ms, "floor_over_step": floor_ms / step_ms},
+            "compute_floor": {"macs_per_decode_step": macs, "gemm_GMACps": rate,
+                              "floor_ms_per_decode_step": macs / rate / 1e6, "floor_over_step": macs / rate / 1e6 / step_ms}}
 
 
 def main() -> None:
@@ -159,6 +226,14 @@ def main() -> None:
         print(f"  run-ahead off / on: {ahead['off']:.3f} / {ahead['on']:.3f} ms per decode step")
         for name, ms in {**r["split_ms_per_decode_step"], **r["part_ms_per_call"]}.items():
             print(f"  {name:60s} {ms:7.3f} ms")
+        floor = r["memory_floor"]
+        print(f"  memory floor: {floor['bytes_per_decode_step']['total'] / 1e6:.1f} MB per step at "
+              f"{floor['stream_read_GBps']['2 threads']:.1f} GB/s = {floor['floor_ms_per_decode_step']:.3f} ms "
+              f"({floor['floor_over_step']:.2f} of the step)")
+        floor = r["compute_floor"]
+        print(f"  compute floor: {floor['macs_per_decode_step'] / 1e6:.1f} M multiply-adds per step at "
+              f"{floor['gemm_GMACps']:.1f} G/s = {floor['floor_ms_per_decode_step']:.3f} ms "
+              f"({floor['floor_over_step']:.2f} of the step)")
     result = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (no accelerator)",
               "load_average_1min": os.getloadavg()[0], "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
               "max_decode_steps": llm.engine.executor.max_decode_steps, "batches": rows}
