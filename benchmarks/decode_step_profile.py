@@ -196,7 +196,7 @@ def profile(llm: LLM, batch: int) -> dict:
         "one layer: paged attention alone": per_call_ms(lambda: attention(
             q, kv[0][0], kv[0][1], meta.positions, meta.seq_ids, meta.block_tables, meta.num_kv_blocks)),
     }
-    bandwidth = {f"{n} threads": stream_read_gbps(n) for n in (1, 2)}
+    bandwidth = {"1 thread": stream_read_gbps(1), "2 threads": stream_read_gbps(2)}
     floor_ms = needed["total"] / bandwidth["2 threads"] / 1e6
     macs, rate = macs_per_decode_step(cfg, R), gemm_gmacs()
     step_ms = min(run_ahead[True])
