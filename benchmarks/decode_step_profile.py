@@ -8,7 +8,9 @@ Stage times wrap the engine's own functions with time.perf_counter during one wa
 prompts x NEW_TOKENS tokens), summed over the run and given per decode step (one token per request):
 `Model.decode_steps` is the dispatch of a multi-step program (the time until the call returns),
 `device_get` where the host waits for it, the rest host work. The parts are the last decode
-iteration's inputs captured mid-run, each jitted alone and timed over repeated calls. With run-ahead
+iteration's inputs captured mid-run, each jitted alone and timed over repeated calls; the multi-step
+program is also traced once (jax.profiler) and its operations' times summed by kind per decode step
+(the native kernels by their custom-call target, YNNPACK's dense GEMMs, every other XLA operation). With run-ahead
 (the default) the host's work overlaps the device's, so the stages overlap too: `device_get` is then
 what remains of the device's time after the host's. Then the same generate with run-ahead off and on,
 alternating on one engine, best of 3 each. Last, two floors for the step, each measured on this
@@ -23,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gzip
 import json
+import re
+import tempfile
 import threading
 import os
 import platform
@@ -37,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 import moejax.engine.jax_executor as executor_module
-from moejax import LLM, SamplingParams
+from moejax import LLM, SamplingParams, kernels
 from moejax.engine.engine import Engine
 from moejax.engine.scheduler import Scheduler
 from moejax.engine.traffic import layer_shapes
@@ -72,6 +77,29 @@ def per_call_ms(fn, n: int = 50) -> float:
         out = fn()
     jax.block_until_ready(out)
     return (time.perf_counter() - t0) / n * 1e3
+
+
+NATIVE_KINDS = {"moejax_paged_attention": "paged attention (native)", "moejax_moe_ffn": "routed experts (native)"}
+
+
+def traced_split(run, hlo: str, steps: int) -> dict:
+    """ms per decode step by kind of operation inside one call of a multi-step program (`run`, its
+    compiled text `hlo`, `steps` decode steps): each operation's thunk time from a jax.profiler trace;
+    control flow (while, conditional) is not counted itself, only what runs inside it."""
+    targets = dict(re.findall(r'%(\S+) = [^\n]*custom_call_target="(moejax_\w+)"', hlo))
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            jax.block_until_ready(run())
+        events = json.loads(gzip.decompress(next(Path(trace_dir).rglob("*.trace.json.gz")).read_bytes()))
+    kinds: dict[str, float] = collections.defaultdict(float)
+    for e in events["traceEvents"]:
+        op = e.get("args", {}).get("hlo_op") if e.get("ph") == "X" else None
+        if op is None or op.startswith(("while", "cond")):
+            continue
+        kind = NATIVE_KINDS.get(targets.get(op)) or ("dense GEMMs (YNNPACK)" if op.startswith("ynn_fusion")
+                                                     else "other XLA operations")
+        kinds[kind] += e["dur"] / 1e3 / steps
+    return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
 
 
 def stream_read_gbps(threads: int, mib: int = 64, repeats: int = 5) -> float:
@@ -183,6 +211,9 @@ def profile(llm: LLM, batch: int) -> dict:
         return decode_steps(model, token_ids, kv, meta, num_steps, max_steps, sampler, *rest)
 
     _, (_, activated) = program()  # experts activated per layer, summed over the steps
+    compiled = model._fns[("decode_steps", sampler, max_steps, kernels.backend_for())]  # the program run above
+    hlo = compiled.lower(model._param_leaves, kv, token_ids, meta, num_steps, *rest).compile().as_text()
+    inside = traced_split(program, hlo, int(num_steps))
     needed = bytes_per_decode_step(cfg, R, np.asarray(activated) / int(num_steps))
 
     def fused_layer():
@@ -203,6 +234,7 @@ def profile(llm: LLM, batch: int) -> dict:
     return {"batch": batch, "decode_rows": R, "num_kv_blocks": int(meta.num_kv_blocks),
             "iterations": llm.last_stats["iterations"], "ms_per_decode_step": wall / NEW_TOKENS * 1e3,
             "split_ms_per_decode_step": split, "part_ms_per_call": parts,
+            "program_ms_per_decode_step_by_kind": inside,
             "run_ahead_ms_per_decode_step": {"off": min(run_ahead[False]), "on": step_ms},
             "memory_floor": {"bytes_per_decode_step": needed, "stream_read_GBps": bandwidth,
                              "floor_ms_per_decode_step": floor_ms, "floor_over_step": floor_ms / step_ms},
@@ -226,6 +258,8 @@ def main() -> None:
         print(f"  run-ahead off / on: {ahead['off']:.3f} / {ahead['on']:.3f} ms per decode step")
         for name, ms in {**r["split_ms_per_decode_step"], **r["part_ms_per_call"]}.items():
             print(f"  {name:60s} {ms:7.3f} ms")
+        for name, ms in r["program_ms_per_decode_step_by_kind"].items():
+            print(f"  in the program: {name:46s} {ms:7.3f} ms")
         floor = r["memory_floor"]
         print(f"  memory floor: {floor['bytes_per_decode_step']['total'] / 1e6:.1f} MB per step at "
               f"{floor['stream_read_GBps']['2 threads']:.1f} GB/s = {floor['floor_ms_per_decode_step']:.3f} ms "
