@@ -27,11 +27,11 @@ import argparse
 import collections
 import gzip
 import json
+import os
+import platform
 import re
 import tempfile
 import threading
-import os
-import platform
 import time
 from functools import partial
 from pathlib import Path
@@ -79,6 +79,7 @@ def per_call_ms(fn, n: int = 50) -> float:
     return (time.perf_counter() - t0) / n * 1e3
 
 
+MEAN_KEYS = PROMPT_LEN + NEW_TOKENS / 2  # keys a decode step attends, on average over the run (step s: PROMPT_LEN + s)
 NATIVE_KINDS = {"moejax_paged_attention": "paged attention (native)", "moejax_moe_ffn": "routed experts (native)"}
 
 
@@ -132,20 +133,18 @@ def macs_per_decode_step(cfg, rows: int) -> float:
     """Multiply-adds of one decode step of `rows` requests at the run's mean context: every weight of
     the attention and dense parts once per row, the row's k routed experts, attention's q.k and p.v
     over the keys, the LM head."""
-    keys = PROMPT_LEN + NEW_TOKENS / 2
     per_row = sum(s.attn_params + s.dense_ffn_params + cfg.num_experts_per_tok * s.expert_params
-                  + (2 * keys * cfg.num_heads * cfg.head_dim if s.kv_elems_per_token else 0)
+                  + (2 * MEAN_KEYS * cfg.num_heads * cfg.head_dim if s.kv_elems_per_token else 0)
                   for s in layer_shapes(cfg))
     return rows * float(per_row + cfg.vocab_size * cfg.hidden_size)
 
 
 def bytes_per_decode_step(cfg, rows: int, distinct_experts: np.ndarray) -> dict:
-    """What one decode step of `rows` requests must read, at the run's mean context (step s of
-    NEW_TOKENS - 1 attends PROMPT_LEN + s keys): every row's K and V in every layer, each layer's
-    attention and dense weights and the routed experts it activated (distinct_experts [L]), the LM head."""
+    """What one decode step of `rows` requests must read, at the run's mean context: every row's K and
+    V in every layer, each layer's attention and dense weights and the routed experts it activated
+    (distinct_experts [L]), the LM head."""
     shapes = layer_shapes(cfg)
-    keys = PROMPT_LEN + NEW_TOKENS / 2
-    kv = rows * keys * sum(cfg.kv_elems_per_token(i) for i in range(cfg.num_layers)) * cfg.dtype_bytes
+    kv = rows * MEAN_KEYS * sum(cfg.kv_elems_per_token(i) for i in range(cfg.num_layers)) * cfg.dtype_bytes
     weights = sum(s.attn_params + s.dense_ffn_params + n * s.expert_params for s, n in zip(shapes, distinct_experts))
     weights = (weights + cfg.vocab_size * cfg.hidden_size) * cfg.dtype_bytes
     return {"kv": kv, "weights": float(weights), "total": kv + float(weights)}
