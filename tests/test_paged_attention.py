@@ -116,11 +116,12 @@ def test_windowed_rows_read_no_block_before_their_window(method, with_sinks):
 
 
 @pytest.mark.parametrize("window", [None, 300])
-@pytest.mark.parametrize("hd,bs", [(12, 16), (32, 16), (32, 5)])
+@pytest.mark.parametrize("hd,bs", [(12, 16), (32, 16), (32, 5), (64, 16), (128, 16)])
 def test_native_matches_dense_over_many_key_chunks(window, hd, bs):
     """Rows whose keys span several of the native kernel's key chunks (256 keys; the softmax is merged
     across chunks), a window starting inside a chunk, and rows whose keys end just before, on and just
-    past a chunk's end: against the float64 dense reference, on fresh random inputs."""
+    past a chunk's end: against the float64 dense reference, on fresh random inputs; every head size
+    the kernel compiles apart (32, 64, 128) and one off the 8-lane path (12)."""
     assert native.available()
     rng = np.random.default_rng()
     H, KV, lens = 4, 2, [700, 513, 300]
