@@ -116,18 +116,22 @@ def test_windowed_rows_read_no_block_before_their_window(method, with_sinks):
 
 
 @pytest.mark.parametrize("window", [None, 300])
-@pytest.mark.parametrize("hd,bs", [(12, 16), (32, 16), (32, 5), (64, 16), (128, 16)])
-def test_native_matches_dense_over_many_key_chunks(window, hd, bs):
+@pytest.mark.parametrize("hd,bs,dtype", [(12, 16, "float32"), (32, 16, "float32"), (32, 5, "float32"),
+                                         (64, 16, "float32"), (128, 16, "float32"), (64, 16, "bfloat16")])
+def test_native_matches_dense_over_many_key_chunks(window, hd, bs, dtype):
     """Rows whose keys span several of the native kernel's key chunks (256 keys; the softmax is merged
     across chunks), a window starting inside a chunk, and rows whose keys end just before, on and just
     past a chunk's end: against the float64 dense reference, on fresh random inputs; every head size
-    the kernel compiles apart (32, 64, 128) and one off the 8-lane path (12)."""
+    the kernel compiles apart (32, 64, 128) and one off the 8-lane path (12); bfloat16 inputs against
+    the reference on the same bf16 values (the output rounded to bf16)."""
     assert native.available()
     rng = np.random.default_rng()
     H, KV, lens = 4, 2, [700, 513, 300]
     width = -(-max(lens) // bs)
     nb = sum(-(-n // bs) for n in lens) + 1
-    k_cache, v_cache = (rng.normal(size=(nb, bs, KV, hd)).astype(np.float32) for _ in range(2))
+    def as_dtype(a):  # values the dtype holds (the reference reads the same ones)
+        return np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))
+    k_cache, v_cache = (as_dtype(rng.normal(size=(nb, bs, KV, hd))) for _ in range(2))
     tables = np.full((len(lens), width), nb - 1, np.int32)
     perm, used = rng.permutation(nb - 1), 0
     for s, n in enumerate(lens):
@@ -136,15 +140,18 @@ def test_native_matches_dense_over_many_key_chunks(window, hd, bs):
     rows = [(0, 699), (0, 255), (0, 256), (0, 511), (0, 512), (1, 512), (1, 257), (2, 299), (2, 0)]
     seq_ids = np.array([s for s, _ in rows], np.int32)
     positions = np.array([p for _, p in rows], np.int32)
-    q = rng.normal(size=(len(rows), H, hd)).astype(np.float32)
-    out = np.asarray(kernels.paged_attention(q, k_cache, v_cache, positions, seq_ids, tables,
-                                             np.int32(width), scale=hd ** -0.5, window=window, method="native"))
+    q = as_dtype(rng.normal(size=(len(rows), H, hd)))
+    out = kernels.paged_attention(*(jnp.asarray(a, dtype) for a in (q, k_cache, v_cache)), positions, seq_ids, tables,
+                                  np.int32(width), scale=hd ** -0.5, window=window, method="native")
+    assert out.dtype == jnp.dtype(dtype)
+    out = np.asarray(out.astype(jnp.float32))
+    tolerance = 1e-5 if dtype == "float32" else 1e-2  # bf16: the output's rounding
     for s, n in enumerate(lens):
         mask = seq_ids == s
         flat = np.concatenate([np.arange(b * bs, b * bs + bs) for b in tables[s, :-(-n // bs)]])
         ref = dense_reference(q[mask].astype(np.float64), k_cache.reshape(-1, KV, hd)[flat].astype(np.float64),
                               v_cache.reshape(-1, KV, hd)[flat].astype(np.float64), positions[mask], window)
-        np.testing.assert_allclose(out[mask], ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out[mask], ref, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.parametrize("window", [None, 7])
