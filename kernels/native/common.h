@@ -101,6 +101,13 @@ inline f8 sigmoid(f8 x) {
 // more than the half of the work it would take.
 constexpr int64_t kParallelMinFlops = 1 << 21;
 
+// Work that streams its operands from memory at decode sizes (KV blocks; an expert's weights for a few
+// rows) counts each multiply-add this many times against kParallelMinFlops: a second thread pays off at
+// a quarter of a GEMM's work there (measured side by side on 2 cores, the KV and weights of 4 layers
+// read in turn: paged attention at 64 rows, 48 keys 0.32-0.46 -> 0.24-0.36 ms a layer; routed experts
+// at 16 rows 0.48-0.62 -> 0.25-0.36 ms; on operands already in cache no different).
+constexpr int64_t kStreamingWeight = 4;
+
 // Runs work(begin, end) over [0, n) in chunks of `grain`, taken from a shared counter by the calling
 // thread and by tasks on the pool: the caller never waits for a chunk nobody has started, so a busy (or
 // one-thread) pool cannot deadlock it. Tasks may start after the call returned; they then find no chunk

@@ -169,7 +169,8 @@ void moe_ffn(ffi::ThreadPool& pool, const Problem& p, const T* x, const int32_t*
       items.push_back({static_cast<int32_t>(s), first, std::min<int32_t>(kItemRows, start[s + 1] - first)});
 
   std::unique_ptr<float[]> y(new float[pairs * D]);  // expert output per (token, k) pair
-  const int64_t flops = static_cast<int64_t>(start[p.S]) * 3 * D * p.F;
+  // at the sizes where the threshold matters an item has few rows: its expert's weights stream from memory
+  const int64_t flops = static_cast<int64_t>(start[p.S]) * 3 * D * p.F * kStreamingWeight;
   parallel_chunks(pool, static_cast<int64_t>(items.size()), 1, flops, [&](int64_t b, int64_t e) {
     run_items(p, x, w_gate_up, w_down, b_gate_up, sorted.data(), items.data(), b, e, y.get());
   });

@@ -242,11 +242,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   const int64_t grain = std::max<int64_t>(1, s.rows / (4 * std::max<int64_t>(pool.num_threads(), 1)));
   int64_t keys = 0;  // the work: keys read per row (queries x keys x head size x 2 multiply-adds)
   for (int64_t r = 0; r < s.rows; ++r) keys += std::min<int64_t>(pos[r] + 1, s.window > 0 ? s.window : pos[r] + 1);
-  // The kernel streams KV that at decode batch sizes is mostly not in cache: a multiply-add here takes
-  // several of a GEMM's, so it goes parallel at a quarter of the GEMM kernels' work (measured, the KV of
-  // 4 layers at 64 rows read in turn: 48 keys 0.32-0.46 -> 0.24-0.36 ms a layer, 96 keys 0.57-0.81 ->
-  // 0.50-0.57 ms; on cached KV no different).
-  const int64_t flops = keys * s.heads * s.head_dim * 2 * 4;
+  const int64_t flops = keys * s.heads * s.head_dim * 2 * kStreamingWeight;  // KV streams from memory
   switch (q.element_type()) {
     case ffi::DataType::F32: {
       auto *qp = static_cast<const float*>(q.untyped_data()), *kp = static_cast<const float*>(k_cache.untyped_data()),
