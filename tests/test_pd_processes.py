@@ -53,8 +53,11 @@ def prompts(lengths, seed):
 
 
 def run(router, ps):
+    """Outputs and per-request metrics, once every request shipped over the link has its transfer
+    report too (the prefill process sends it after its last write: it may come after the tokens)."""
     ids = [router.submit(p, GREEDY) for p in ps]
     out = router.wait(ids, timeout=600)
+    wait_until(lambda: all(q["kv_bytes"] for q in router.metrics(ids)["requests"] if q["route"] == "prefill"), 60)
     by_id = {q["request_id"]: q for q in router.metrics()["requests"]}
     return [out[i] for i in ids], [by_id[i] for i in ids]
 
@@ -131,3 +134,26 @@ def test_restarted_decode_process_gets_its_requests_again(router, reference):
     assert any(q["route"] == "resubmitted" for q in info)
     assert all(q["faults"] in ([], ["decode process died"]) or q["route"] == "local-fallback" for q in info)
     assert router.pid("decode") not in (None, first)
+
+
+
+@pytest.mark.parametrize("order", [("sent", "admitted", "done"), ("admitted", "done", "sent")])
+def test_a_transfer_report_after_the_tokens_is_still_counted(order):
+    """The prefill process reports a transfer after its last write; the decode process may finish the
+    request before that report arrives. Either order gives the request its KV bytes and resends (the
+    router's handling of the messages alone, no processes)."""
+    from moejax.pd.router import Tracked
+    r = Router(MODEL)
+    try:
+        t = r.requests[0] = Tracked(0, [1] * 20, GREEDY, 0.0, route="prefill", where="prefill")
+        messages = {"sent": ("prefill", dict(op="sent", request_id=0, attempt=0, kv_bytes=4321, transfer_s=0.01,
+                                             failures=2, bytes_before_handoff=100)),
+                    "admitted": ("decode", dict(op="admitted", request_id=0, attempt=0, via="kv")),
+                    "done": ("decode", dict(op="done", request_id=0, token_ids=[5, 6], finish_reason="length"))}
+        for name in order:
+            r._on_message(*messages[name])
+        q = r.metrics()["requests"][0]
+        assert (q["kv_bytes"], q["resends"], q["kv_bytes_before_handoff"]) == (4321, 2, 100)
+        assert t.token_ids == [5, 6] and t.where == "decode"
+    finally:
+        r.close()

@@ -378,15 +378,18 @@ class Router:
             self._workers[role].report = m
             return
         t = self.requests.get(m.get("request_id", -1))
-        if t is None or t.token_ids is not None:
+        if t is None:
             return
-        if op == "sent" and m["attempt"] == t.attempt:
+        if op == "sent" and m["attempt"] == t.attempt:  # counted even if the request already finished: the
+            # prefill process reports after its last write, and the decode process may be done before that
             t.kv_bytes, t.transfer_s, t.resends = m["kv_bytes"], m["transfer_s"], m["failures"]
             t.bytes_before_handoff = m["bytes_before_handoff"]
             sent, tokens = self._bytes_per_token
             self._bytes_per_token = (sent + m["kv_bytes"], tokens + len(t.prompt_token_ids))
-            if t.where == "prefill":
+            if t.where == "prefill" and t.token_ids is None:
                 self._place(t, "link")
+        elif t.token_ids is not None:
+            return
         elif op == "kv_failed" and m["attempt"] == t.attempt and t.where in ("prefill", "link"):
             t.faults.append(f"KV transfer failed: {m['reason']}")
             self._route(t, "local-fallback")
