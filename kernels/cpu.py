@@ -9,8 +9,9 @@ them; upcasting each tile to fp32 measured 1.6-4.1x slower at the same tile heig
 accumulating in fp32.
 
 The native kernel runs whole MoE layers (`moe_ffn`) with fewer than PREFILL_ROWS rows per expert, where
-the loop's per-tile weight copies, sorts and gathers cost more than the GEMMs; on bigger problems
-XLA's dots (spread over its threads) win. Grouped GEMMs and expert FFNs on sorted rows always run the
+the loop's per-tile weight copies, sorts and gathers cost more than the GEMMs, and at any size for
+experts of up to NATIVE_EXPERT_WEIGHTS weights, whose dots are too small for the loop's per-tile
+overhead to pay off; on bigger problems XLA's dots (spread over its threads) win. Grouped GEMMs and expert FFNs on sorted rows always run the
 loop.
 
 Chosen over `jax.lax.ragged_dot` (which XLA:CPU computes densely over every group), a dense
@@ -82,9 +83,15 @@ class CpuBackend(Backend):
     def runs_native(x, slot_ids, w_gate_up, w_down) -> bool:
         """Whether moe_ffn runs the native kernel on this problem (static: shapes and dtypes)."""
         same_dtype = x.dtype == w_gate_up.dtype == w_down.dtype and x.dtype in (jnp.float32, jnp.bfloat16)
-        return (same_dtype and slot_ids.size < PREFILL_ROWS * w_gate_up.shape[0]
+        few_rows = slot_ids.size < PREFILL_ROWS * w_gate_up.shape[0]
+        small_experts = w_gate_up[0].size + w_down[0].size <= NATIVE_EXPERT_WEIGHTS
+        return (same_dtype and (few_rows or small_experts)
                 and jax.default_backend() == "cpu" and native.available())
 
 
-PREFILL_ROWS = 64  # rows per expert from which the tile loop's dots beat the native kernel
+PREFILL_ROWS = 64  # rows per expert from which the tile loop's dots beat the native kernel on big experts
+# Weights per expert (gate/up + down) up to which the native kernel beats the tile loop at every row
+# count (benchmarks/moe_cpu_native_threshold.json: D = 128-512 native 0.37-0.87x the loop's time at
+# 128-2048 rows per expert; D = 1024, F = 512 even at 256 rows, D = 2048 the loop ahead).
+NATIVE_EXPERT_WEIGHTS = 1 << 19
 backend = CpuBackend(TileKernels(config=config, gmm=gmm, ffn=ffn))

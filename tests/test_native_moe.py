@@ -66,14 +66,17 @@ def test_a_rows_result_does_not_depend_on_the_batch(dtype):
     np.testing.assert_array_equal(np.asarray(shuffled), np.asarray(whole[order]))
 
 
-def test_the_cpu_backend_runs_it_below_prefill_sizes():
+def test_the_cpu_backend_runs_it_below_prefill_sizes_or_on_small_experts():
     """Decode and mixed batches take the native kernel; prefill-sized ones (>= PREFILL_ROWS rows per
-    expert) the tile loop, whose dots XLA spreads over its threads; both agree."""
+    expert) the tile loop, whose dots XLA spreads over its threads, unless the experts are small enough
+    for the loop's per-tile overhead to dominate; all agree."""
     from moejax.kernels import cpu
     rng = np.random.default_rng()
-    S = 4
-    for T, native_expected in [(16, True), (cpu.PREFILL_ROWS * S // 2, False)]:
-        x, slots, weights, w_gate_up, w_down, _ = problem(rng, T, 2, S, 32, 16, "float32")
+    S, prefill = 4, cpu.PREFILL_ROWS * 4 // 2  # rows; with K = 2, PREFILL_ROWS rows per expert
+    small, big = (32, 16), (512, 512)  # (D, F): 3 D F weights per expert
+    assert 3 * 32 * 16 <= cpu.NATIVE_EXPERT_WEIGHTS < 3 * 512 * 512
+    for T, (D, F), native_expected in [(16, big, True), (prefill, small, True), (prefill, big, False)]:
+        x, slots, weights, w_gate_up, w_down, _ = problem(rng, T, 2, S, D, F, "float32")
         run = jax.jit(lambda *a: cpu_backend.moe_ffn(*a, "silu"))
         assert ("moejax_moe_ffn" in run.lower(x, slots, weights, w_gate_up, w_down).as_text()) == native_expected
         out, _ = run(x, slots, weights, w_gate_up, w_down)
