@@ -13,7 +13,9 @@ program is also traced once (jax.profiler) and its operations' times summed by k
 (the native kernels by their custom-call target, YNNPACK's dense GEMMs, every other XLA operation). With run-ahead
 (the default) the host's work overlaps the device's, so the stages overlap too: `device_get` is then
 what remains of the device's time after the host's. Then the same generate with run-ahead off and on,
-alternating on one engine, best of 3 each. Last, two floors for the step, each measured on this
+alternating on one engine, best of 3 each. Then a kernel ablation: engines that differ only in one
+native kernel (removed, or paged attention run twice per layer), alternating, best of 3: what each
+kernel costs inside the program, with its KV and weights coming from memory. Last, two floors for the step, each measured on this
 machine in the same run: memory, the bytes a decode step must read (every row's KV at the run's mean
 context, the layers' weights with the routed experts the step activated, the LM head) over the read
 bandwidth of both cores (numpy threads streaming arrays past the last-level cache); compute, its
@@ -46,6 +48,7 @@ from moejax import LLM, SamplingParams, kernels
 from moejax.engine.engine import Engine
 from moejax.engine.scheduler import Scheduler
 from moejax.engine.traffic import layer_shapes
+from moejax.kernels import native
 from moejax.kernels.paged_attention import paged_attention
 from moejax.models.model import Model
 
@@ -241,6 +244,42 @@ def profile(llm: LLM, batch: int) -> dict:
                               "floor_ms_per_decode_step": macs / rate / 1e6, "floor_over_step": macs / rate / 1e6 / step_ms}}
 
 
+def kernel_ablation(batch: int, repeats: int = 3) -> dict:
+    """ms per generated token (LLM.generate's time over NEW_TOKENS, prefill included) of engines that
+    differ in one native kernel, traced that way at their first call: as is, without paged attention
+    (q passed through), with it run twice per layer (the second call reads the KV the first just
+    brought into cache), without the routed experts (rows passed through). Alternating, best of
+    `repeats`. Outputs differ (the kernels are skipped); the times say what each kernel costs inside
+    the program, where its KV and weights come from memory, not cache."""
+    def attention_twice(*args, scale, window=None):
+        first = attention(*args, scale=scale, window=window)  # a different scale: no common subexpression
+        return first + 1e-9 * attention(*args, scale=scale * 1.001, window=window)
+
+    attention, experts = native.paged_attention, native.moe_ffn
+    variants = {
+        "as is": (attention, experts),
+        "without paged attention": (lambda q, *_, scale, window=None: q.astype(jnp.float32) * scale, experts),
+        "paged attention twice": (attention_twice, experts),
+        "without routed experts": (attention, lambda x, slots, w, w_gate_up, *_: (
+            x.astype(jnp.float32) * w[:, :1], jnp.zeros((w_gate_up.shape[0],), jnp.int32))),
+    }
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    llms = {}
+    try:
+        for name, (native.paged_attention, native.moe_ffn) in variants.items():
+            llms[name] = LLM(str(CKPT), max_model_len=PROMPT_LEN + NEW_TOKENS, max_num_seqs=batch)
+            llms[name].generate(prompts(512, batch), params)  # compiles with this variant
+    finally:
+        native.paged_attention, native.moe_ffn = attention, experts
+    times = {name: [] for name in llms}
+    for _ in range(repeats):
+        for name, llm in llms.items():
+            t0 = time.perf_counter()
+            llm.generate(prompts(512, batch), params)
+            times[name].append((time.perf_counter() - t0) / NEW_TOKENS * 1e3)
+    return {name: min(t) for name, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64, 256])
@@ -252,6 +291,7 @@ def main() -> None:
     for batch in args.batches:
         rows.append(profile(llm, batch))
         r = rows[-1]
+        r["kernel_ablation_ms_per_token"] = kernel_ablation(batch)
         print(f"batch {batch}: {r['ms_per_decode_step']:.2f} ms per decode step ({r['iterations']} iterations)")
         ahead = r["run_ahead_ms_per_decode_step"]
         print(f"  run-ahead off / on: {ahead['off']:.3f} / {ahead['on']:.3f} ms per decode step")
@@ -259,6 +299,8 @@ def main() -> None:
             print(f"  {name:60s} {ms:7.3f} ms")
         for name, ms in r["program_ms_per_decode_step_by_kind"].items():
             print(f"  in the program: {name:46s} {ms:7.3f} ms")
+        for name, ms in r["kernel_ablation_ms_per_token"].items():
+            print(f"  engine {name:53s} {ms:7.3f} ms per token")
         floor = r["memory_floor"]
         print(f"  memory floor: {floor['bytes_per_decode_step']['total'] / 1e6:.1f} MB per step at "
               f"{floor['stream_read_GBps']['2 threads']:.1f} GB/s = {floor['floor_ms_per_decode_step']:.3f} ms "

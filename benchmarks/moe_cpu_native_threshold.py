@@ -56,7 +56,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
         best = {name: min(t) * 1e3 for name, t in times.items()}
         rows.append({"T": T, "D": D, "F": F, "E": E, "K": K, "rows_per_expert": T * K // E,
-                     "weights_per_expert": 3 * D * F, "ms": best, "native_over_tile_loop": best["native"] / best["tile_loop"],
+                     "weights_per_expert": 3 * D * F, "ms": best,
+                     "native_over_tile_loop": best["native"] / best["tile_loop"],
                      "max_abs_difference": float(np.abs(outs["native"] - outs["tile_loop"]).max())})
         r = rows[-1]
         print(f"T={T:5d} D={D:5d} F={F:4d} E={E:3d} K={K} ({r['rows_per_expert']:5d} rows/expert, "

@@ -11,8 +11,8 @@ accumulating in fp32.
 The native kernel runs whole MoE layers (`moe_ffn`) with fewer than PREFILL_ROWS rows per expert, where
 the loop's per-tile weight copies, sorts and gathers cost more than the GEMMs, and at any size for
 experts of up to NATIVE_EXPERT_WEIGHTS weights, whose dots are too small for the loop's per-tile
-overhead to pay off; on bigger problems XLA's dots (spread over its threads) win. Grouped GEMMs and expert FFNs on sorted rows always run the
-loop.
+overhead to pay off; on bigger problems XLA's dots (spread over its threads) win. Grouped GEMMs and
+expert FFNs on sorted rows always run the loop.
 
 Chosen over `jax.lax.ragged_dot` (which XLA:CPU computes densely over every group), a dense
 all-experts einsum and other tile heights by measurement: benchmarks/kernels.md.
