@@ -217,3 +217,24 @@ def test_fused_iterations_equal_layer_by_layer(model, prompts):
     assert len(counts_fused) == len(counts_layers)
     for a, b in zip(counts_fused, counts_layers):
         np.testing.assert_array_equal(a, b)
+
+
+def test_llm_prefills_a_batch_in_one_iteration_by_default():
+    """Offline, LLM's token budget (OFFLINE_TOKEN_BUDGET) takes a batch of prompts the engine's serving
+    default (512) would chunk in one iteration, so every request decodes from the next one on; an
+    explicit token_budget still chunks, with the same greedy tokens."""
+    from moejax import LLM
+    from moejax.llm import OFFLINE_TOKEN_BUDGET
+
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 512, 30).tolist() for _ in range(40)]  # 1200 tokens: > 512, <= the budget
+    assert 512 < 1200 <= OFFLINE_TOKEN_BUDGET
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    outputs, first_steps = {}, {}
+    for budget in (None, 512):
+        llm = LLM("tiny-qwen3-moe", seed=5, max_model_len=64, **({} if budget is None else {"token_budget": budget}))
+        outputs[budget] = [o.token_ids for o in llm.generate(prompts, params)]
+        first_steps[budget] = llm.engine.steps[0]
+    assert first_steps[None].num_prefill_tokens == first_steps[None].num_tokens == 1200
+    assert first_steps[512].num_tokens <= 512
+    assert outputs[None] == outputs[512]
