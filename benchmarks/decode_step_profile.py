@@ -1,26 +1,26 @@
-"""Where decode time goes, per batch size: the engine's stages per iteration (host / dispatch / device)
-and a decode step's compiled parts timed alone. Same checkpoint and prompts as decode_vs_hf.py (run
-that first: it writes the checkpoint).
+"""Where decode time goes, per batch size: the engine's stages per iteration (host / dispatch / device) and
+a decode step's compiled parts timed alone. Same checkpoint and prompts as decode_vs_hf.py (run that
+first: it writes the checkpoint).
 
     .venv/bin/python benchmarks/decode_step_profile.py [--batches 16 64 256]   # -> decode_step_profile.json
 
 Stage times wrap the engine's own functions with time.perf_counter during one warm generate (BATCH
 prompts x NEW_TOKENS tokens), summed over the run and given per decode step (one token per request):
 `Model.decode_steps` is the dispatch of a multi-step program (the time until the call returns),
-`device_get` where the host waits for it, the rest host work. The parts are the last decode
-iteration's inputs captured mid-run, each jitted alone and timed over repeated calls; the multi-step
-program is also traced once (jax.profiler) and its operations' times summed by kind per decode step
-(the native kernels by their custom-call target, YNNPACK's dense GEMMs, every other XLA operation). With run-ahead
-(the default) the host's work overlaps the device's, so the stages overlap too: `device_get` is then
-what remains of the device's time after the host's. Then the same generate with run-ahead off and on,
+`device_get` where the host waits for it, the rest host work. The parts are the last decode iteration's
+inputs captured mid-run, each jitted alone and timed over repeated calls; the multi-step program is also
+traced once (jax.profiler) and its operations' times summed by kind per decode step (the native kernels
+by their custom-call target, YNNPACK's dense GEMMs, every other XLA operation). With run-ahead (the
+default) the host's work overlaps the device's, so the stages overlap too: `device_get` is then what
+remains of the device's time after the host's. Then the same generate with run-ahead off and on,
 alternating on one engine, best of 3 each. Then a kernel ablation: engines that differ only in one
 native kernel (removed, or paged attention run twice per layer), alternating, best of 3: what each
-kernel costs inside the program, with its KV and weights coming from memory. Last, two floors for the step, each measured on this
-machine in the same run: memory, the bytes a decode step must read (every row's KV at the run's mean
-context, the layers' weights with the routed experts the step activated, the LM head) over the read
-bandwidth of both cores (numpy threads streaming arrays past the last-level cache); compute, its
-multiply-adds (projections, the k routed experts of each row, attention over the mean context, the LM
-head) at the float32 GEMM rate of a large numpy matmul (its BLAS on every core).
+kernel costs inside the program, with its KV and weights coming from memory. Last, two floors for the
+step, each measured on this machine in the same run: memory, the bytes a decode step must read (every
+row's KV at the run's mean context, the layers' weights with the routed experts the step activated, the
+LM head) over the read bandwidth of both cores (numpy threads streaming arrays past the last-level
+cache); compute, its multiply-adds (projections, the k routed experts of each row, attention over the
+mean context, the LM head) at the float32 GEMM rate of a large numpy matmul (its BLAS on every core).
 """
 
 from __future__ import annotations
