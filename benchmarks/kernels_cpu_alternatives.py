@@ -8,7 +8,8 @@ Candidates (all compute the same routed SwiGLU experts; checked against the refe
   tiles/bm        the tiled layout + a loop over active tiles (what `cpu` runs) at tile height bm
   tiles/32/f32    the same, each tile's rows and expert weights upcast to fp32 inside the loop
   native          the native XLA:CPU kernel (kernels/native/moe_ffn.cc)
-  cpu (table)     the cpu backend: native below cpu.PREFILL_ROWS rows per expert, else the tile loop
+  cpu (table)     the cpu backend: native below cpu.PREFILL_ROWS rows per expert or on small experts
+                  (cpu.NATIVE_EXPERT_WEIGHTS), else the tile loop
                   with its tuned tile height (cpu.BLOCK_M by shape class)
 The chosen `cpu.BLOCK_M` table, the native kernel's range and the results are in benchmarks/kernels.md.
 """
