@@ -20,7 +20,7 @@ Prompt = str | Sequence[int]
 # Tokens per iteration for offline generation (the engine's default, 512, suits serving, where a long
 # chunk holds up running decodes): whole batches of prompts prefill in fewer, bigger iterations and
 # start decoding together. Measured side by side on the bench checkpoint (prompts of 32 tokens, 128
-# new): 4% and 11% less time than 512 at 64 and 256 prompts, even at 16
+# new): 4% and 11% less time than 512 at 64 and 256 prompts, no different at 16
 # (benchmarks/offline_token_budget.json).
 OFFLINE_TOKEN_BUDGET = 2048
 

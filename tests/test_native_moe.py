@@ -72,7 +72,8 @@ def test_the_cpu_backend_runs_it_below_prefill_sizes_or_on_small_experts():
     for the loop's per-tile overhead to dominate; all agree."""
     from moejax.kernels import cpu
     rng = np.random.default_rng()
-    S, prefill = 4, cpu.PREFILL_ROWS * 4 // 2  # rows; with K = 2, PREFILL_ROWS rows per expert
+    S = 4
+    prefill = cpu.PREFILL_ROWS * S // 2  # rows; with K = 2, PREFILL_ROWS rows per expert
     small, big = (32, 16), (512, 512)  # (D, F): 3 D F weights per expert
     assert 3 * 32 * 16 <= cpu.NATIVE_EXPERT_WEIGHTS < 3 * 512 * 512
     for T, (D, F), native_expected in [(16, big, True), (prefill, small, True), (prefill, big, False)]:
