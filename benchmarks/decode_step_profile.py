@@ -251,11 +251,11 @@ def kernel_ablation(batch: int, repeats: int = 3) -> dict:
     brought into cache), without the routed experts (rows passed through). Alternating, best of
     `repeats`. Outputs differ (the kernels are skipped); the times say what each kernel costs inside
     the program, where its KV and weights come from memory, not cache."""
+    attention, experts = native.paged_attention, native.moe_ffn
+
     def attention_twice(*args, scale, window=None):
         first = attention(*args, scale=scale, window=window)  # a different scale: no common subexpression
         return first + 1e-9 * attention(*args, scale=scale * 1.001, window=window)
-
-    attention, experts = native.paged_attention, native.moe_ffn
     variants = {
         "as is": (attention, experts),
         "without paged attention": (lambda q, *_, scale, window=None: q.astype(jnp.float32) * scale, experts),
@@ -266,7 +266,8 @@ def kernel_ablation(batch: int, repeats: int = 3) -> dict:
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     llms = {}
     try:
-        for name, (native.paged_attention, native.moe_ffn) in variants.items():
+        for name, kernel_pair in variants.items():
+            native.paged_attention, native.moe_ffn = kernel_pair  # what this engine's programs trace
             llms[name] = LLM(str(CKPT), max_model_len=PROMPT_LEN + NEW_TOKENS, max_num_seqs=batch)
             llms[name].generate(prompts(512, batch), params)  # compiles with this variant
     finally:
