@@ -15,6 +15,13 @@ Backends: "reference" (`jax.lax.ragged_dot`, the ground truth), "cpu" (a native 
 decode sizes, native.py; a loop over active expert tiles above them), "pallas" (BlockSpec kernels: compiled on TPU, interpreted elsewhere), "mosaic_gpu" (Hopper
 warp-specialised TMA + wgmma kernels; GPU-interpreted elsewhere). See benchmarks/kernels.md.
 
+Rows computed alone: `dense(x, w)` is x @ w for the models' projections, router and LM head, `row_sum`
+and `softmax` the sums over a row's features (norms, router). XLA:CPU's dots and reductions round a row
+differently depending on how many rows share the operation, so a request's greedy tokens could depend on
+the batch it runs in; on XLA:CPU these run the native dense kernel (native.py), which computes every row
+alone. Elsewhere, and inside `for_gspmd()` (what a model under a sharded placement traces in: GSPMD
+partitions a dot, while a custom call's operands it would gather whole), XLA's dot and reductions.
+
 Expert buffers: `moe_ffn` computes with the experts of a buffer of S slots (w_gate_up: [S, D, 2F])
 and a slot map `slot_of: [E]` naming each expert's slot, or -1 where the buffer does not hold it.
 All experts in order (colocated), a shard's range (expert parallelism), an expert cache holding any
@@ -35,7 +42,7 @@ from collections.abc import Iterator, Mapping
 import jax
 import jax.numpy as jnp
 
-from . import reference
+from . import native, reference
 from .latent_attention import paged_latent_attention
 from .paged_attention import paged_attention, write_kv, write_rows
 from .permute import group_of_sorted_rows, permute, sort_by_expert, unpermute_combine
@@ -99,6 +106,56 @@ def use_backend(name: str) -> Iterator[None]:
         yield
     finally:
         _override.pop()
+
+
+_for_gspmd: list[bool] = []
+
+
+@contextlib.contextmanager
+def for_gspmd() -> Iterator[None]:
+    """Trace the enclosed code for GSPMD to partition: `dense`, `row_sum` and `softmax` as XLA's own dot
+    and reductions (module docstring)."""
+    _for_gspmd.append(True)
+    try:
+        yield
+    finally:
+        _for_gspmd.pop()
+
+
+def _native_dense(x: jax.Array, weights: tuple[jax.Array, ...]) -> bool:
+    """Whether dense(x, *weights) runs the native kernel (static: shapes, dtypes, platform, context)."""
+    return (not _for_gspmd and all(w.dtype == x.dtype and w.ndim == 2 for w in weights)
+            and x.dtype in (jnp.float32, jnp.bfloat16) and backend_for() == "cpu"
+            and jax.default_backend() == "cpu" and native.available())
+
+
+def dense(x: jax.Array, *weights: jax.Array, preferred_element_type=None):
+    """x: [..., K] @ w: [K, N] for each weight -> [..., N] in preferred_element_type (default x's dtype): one
+    array for one weight, a tuple for several (one kernel call on CPU). On XLA:CPU each row's result is
+    independent of the other rows (the native kernel; module docstring)."""
+    x, weights = jnp.asarray(x), tuple(map(jnp.asarray, weights))
+    if _native_dense(x, weights):
+        out_dtype = preferred_element_type or x.dtype
+        outs = tuple(out.reshape(*x.shape[:-1], -1).astype(out_dtype)
+                     for out in native.matmul(x.reshape(-1, x.shape[-1]), *weights))
+    else:
+        outs = tuple(jnp.matmul(x, w, preferred_element_type=preferred_element_type) for w in weights)
+    return outs[0] if len(outs) == 1 else outs
+
+
+def row_sum(x: jax.Array) -> jax.Array:
+    """x: [..., D] -> [..., 1] float32, the sum over the last axis. On XLA:CPU each row's sum is the same
+    ascending chain of adds whatever the other rows (the dense kernel against ones; XLA's reduction
+    rounds a row differently depending on how many rows it reduces); elsewhere jnp.sum."""
+    x = jnp.asarray(x, jnp.float32)
+    ones = jnp.ones((x.shape[-1], 1), jnp.float32)
+    return dense(x, ones) if _native_dense(x, (ones,)) else jnp.sum(x, axis=-1, keepdims=True)
+
+
+def softmax(x: jax.Array) -> jax.Array:
+    """jax.nn.softmax over the last axis (float32), its denominator a row_sum."""
+    unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(axis=-1, keepdims=True)))
+    return unnormalized / row_sum(unnormalized)
 
 
 def _resolve(backend: str | None, K: int, N: int, dtype):
@@ -203,6 +260,6 @@ def _check_ffn_weights(x, w_gate_up, w_down, activation, b_gate_up=None, b_down=
         raise ValueError(f"activation {activation!r}: known {sorted(reference.ACTIVATIONS)} or a ClampedSwiGLU")
 
 
-__all__ = ["BACKENDS", "ClampedSwiGLU", "backend_for", "platform_backend", "use_backend", "grouped_matmul",
-           "expert_ffn", "moe_ffn", "slot_ids", "sort_by_expert", "permute", "unpermute_combine",
-           "paged_attention", "paged_latent_attention", "write_kv", "write_rows"]
+__all__ = ["BACKENDS", "ClampedSwiGLU", "backend_for", "platform_backend", "use_backend", "dense", "row_sum",
+           "softmax", "for_gspmd", "grouped_matmul", "expert_ffn", "moe_ffn", "slot_ids", "sort_by_expert", "permute",
+           "unpermute_combine", "paged_attention", "paged_latent_attention", "write_kv", "write_rows"]

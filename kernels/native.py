@@ -8,6 +8,9 @@ system's C++ compiler on first use and cached per source, flags, jaxlib and mach
                       and both GEMMs per few rows of one expert, straight from the weights (XLA runs a
                       tile loop that copies each tile's expert weights); same semantics as
                       moejax.kernels.moe_ffn, tested against the reference backend
+    matmul            x @ w for one or several weights in one call, every row computed alone (XLA:CPU's
+                      dot computes a row differently depending on the number of rows):
+                      moejax.kernels.dense on CPU
 
 Where no compiler is found the jnp code runs, with one warning.
 
@@ -36,26 +39,38 @@ import numpy as np
 from . import reference
 
 SOURCES = Path(__file__).with_name("native")
-TARGETS = {"moejax_paged_attention": "MoejaxPagedAttention", "moejax_moe_ffn": "MoejaxMoeFfn"}  # name: symbol
+TARGETS = {"moejax_paged_attention": "MoejaxPagedAttention", "moejax_moe_ffn": "MoejaxMoeFfn",
+           "moejax_matmul": "MoejaxMatmul"}  # name: symbol
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
+# GCC tuned for AMD Zen computes a lone multiply-add chain as multiply then add (a shorter loop-carried
+# latency), other chains fused: a row would then round differently alone than beside others (gemm.h).
+GCC_FLAGS = ("--param=avoid-fma-max-bits=0",)
+
+
+@functools.cache
+def _compiler() -> tuple[str, tuple[str, ...]]:
+    """The C++ compiler and its flags."""
+    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    return compiler, FLAGS + (() if "clang" in version else GCC_FLAGS)
 
 
 def _library_path() -> Path:
     sources = b"".join(path.name.encode() + path.read_bytes() for path in sorted(SOURCES.iterdir()))
-    key = hashlib.sha256(sources + " ".join(FLAGS).encode() + jaxlib.__version__.encode()
+    key = hashlib.sha256(sources + " ".join(_compiler()[1]).encode() + jaxlib.__version__.encode()
                          + platform.machine().encode()).hexdigest()[:16]
     root = Path(os.environ.get("MOEJAX_CACHE_DIR") or Path.home() / ".cache" / "moejax")
     return root / "kernels" / f"native-{key}.so"
 
 
 def _build(library: Path) -> None:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
+    compiler, flags = _compiler()
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=library.parent) as tmp:  # built aside, then moved: concurrent builds are safe
         out = Path(tmp) / library.name
-        command = [compiler, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, sorted(SOURCES.glob("*.cc"))), "-o", str(out)]
+        command = [compiler, *flags, "-I", jax.ffi.include_dir(), *map(str, sorted(SOURCES.glob("*.cc"))), "-o", str(out)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
@@ -67,8 +82,8 @@ def available() -> bool:
     """Whether the native kernels are built (building them now if needed) and registered with XLA:CPU."""
     if os.environ.get("MOEJAX_NATIVE", "1") in ("0", ""):
         return False
-    library = _library_path()
     try:
+        library = _library_path()
         if not library.exists():
             _build(library)
         loaded = ctypes.cdll.LoadLibrary(str(library))
@@ -78,6 +93,16 @@ def available() -> bool:
         warnings.warn(f"moejax: native CPU kernels unavailable, using the jnp code ({e})", stacklevel=2)
         return False
     return True
+
+
+def matmul(x: jax.Array, *weights: jax.Array) -> tuple[jax.Array, ...]:
+    """x: [M, K] @ each weight [K, N_i], all float32 or all bfloat16 -> ([M, N_i] float32, ...), in one
+    call; each row computed alone."""
+    if not available():
+        raise RuntimeError("the native CPU kernels are unavailable (see the warning above, or MOEJAX_NATIVE=0)")
+    call = jax.ffi.ffi_call("moejax_matmul", [jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
+                                              for w in weights])
+    return tuple(call(x, *weights))
 
 
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,

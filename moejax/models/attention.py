@@ -141,7 +141,7 @@ class Attention(nnx.Module):
                  placement: Placement | None) -> tuple[jax.Array, LayerKV]:
         """x: [T, D] (normed hidden) -> ([T, D], updated layer KV); placement: where heads and KV live."""
         T = x.shape[0]
-        q, k, v = x @ self.w_q[...], x @ self.w_k[...], x @ self.w_v[...]
+        q, k, v = kernels.dense(x, self.w_q[...], self.w_k[...], self.w_v[...])
         if self.has_bias:
             q, k, v = q + self.b_q[...], k + self.b_k[...], v + self.b_v[...]
         if self.qk_norm == "full":
@@ -165,7 +165,7 @@ class Attention(nnx.Module):
         out = out.reshape(T, -1)
         if gate is not None:
             out = out * jax.nn.sigmoid(gate.reshape(T, -1))
-        out = out @ self.w_o[...]
+        out = kernels.dense(out, self.w_o[...])
         if self.b_o is not None:
             out = out + self.b_o[...]
         return out, (k_cache, v_cache)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import kernels
 from moejax.config import ModelConfig
 from moejax.meshes.placement import Placement
 from moejax.models.attention import Attention, AttentionMetadata, LayerCache, LayerKV
@@ -80,7 +81,7 @@ class DecoderLayer(nnx.Module):
         if self.shared_expert is not None:
             shared = self.shared_expert(y)
             if self.shared_gate is not None:
-                shared = jax.nn.sigmoid(y @ self.shared_gate[...]) * shared
+                shared = jax.nn.sigmoid(kernels.dense(y, self.shared_gate[...])) * shared
             routed = routed + shared
         return h + routed
 
@@ -102,8 +103,9 @@ class TokenIO(nnx.Module):
     def logits(self, x: jax.Array) -> jax.Array:
         """x: [T, D] final hidden -> [T, V] fp32 logits."""
         h = self.final_norm(x)
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.dot(h, head, preferred_element_type=jnp.float32)
+        if self.lm_head is None:  # tied: XLA's dot reads the embedding transposed (dense would copy it)
+            return jnp.dot(h, self.embed[...].T, preferred_element_type=jnp.float32)
+        return kernels.dense(h, self.lm_head[...], preferred_element_type=jnp.float32)
 
 
 class CausalLM(nnx.Module):

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax import kernels
 from moejax.config import ModelConfig
 from moejax.models.attention import CacheArray, LayerCache
 from moejax.models.layers import RMSNorm, init_normal, param
@@ -149,9 +150,9 @@ class GatedDeltaNet(nnx.Module):
         s, T, dtype = self.shape, x.shape[0], x.dtype
         nk, nv, r = s.num_key_heads, s.num_value_heads, s.num_value_heads // s.num_key_heads
         dk, dv = s.key_head_dim, s.value_head_dim
-        q, k, v, z = jnp.split((x @ self.w_qkvz[...]).reshape(T, nk, 2 * dk + 2 * r * dv),
-                               [dk, 2 * dk, 2 * dk + r * dv], axis=-1)
-        b, a = (p.reshape(T, nv) for p in jnp.split((x @ self.w_ba[...]).reshape(T, nk, 2 * r), 2, axis=-1))
+        qkvz, ba = kernels.dense(x, self.w_qkvz[...], self.w_ba[...])
+        q, k, v, z = jnp.split(qkvz.reshape(T, nk, 2 * dk + 2 * r * dv), [dk, 2 * dk, 2 * dk + r * dv], axis=-1)
+        b, a = (p.reshape(T, nv) for p in jnp.split(ba.reshape(T, nk, 2 * r), 2, axis=-1))
         mixed = jnp.concatenate([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], axis=-1)  # conv input
         beta = jax.nn.sigmoid(b.astype(jnp.float32))
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
@@ -159,7 +160,7 @@ class GatedDeltaNet(nnx.Module):
         out, cache = self._mix(mixed, g, beta, cache, meta)
         gate = jax.nn.silu(z.reshape(T, nv, dv).astype(jnp.float32))
         y = (self.norm(out.astype(dtype)).astype(jnp.float32) * gate).astype(dtype)
-        return y.reshape(T, -1) @ self.w_out[...], cache
+        return kernels.dense(y.reshape(T, -1), self.w_out[...]), cache
 
     def _heads(self, conv_out: jax.Array):
         """[n, conv_dim] -> q, k [n, Hv, dk] (L2-normalised, q scaled, each key head repeated for its

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax import kernels
 from moejax.config import ModelConfig, RopeConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -51,7 +52,7 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        y = x32 * jax.lax.rsqrt(kernels.row_sum(x32 * x32) / x.shape[-1] + self.eps)
         if self.zero_centered:
             return (y * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * y.astype(x.dtype)
@@ -159,5 +160,5 @@ class SwiGLU(nnx.Module):
         self.w_down = param(init_normal(rngs, (hidden, dim), hidden, dtype), "mlp", "embed")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = jnp.split(x @ self.w_gate_up[...], 2, axis=-1)
-        return (jax.nn.silu(gate) * up) @ self.w_down[...]
+        gate, up = jnp.split(kernels.dense(x, self.w_gate_up[...]), 2, axis=-1)
+        return kernels.dense(jax.nn.silu(gate) * up, self.w_down[...])

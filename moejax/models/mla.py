@@ -70,9 +70,10 @@ class MultiHeadLatentAttention(nnx.Module):
                  placement: Placement | None) -> tuple[jax.Array, LayerKV]:
         """x: [T, D] (normed hidden) -> ([T, D], (latent cache, rope-key cache) with this step's rows written)."""
         T, H, nope, r = x.shape[0], self.num_heads, self.nope, self.r
-        q = x @ self.w_q[...] if self.w_q is not None else self.q_a_norm(x @ self.w_q_a[...]) @ self.w_q_b[...]
+        q, kv_a = kernels.dense(x, (self.w_q if self.w_q is not None else self.w_q_a)[...], self.w_kv_a[...])
+        if self.w_q is None:  # q LoRA
+            q = kernels.dense(self.q_a_norm(q), self.w_q_b[...])
         q = q.reshape(T, H, -1)
-        kv_a = x @ self.w_kv_a[...]
         latent, k_rope = self.kv_a_norm(kv_a[:, :r]), kv_a[:, r:]
         q_rope = self.rope(q[..., nope:], meta.positions)
         k_rope = self.rope(k_rope[:, None], meta.positions)[:, 0]
@@ -83,7 +84,7 @@ class MultiHeadLatentAttention(nnx.Module):
             placement, self._attend, (q[..., :nope], q_rope, latent, k_rope, w_kv_b[..., :nope], w_kv_b[..., nope:]),
             (heads, heads, rows, rows, per_head, per_head), tuple(kv), self.cache_axes, heads,
             (meta.positions, meta.slot_mapping, meta.seq_ids, meta.block_tables, meta.num_kv_blocks))
-        return out.reshape(T, H * self.v_head_dim) @ self.w_o[...], tuple(caches)
+        return kernels.dense(out.reshape(T, H * self.v_head_dim), self.w_o[...]), tuple(caches)
 
     def _attend(self, q_nope, q_rope, latent, k_rope, w_uk, w_uv, latent_cache, rope_cache, positions, slot_mapping,
                 seq_ids, block_tables, num_kv_blocks):

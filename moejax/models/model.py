@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import partial, wraps
 
 import jax
 import jax.numpy as jnp
@@ -170,6 +170,15 @@ def _on_params(fn: Callable, param_def) -> Callable:
     return lambda leaves, *args: fn(*jax.tree.unflatten(param_def, leaves), *args)
 
 
+def _under(context: Callable, fn: Callable) -> Callable:
+    """fn traced inside context()."""
+    @wraps(fn)
+    def traced(*args, **kwargs):
+        with context():
+            return fn(*args, **kwargs)
+    return traced
+
+
 def _logits_at(graphdef, state, hidden, rows):
     return nnx.merge(graphdef, state).logits(jnp.take(hidden, rows, axis=0))
 
@@ -194,6 +203,8 @@ class Model:
         # flattening the nnx states at each dispatch cost more than the rest of the call.
         self._param_leaves, self._param_def = jax.tree.flatten((self.io_state, self.layer_states, self.expert_states))
         self._fns: dict[tuple, Callable] = {}
+        # Projections, norms and router run on the attention side; sharded there, GSPMD partitions them
+        self._for_gspmd = placements.attention is not None and placements.attention.mesh.size > 1
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -207,49 +218,53 @@ class Model:
                              "use model.placements.attention / .experts")
         return self.placements.attention
 
-    def _fn(self, key: tuple, make: Callable[[], Callable]) -> Callable:
+    def _fn(self, key: tuple, make: Callable[[], Callable], **jit_kwargs) -> Callable:
+        """The compiled program `key`: make() jitted on first use (jit_kwargs: jax.jit's), traced inside
+        kernels.for_gspmd() where the attention side is sharded."""
         # The kernel backend is read at trace time, so it is part of the cache key; placements are
         # fixed per model and bound into each function.
         key = (*key, kernels.backend_for())
         if key not in self._fns:
-            self._fns[key] = make()
+            fn = make()
+            if self._for_gspmd:
+                fn = _under(kernels.for_gspmd, fn)
+            self._fns[key] = jax.jit(fn, **jit_kwargs)
         return self._fns[key]
 
     # --- tokens in, logits out ------------------------------------------------------------------------
     def embed(self, token_ids: jax.Array) -> jax.Array:
         """[T] int32 -> [T, D]."""
-        return self._fn(("embed",), lambda: jax.jit(partial(_io_call, self.io_def, "embed_tokens")))(
+        return self._fn(("embed",), lambda: partial(_io_call, self.io_def, "embed_tokens"))(
             self.io_state, token_ids)
 
     def gather_rows(self, x_prev: jax.Array | None, token_ids: jax.Array | None, extra: jax.Array | None,
                     rows: jax.Array) -> jax.Array:
         """The hidden rows of a layer group in one op: rows [T] index the concatenation
         [x_prev; embed(token_ids); extra] (any part may be None) -> [T, D]."""
-        fn = self._fn(("gather_rows",), lambda: jax.jit(
-            partial(_gather_rows, self.io_def, self.placements.attention)))
+        fn = self._fn(("gather_rows",), lambda: partial(_gather_rows, self.io_def, self.placements.attention))
         return fn(self.io_state, x_prev, token_ids, extra, rows)
 
     def logits(self, hidden: jax.Array, rows: jax.Array | None = None) -> jax.Array:
         """hidden: [T, D] -> [T, V] fp32 logits, or only those of `rows` ([R] int32) -> [R, V]."""
         if rows is None:
-            return self._fn(("logits",), lambda: jax.jit(partial(_io_call, self.io_def, "logits")))(
+            return self._fn(("logits",), lambda: partial(_io_call, self.io_def, "logits"))(
                 self.io_state, hidden)
-        return self._fn(("logits_at",), lambda: jax.jit(partial(_logits_at, self.io_def)))(
+        return self._fn(("logits_at",), lambda: partial(_logits_at, self.io_def))(
             self.io_state, hidden, rows)
 
     # --- a layer in steps -----------------------------------------------------------------------------
     def attend(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata) -> tuple[jax.Array, LayerKV]:
         """Layer i's attention block: x [T, D] -> (h = x + attention, new layer KV; kv is donated)."""
         kind = self.layer_kind[i]
-        fn = self._fn(("attend", kind), lambda: jax.jit(
-            partial(_attend, self.layer_defs[kind], self.placements.attention), donate_argnums=(2,)))
+        fn = self._fn(("attend", kind), lambda: partial(_attend, self.layer_defs[kind], self.placements.attention),
+                      donate_argnums=(2,))
         return fn(self.layer_states[i], x, kv, meta)
 
     def route(self, i: int, h: jax.Array, valid: jax.Array):
         """Layer i's router: h [T, D] -> (y = norm(h) [T, D], weights [T, K] fp32, expert ids [T, K]
         with E for padding rows); weights and ids are None in a dense layer."""
         kind = self.layer_kind[i]
-        fn = self._fn(("route", kind), lambda: jax.jit(partial(_route, self.layer_defs[kind])))
+        fn = self._fn(("route", kind), lambda: partial(_route, self.layer_defs[kind]))
         return fn(self.layer_states[i], h, valid)
 
     def expert_weights(self, i: int) -> ExpertBuffer:
@@ -270,15 +285,15 @@ class Model:
         if len(buffer) != len(want):
             raise ValueError(f"expert buffer of {len(buffer)} arrays; {self.config.name}'s experts need "
                              f"{len(want)}: {', '.join(want)}")
-        fn = self._fn(("experts", slot_of is None, self.check_experts), lambda: jax.jit(
-            partial(_experts, self.placements.experts, self.check_experts, self.expert_activation)))
+        fn = self._fn(("experts", slot_of is None, self.check_experts), lambda: partial(
+            _experts, self.placements.experts, self.check_experts, self.expert_activation))
         return fn(y, ids, weights, tuple(buffer), slot_of)
 
     def combine(self, i: int, h: jax.Array, y: jax.Array, routed: jax.Array | None) -> jax.Array:
         """Layer i's output from its attention output h, normed rows y and routed-expert output."""
         kind = self.layer_kind[i]
-        fn = self._fn(("combine", kind, routed is None), lambda: jax.jit(
-            partial(_combine, self.layer_defs[kind], self.placements.attention)))
+        fn = self._fn(("combine", kind, routed is None),
+                      lambda: partial(_combine, self.layer_defs[kind], self.placements.attention))
         return fn(self.layer_states[i], h, y, routed)
 
     def attention_stage(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata, prev=None):
@@ -286,9 +301,9 @@ class Model:
         and route, as one program (what an executor with the experts elsewhere runs between two
         exchanges) -> (h, new layer KV (kv donated), y, weights, ids)."""
         kind, prev_kind = self.layer_kind[i], self.layer_kind[i - 1] if prev is not None else None
-        fn = self._fn(("stage", prev_kind, kind, prev is not None and prev[2] is None), lambda: jax.jit(
-            partial(_attention_stage, None if prev is None else self.layer_defs[prev_kind], self.layer_defs[kind],
-                    self.placements.attention), donate_argnums=(3,)))
+        fn = self._fn(("stage", prev_kind, kind, prev is not None and prev[2] is None), lambda: partial(
+            _attention_stage, None if prev is None else self.layer_defs[prev_kind], self.layer_defs[kind],
+            self.placements.attention), donate_argnums=(3,))
         prev_state = self.layer_states[i - 1] if prev is not None else None
         return fn(prev_state, self.layer_states[i], x, kv, meta, prev)
 
@@ -296,9 +311,9 @@ class Model:
     def layer(self, i: int, x: jax.Array, kv: LayerKV, meta: AttentionMetadata):
         """One decoder layer as one program: -> (x [T, D], new layer KV, tokens per expert [E])."""
         kind = self.layer_kind[i]
-        fn = self._fn(("layer", kind), lambda: jax.jit(
-            partial(_layer_step, self.layer_defs[kind], self.placement, max(self.config.num_experts, 1),
-                    self.expert_activation), donate_argnums=(3,)))
+        fn = self._fn(("layer", kind), lambda: partial(
+            _layer_step, self.layer_defs[kind], self.placement, max(self.config.num_experts, 1),
+            self.expert_activation), donate_argnums=(3,))
         return fn(self.layer_states[i], self.expert_states[i], x, kv, meta)
 
     def forward_all(self, token_ids: jax.Array, kv_caches: list[LayerKV], meta: AttentionMetadata, rows: jax.Array,
@@ -307,9 +322,10 @@ class Model:
         (one dispatch per iteration: what a decode step needs). Same result as embed / run_layers /
         logits; the KV buffers are donated and replaced in kv_caches.
         -> (head's output, tokens per expert [L, E])."""
-        fn = self._fn(("whole", head), lambda: jax.jit(_on_params(
+        fn = self._fn(("whole", head), lambda: _on_params(
             partial(_whole_model, self.io_def, tuple(self.layer_defs), head, self.placement,
-                    max(self.config.num_experts, 1), self.expert_activation), self._param_def), donate_argnums=(1,)))
+                    max(self.config.num_experts, 1), self.expert_activation), self._param_def),
+            donate_argnums=(1,))
         out, kv_caches[:], counts = fn(self._param_leaves, kv_caches, token_ids, meta, rows, head_args)
         return out, counts
 
@@ -323,11 +339,11 @@ class Model:
         The KV buffers are donated and replaced in kv_caches.
         -> (tokens [max_steps, R], -1 once a row has stopped; (tokens per expert [L, E], experts
         activated [L]), both summed over the steps)."""
-        fn = self._fn(("decode_steps", sampler, max_steps), lambda: jax.jit(_on_params(
+        fn = self._fn(("decode_steps", sampler, max_steps), lambda: _on_params(
             partial(_decode_steps, self.io_def, tuple(self.layer_defs), sampler, self.placement,
                     max(self.config.num_experts, 1), self.expert_activation, max_steps,
                     tuple(i for i, linear in enumerate(self.config.linear_layers) if not linear)), self._param_def),
-            donate_argnums=(1,)))
+            donate_argnums=(1,))
         out, kv_caches[:], counts = fn(self._param_leaves, kv_caches, token_ids, meta, num_steps, sampling, stop_ids,
                                        remaining)
         return out, counts

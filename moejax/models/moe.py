@@ -46,7 +46,7 @@ class Routing:
 def route(router_logits: jax.Array, routing: Routing, score_bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """router_logits: [T, E], score_bias: [E] or None -> (weights [T, K] fp32, expert ids [T, K] int32)."""
     logits = router_logits.astype(jnp.float32)
-    scores = jax.nn.softmax(logits, axis=-1) if routing.scoring == "softmax" else jax.nn.sigmoid(logits)
+    scores = kernels.softmax(logits) if routing.scoring == "softmax" else jax.nn.sigmoid(logits)
     choice = scores if score_bias is None else scores + score_bias.astype(jnp.float32)
     if routing.topk_groups < routing.groups:
         T, E = choice.shape
@@ -59,7 +59,7 @@ def route(router_logits: jax.Array, routing: Routing, score_bias: jax.Array | No
     _, ids = jax.lax.top_k(choice, routing.top_k)
     weights = jnp.take_along_axis(scores, ids, axis=-1)
     if routing.normalize:
-        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+        weights = weights / (kernels.row_sum(weights) + 1e-20)
     return weights * routing.scaling, ids.astype(jnp.int32)
 
 
@@ -101,7 +101,7 @@ class Router(nnx.Module):
         """y: [T, D] normed rows, valid: [T] -> (weights [T, K] fp32, expert ids [T, K]; padding rows
         get id E, which reaches no expert)."""
         w = self.w[...]
-        logits = y.astype(jnp.float32) @ w.astype(jnp.float32) if self.fp32 else y @ w
+        logits = kernels.dense(y.astype(jnp.float32), w.astype(jnp.float32)) if self.fp32 else kernels.dense(y, w)
         if self.b is not None:
             logits = logits + self.b[...]
         weights, ids = route(logits, self.routing, None if self.score_bias is None else self.score_bias[...])

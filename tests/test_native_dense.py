@@ -1,0 +1,77 @@
+"""The native CPU dense kernel (kernels/native/dense.cc) behind kernels.dense / row_sum / softmax: against
+XLA on fresh random inputs, a row's result independent of the other rows (bit for bit), and XLA's own
+operations where GSPMD partitions the program."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import kernels
+
+# (K, [N per weight]): the 16-column register blocks; an 8-lane block and single columns after them (N = 200:
+# 12 blocks + 8 lanes, N = 17: one block + a column, N = 8: one 8-lane block alone); one output column
+SHAPES = [(128, [128, 64, 64]), (33, [200]), (96, [17, 8]), (40, [1])]
+
+
+def random_problem(rng, M, K, Ns, dtype):
+    x = jnp.asarray(rng.normal(size=(M, K)), dtype)
+    return x, [jnp.asarray(rng.normal(size=(K, N)) / np.sqrt(K), dtype) for N in Ns]
+
+
+def as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{'+'.join(map(str, s[1]))}")
+def test_dense_matches_xla(shape, dtype):
+    """x @ w for every weight in one call: float32 accumulation of the inputs as given, like XLA's dot."""
+    rng = np.random.default_rng()
+    x, ws = random_problem(rng, 70, shape[0], shape[1], dtype)
+    outs = as_tuple(jax.jit(lambda x, *ws: kernels.dense(x, *ws, preferred_element_type=jnp.float32))(x, *ws))
+    assert len(outs) == len(ws)
+    for out, w in zip(outs, ws):
+        want = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision="highest")
+        assert out.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    assert as_tuple(jax.jit(kernels.dense)(x, *ws))[0].dtype == x.dtype  # default: x's dtype, as x @ w
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{'+'.join(map(str, s[1]))}")
+def test_a_rows_result_does_not_depend_on_the_other_rows(shape, dtype):
+    """Rows computed alone, in small groups and among 70 (other register tiles, other work items, other
+    threads) are bit-identical: greedy outputs cannot depend on the batch."""
+    rng = np.random.default_rng()
+    x, ws = random_problem(rng, 70, shape[0], shape[1], dtype)
+    run = jax.jit(kernels.dense)
+    whole = as_tuple(run(x, *ws))
+    for first, count in [(0, 1), (3, 1), (0, 2), (5, 7), (1, 33), (0, 64)]:
+        for part, full in zip(as_tuple(run(x[first:first + count], *ws)), whole):
+            np.testing.assert_array_equal(np.asarray(part), np.asarray(full[first:first + count]))
+    sums = jax.jit(kernels.row_sum)(x)
+    for first, count in [(0, 1), (5, 7), (0, 64)]:
+        np.testing.assert_array_equal(np.asarray(jax.jit(kernels.row_sum)(x[first:first + count])),
+                                      np.asarray(sums[first:first + count]))
+
+
+def test_row_sum_and_softmax_match_jnp():
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.normal(size=(3, 5, 40)), jnp.float32)
+    np.testing.assert_allclose(np.asarray(kernels.row_sum(x)), np.asarray(x.sum(-1, keepdims=True)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kernels.softmax(x)), np.asarray(jax.nn.softmax(x, axis=-1)), rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_for_gspmd_traces_xla_operations():
+    """On CPU the native kernel by default; inside for_gspmd() XLA's dot and reduction, which GSPMD
+    partitions (a custom call's operands it would gather whole)."""
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
+
+    def lowered():  # a new function each time: jax caches a function's trace, and the context is not in its key
+        return jax.jit(lambda x, w: (kernels.dense(x, w), kernels.row_sum(x))).lower(x, w).as_text()
+    assert lowered().count("custom_call @moejax_matmul") == 2
+    with kernels.for_gspmd():
+        text = lowered()
+    assert "moejax_matmul" not in text and "dot_general" in text
