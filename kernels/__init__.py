@@ -154,7 +154,10 @@ def row_sum(x: jax.Array) -> jax.Array:
 
 def softmax(x: jax.Array) -> jax.Array:
     """jax.nn.softmax over the last axis (float32), its denominator a row_sum."""
-    unnormalized = jnp.exp(x - jax.lax.stop_gradient(x.max(axis=-1, keepdims=True)))
+    # The max kept out of the exp's fusion: XLA:CPU's exp fused into the row-max reduction rounds a
+    # row differently depending on how many rows there are.
+    row_max = jax.lax.optimization_barrier(jax.lax.stop_gradient(x.max(axis=-1, keepdims=True)))
+    unnormalized = jnp.exp(x - row_max)
     return unnormalized / row_sum(unnormalized)
 
 
