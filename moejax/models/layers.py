@@ -139,14 +139,15 @@ class Rope:
             return jnp.concatenate([self(x[..., :dim], positions), x[..., dim:]], axis=-1)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
         freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, dim/2]
+        if not self.interleaved:
+            freqs = jnp.concatenate([freqs, freqs], axis=-1)
+        # cos and sin materialized once per row: fused into their consumer, XLA evaluates them again
+        # for every head's element
+        cos, sin = jax.lax.optimization_barrier(((jnp.cos(freqs) * self.scaling).astype(x.dtype)[:, None, :],
+                                                 (jnp.sin(freqs) * self.scaling).astype(x.dtype)[:, None, :]))
         if self.interleaved:
-            cos = (jnp.cos(freqs) * self.scaling).astype(x.dtype)[:, None, :]
-            sin = (jnp.sin(freqs) * self.scaling).astype(x.dtype)[:, None, :]
             x1, x2 = x[..., 0::2], x[..., 1::2]
             return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-        emb = jnp.concatenate([freqs, freqs], axis=-1)
-        cos = (jnp.cos(emb) * self.scaling).astype(x.dtype)[:, None, :]
-        sin = (jnp.sin(emb) * self.scaling).astype(x.dtype)[:, None, :]
         half = x.shape[-1] // 2
         rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
