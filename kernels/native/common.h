@@ -108,6 +108,12 @@ constexpr int64_t kParallelMinFlops = 1 << 21;
 // at 16 rows 0.48-0.62 -> 0.25-0.36 ms; on operands already in cache no different).
 constexpr int64_t kStreamingWeight = 4;
 
+// The threads parallel_chunks runs `chunks` chunks of `flops` multiply-adds on: the caller, plus pool
+// threads only when the work is worth waking them.
+inline int64_t parallel_workers(ffi::ThreadPool& pool, int64_t chunks, int64_t flops) {
+  return flops < kParallelMinFlops ? 1 : std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
+}
+
 // Runs work(begin, end) over [0, n) in chunks of `grain`, taken from a shared counter by the calling
 // thread and by tasks on the pool: the caller never waits for a chunk nobody has started, so a busy (or
 // one-thread) pool cannot deadlock it. Tasks may start after the call returned; they then find no chunk
@@ -135,7 +141,7 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t grain, int64_t fl
   // The caller is a worker too: pool.num_threads() helpers besides it would put one more thread than
   // the pool was sized for on the cores, and a helper descheduled mid-chunk holds up the whole call
   // (measured on 2 cores, routed experts at 64 rows: 2 helpers 178-201 us a call, 1 helper 123-158).
-  const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, state->chunks - 1);
+  const int64_t helpers = parallel_workers(pool, state->chunks, flops) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(run)(run));  // a copy per task
   run();
   std::unique_lock<std::mutex> lock(state->mutex);

@@ -43,12 +43,25 @@ void tile(const float* a, int64_t lda, const T* w, int64_t K, int64_t N, int64_t
   }
 }
 
+// Bytes another GEMM reads next, requested a few lines per column block of this one: they arrive from
+// memory while this one computes (all at once, the requests would stall the core instead).
+struct LinePrefetcher {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  int64_t lines_per_block = 0;
+
+  void operator()() {
+    for (int64_t i = 0; i < lines_per_block && next < end; ++i, next += 64) __builtin_prefetch(next);
+  }
+};
+
 // The column block [n, n + 8V) (V = 0: the single column n) for any number of rows, kRows at a time:
 // the block's weights stay in cache across the row groups.
 template <int64_t V, typename T>
 void column_block(int64_t rows, const float* a, int64_t lda, const T* w, int64_t K, int64_t N, int64_t n, float* c,
-                  int64_t ldc) {
+                  int64_t ldc, LinePrefetcher* prefetch) {
   int64_t r = 0;
+  if (prefetch) (*prefetch)();
   for (; r + kRows <= rows; r += kRows) tile<kRows, V>(a + r * lda, lda, w, K, N, n, c + r * ldc, ldc);
   switch (rows - r) {
     case 1: return tile<1, V>(a + r * lda, lda, w, K, N, n, c + r * ldc, ldc);
@@ -65,17 +78,18 @@ void column_block(int64_t rows, const float* a, int64_t lda, const T* w, int64_t
 // whole-width call, so how columns are split between calls never changes a result.
 template <typename T>
 void gemm(int64_t rows, const float* a, int64_t lda, const T* w, int64_t K, int64_t N, float* c, int64_t ldc,
-          int64_t n_begin, int64_t n_end) {
+          int64_t n_begin, int64_t n_end, LinePrefetcher* prefetch = nullptr) {
   int64_t n = n_begin;
   for (; n + kColVectors * kLanes <= n_end; n += kColVectors * kLanes)
-    column_block<kColVectors>(rows, a, lda, w, K, N, n, c, ldc);
-  for (; n + kLanes <= n_end; n += kLanes) column_block<1>(rows, a, lda, w, K, N, n, c, ldc);
-  for (; n < n_end; ++n) column_block<0>(rows, a, lda, w, K, N, n, c, ldc);
+    column_block<kColVectors>(rows, a, lda, w, K, N, n, c, ldc, prefetch);
+  for (; n + kLanes <= n_end; n += kLanes) column_block<1>(rows, a, lda, w, K, N, n, c, ldc, prefetch);
+  for (; n < n_end; ++n) column_block<0>(rows, a, lda, w, K, N, n, c, ldc, prefetch);
 }
 
 template <typename T>
-void gemm(int64_t rows, const float* a, int64_t lda, const T* w, int64_t K, int64_t N, float* c, int64_t ldc) {
-  gemm(rows, a, lda, w, K, N, c, ldc, 0, N);
+void gemm(int64_t rows, const float* a, int64_t lda, const T* w, int64_t K, int64_t N, float* c, int64_t ldc,
+          LinePrefetcher* prefetch = nullptr) {
+  gemm(rows, a, lda, w, K, N, c, ldc, 0, N, prefetch);
 }
 
 }  // namespace moejax
