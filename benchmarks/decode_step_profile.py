@@ -10,7 +10,7 @@ prompts x NEW_TOKENS tokens), summed over the run and given per decode step (one
 `device_get` where the host waits for it, the rest host work. The parts are the last decode iteration's
 inputs captured mid-run, each jitted alone and timed over repeated calls; the multi-step program is also
 traced once (jax.profiler) and its operations' times summed by kind per decode step (the native kernels
-by their custom-call target, YNNPACK's dense GEMMs, every other XLA operation). With run-ahead (the
+by their custom-call target, YNNPACK's fusions, every other XLA operation). With run-ahead (the
 default) the host's work overlaps the device's, so the stages overlap too: `device_get` is then what
 remains of the device's time after the host's. Then the same generate with run-ahead off and on,
 alternating on one engine, best of 3 each. Then a kernel ablation: engines that differ only in one
@@ -101,7 +101,7 @@ def traced_split(run, hlo: str, steps: int) -> dict:
         op = e.get("args", {}).get("hlo_op") if e.get("ph") == "X" else None
         if op is None or op.startswith(("while", "cond")):
             continue
-        kind = NATIVE_KINDS.get(targets.get(op)) or ("dense GEMMs (YNNPACK)" if op.startswith("ynn_fusion")
+        kind = NATIVE_KINDS.get(targets.get(op)) or ("YNNPACK fusions (row reductions)" if op.startswith("ynn_fusion")
                                                      else "other XLA operations")
         kinds[kind] += e["dur"] / 1e3 / steps
     return dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
