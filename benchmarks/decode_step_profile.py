@@ -30,7 +30,6 @@ import collections
 import gzip
 import json
 import os
-import platform
 import re
 import tempfile
 import threading
@@ -52,11 +51,10 @@ from moejax.kernels import native
 from moejax.kernels.paged_attention import paged_attention
 from moejax.models.model import Model
 
-HERE = Path(__file__).resolve().parent
 try:
-    from decode_vs_hf import CKPT, NEW_TOKENS, PROMPT_LEN, prompts
+    from decode_vs_hf import CKPT, NEW_TOKENS, PROMPT_LEN, prompts, write_json
 except ImportError:  # run as a module from the repository root
-    from benchmarks.decode_vs_hf import CKPT, NEW_TOKENS, PROMPT_LEN, prompts
+    from benchmarks.decode_vs_hf import CKPT, NEW_TOKENS, PROMPT_LEN, prompts, write_json
 
 
 def timed(owner, name: str, totals: dict) -> None:
@@ -316,10 +314,8 @@ def main() -> None:
         print(f"  compute floor: {floor['macs_per_decode_step'] / 1e6:.1f} M multiply-adds per step at "
               f"{floor['gemm_GMACps']:.1f} G/s = {floor['floor_ms_per_decode_step']:.3f} ms "
               f"({floor['floor_over_step']:.2f} of the step)")
-    result = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (no accelerator)",
-              "load_average_1min": os.getloadavg()[0], "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
-              "max_decode_steps": llm.engine.executor.max_decode_steps, "batches": rows}
-    (HERE / "decode_step_profile.json").write_text(json.dumps(result, indent=1))
+    write_json(__file__, load_average_1min=os.getloadavg()[0], prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+               max_decode_steps=llm.engine.executor.max_decode_steps, batches=rows)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,16 @@ HERE = Path(__file__).resolve().parent
 CKPT = HERE / ".cache" / "tiny-qwen3-moe-hf"
 
 
+MACHINE = f"{platform.machine()} CPU, {os.cpu_count()} cores (no accelerator)"
+
+
+def write_json(script: str, **result) -> None:
+    """Writes result, this machine named first, as the JSON beside `script` (its name, .json)."""
+    path = Path(script).with_suffix(".json")
+    path.write_text(json.dumps({"machine": MACHINE, **result}, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def prompts(vocab: int, batch: int) -> list[list[int]]:
     return [[(97 * b + 31 * i + 7) % (vocab - 3) + 3 for i in range(PROMPT_LEN)] for b in range(batch)]
 
@@ -133,18 +143,14 @@ def main() -> None:
               f"x{r['speedup_vs_hf_eager_experts']:.2f} vs HF eager experts; sequences differing from HF "
               f"default / eager: {r['sequences_differing']['grouped_mm']} / {r['sequences_differing']['eager']}",
               flush=True)
-    result = {
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (no accelerator)",
-        "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS, "repeats": REPEATS,
-        "max_decode_steps": llm.engine.executor.max_decode_steps,
-        "hf_versions": {"torch": hf_versions["torch"], "transformers": hf_versions["transformers"],
-                        "torch_threads": hf_versions["threads"]},
-        "batches": rows,
-    }
     hf.stdin.close()
     hf.wait()
-    (HERE / "decode_vs_hf.json").write_text(json.dumps(result, indent=1))
+    write_json(__file__, load_average_1min={"before": load_before, "after": os.getloadavg()[0]},
+               prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS, repeats=REPEATS,
+               max_decode_steps=llm.engine.executor.max_decode_steps,
+               hf_versions={"torch": hf_versions["torch"], "transformers": hf_versions["transformers"],
+                            "torch_threads": hf_versions["threads"]},
+               batches=rows)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,11 @@ Same checkpoint and prompts as decode_vs_hf.py (run that first: it writes the ch
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import platform
 import time
-from pathlib import Path
 
 import numpy as np
-from decode_vs_hf import CKPT, NEW_TOKENS, PROMPT_LEN, prompts
+from decode_vs_hf import CKPT, NEW_TOKENS, PROMPT_LEN, prompts, write_json
 
 from moejax import LLM, SamplingParams, kernels
 from moejax.engine.metadata import attention_metadata, pad_tokens
@@ -75,12 +72,8 @@ def main() -> None:
               f"prompt 0's logits alone vs in the batch, max |diff|: "
               + ", ".join(f"{k} {v:.2e}" for k, v in r["prompt_0_logits_alone_vs_in_batch_max_abs_diff"].items()),
               flush=True)
-    out = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (no accelerator)",
-           "load_average_1min": os.getloadavg()[0], "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
-           "repeats": REPEATS, "batches": rows}
-    path = Path(__file__).with_suffix(".json")
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_json(__file__, load_average_1min=os.getloadavg()[0], prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+               repeats=REPEATS, batches=rows)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,10 @@ OFFLINE_TOKEN_BUDGET.
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import time
-from pathlib import Path
 
-from decode_vs_hf import CKPT, NEW_TOKENS, PROMPT_LEN, prompts
+from decode_vs_hf import CKPT, NEW_TOKENS, PROMPT_LEN, prompts, write_json
 
 from moejax import LLM, SamplingParams
 
@@ -46,12 +43,8 @@ def main() -> None:
         print(f"batch {batch:4d}: " + ", ".join(f"budget {b}: {best[b] * 1e3:.1f} ms ({iterations[b]} iterations)"
                                              for b in BUDGETS) + f"; ratio {rows[-1]['time_ratio_2048_over_512']:.3f}",
               flush=True)
-    out = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (no accelerator)",
-           "load_average_1min": os.getloadavg()[0], "prompt_len": PROMPT_LEN, "new_tokens": NEW_TOKENS,
-           "repeats": REPEATS, "batches": rows}
-    path = Path(__file__).with_suffix(".json")
-    path.write_text(json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_json(__file__, load_average_1min=os.getloadavg()[0], prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+               repeats=REPEATS, batches=rows)
 
 
 if __name__ == "__main__":
