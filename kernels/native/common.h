@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <string>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -146,6 +147,22 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t grain, int64_t fl
   run();
   std::unique_lock<std::mutex> lock(state->mutex);
   state->finished.wait(lock, [&] { return state->done == state->chunks; });
+}
+
+// The kernels' one dtype dispatch: run(T()) with T float (float32) or uint16_t (bfloat16's bits);
+// any other element type is an error naming the kernel.
+template <typename Run>
+ffi::Error by_element_type(ffi::DataType dtype, const char* kernel, Run run) {
+  switch (dtype) {
+    case ffi::DataType::F32:
+      run(float());
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      run(uint16_t());
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument(std::string(kernel) + ": float32 or bfloat16 only");
+  }
 }
 
 }  // namespace moejax

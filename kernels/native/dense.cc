@@ -79,16 +79,9 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::RemainingArgs
       return ffi::Error::InvalidArgument("matmul: every weight must be [K, N] of x's dtype");
     products.push_back({w->untyped_data(), wd[1], (*out)->typed_data()});
   }
-  switch (x.element_type()) {
-    case ffi::DataType::F32:
-      matmuls(pool, static_cast<const float*>(x.untyped_data()), M, K, products);
-      return ffi::Error::Success();
-    case ffi::DataType::BF16:  // bfloat16's bits
-      matmuls(pool, static_cast<const uint16_t*>(x.untyped_data()), M, K, products);
-      return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("matmul: float32 or bfloat16 only");
-  }
+  return by_element_type(x.element_type(), "matmul", [&](auto element) {
+    matmuls(pool, static_cast<const decltype(element)*>(x.untyped_data()), M, K, products);
+  });
 }
 
 }  // namespace

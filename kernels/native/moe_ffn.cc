@@ -180,21 +180,12 @@ ffi::Error MoeFfnImpl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::S
   int32_t* n = sizes->typed_data();
   const int32_t* s = slots.typed_data();
   const float* w = weights.typed_data();
-  auto run = [&](auto element) {  // element: a T() of the buffers' element type
+  return by_element_type(dtype, "moe_ffn", [&](auto element) {
     using T = decltype(element);
     moe_ffn(pool, p, static_cast<const T*>(x.untyped_data()), s, w, static_cast<const T*>(w_gate_up.untyped_data()),
             static_cast<const T*>(w_down.untyped_data()),
             biased ? static_cast<const T*>(b_gate_up.untyped_data()) : nullptr, o, n);
-    return ffi::Error::Success();
-  };
-  switch (dtype) {
-    case ffi::DataType::F32:
-      return run(float());
-    case ffi::DataType::BF16:
-      return run(uint16_t());  // bfloat16's bits
-    default:
-      return ffi::Error::InvalidArgument("moe_ffn: float32 or bfloat16 only");
-  }
+  });
 }
 
 }  // namespace

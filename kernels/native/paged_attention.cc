@@ -243,23 +243,12 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBu
   int64_t keys = 0;  // the work: keys read per row (queries x keys x head size x 2 multiply-adds)
   for (int64_t r = 0; r < s.rows; ++r) keys += std::min<int64_t>(pos[r] + 1, s.window > 0 ? s.window : pos[r] + 1);
   const int64_t flops = keys * s.heads * s.head_dim * 2 * kStreamingWeight;  // KV streams from memory
-  switch (q.element_type()) {
-    case ffi::DataType::F32: {
-      auto *qp = static_cast<const float*>(q.untyped_data()), *kp = static_cast<const float*>(k_cache.untyped_data()),
-           *vp = static_cast<const float*>(v_cache.untyped_data());
-      parallel_chunks(pool, s.rows, grain, flops, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
-      return ffi::Error::Success();
-    }
-    case ffi::DataType::BF16: {
-      auto *qp = static_cast<const uint16_t*>(q.untyped_data()),
-           *kp = static_cast<const uint16_t*>(k_cache.untyped_data()),
-           *vp = static_cast<const uint16_t*>(v_cache.untyped_data());
-      parallel_chunks(pool, s.rows, grain, flops, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
-      return ffi::Error::Success();
-    }
-    default:
-      return ffi::Error::InvalidArgument("paged attention: float32 or bfloat16 only");
-  }
+  return by_element_type(q.element_type(), "paged attention", [&](auto element) {
+    using T = decltype(element);
+    auto *qp = static_cast<const T*>(q.untyped_data()), *kp = static_cast<const T*>(k_cache.untyped_data()),
+         *vp = static_cast<const T*>(v_cache.untyped_data());
+    parallel_chunks(pool, s.rows, grain, flops, [=](int64_t b, int64_t e) { attend_rows_any(s, qp, kp, vp, pos, seq, tab, o, b, e); });
+  });
 }
 
 }  // namespace
