@@ -161,6 +161,33 @@ def softmax(x: jax.Array) -> jax.Array:
     return unnormalized / row_sum(unnormalized)
 
 
+def _native_top_k(x: jax.Array, k: int) -> bool:
+    """Whether top_k / argmax of x run the native kernel (static: shape, dtype, platform, context)."""
+    return (not _for_gspmd and x.dtype == jnp.float32 and x.ndim > 0 and 1 <= k <= x.shape[-1]
+            and backend_for() == "cpu" and jax.default_backend() == "cpu" and native.available())
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """jax.lax.top_k over the last axis: (values, indices int32) of the k largest, equal ones in index
+    order. On XLA:CPU for float32 the native kernel (XLA's TopK is a library call that outweighs a
+    router's projection at decode sizes); elsewhere, and inside `for_gspmd()`, lax.top_k."""
+    x = jnp.asarray(x)
+    if not _native_top_k(x, k):
+        return jax.lax.top_k(x, k)
+    values, indices = native.top_k(x.reshape(-1, x.shape[-1]), k)
+    return values.reshape(*x.shape[:-1], k), indices.reshape(*x.shape[:-1], k)
+
+
+def argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis, int32 (the first NaN, else the first of the largest). On XLA:CPU for
+    float32 the native top-k kernel in argmax order (XLA's argmax reduction is several times slower);
+    elsewhere, and inside `for_gspmd()`, jnp.argmax."""
+    x = jnp.asarray(x)
+    if not _native_top_k(x, 1):
+        return jnp.argmax(x, axis=-1).astype(jnp.int32)
+    return native.top_k(x.reshape(-1, x.shape[-1]), 1, argmax=True)[1].reshape(x.shape[:-1])
+
+
 def _resolve(backend: str | None, K: int, N: int, dtype):
     """The backend module/object to run a problem with contraction/output dims (K, N)."""
     if backend is not None and backend not in BACKENDS:
@@ -264,5 +291,5 @@ def _check_ffn_weights(x, w_gate_up, w_down, activation, b_gate_up=None, b_down=
 
 
 __all__ = ["BACKENDS", "ClampedSwiGLU", "backend_for", "platform_backend", "use_backend", "dense", "row_sum",
-           "softmax", "for_gspmd", "grouped_matmul", "expert_ffn", "moe_ffn", "slot_ids", "sort_by_expert", "permute",
+           "softmax", "top_k", "argmax", "for_gspmd", "grouped_matmul", "expert_ffn", "moe_ffn", "slot_ids", "sort_by_expert", "permute",
            "unpermute_combine", "paged_attention", "paged_latent_attention", "write_kv", "write_rows"]

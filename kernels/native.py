@@ -11,11 +11,16 @@ system's C++ compiler on first use and cached per source, flags, jaxlib and mach
     matmul            x @ w for one or several weights in one call, every row computed alone (XLA:CPU's
                       dot computes a row differently depending on the number of rows):
                       moejax.kernels.dense on CPU
+    top_k             the k largest of each row, as jax.lax.top_k, or its argmax as jnp.argmax
+                      (XLA:CPU calls a sort routine / runs a two-operand reduction loop, both several
+                      times slower): moejax.kernels.top_k and argmax on CPU
 
 Where no compiler is found the jnp code runs, with one warning.
 
     MOEJAX_NATIVE=0          never use them
     MOEJAX_CACHE_DIR         where the built library is kept (default ~/.cache/moejax)
+    MOEJAX_NATIVE_PARALLEL_MIN  the fewest multiply-adds a kernel call spreads over the thread pool
+                             (default 524288; below, the calling thread does it alone)
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from . import reference
 
 SOURCES = Path(__file__).with_name("native")
 TARGETS = {"moejax_paged_attention": "MoejaxPagedAttention", "moejax_moe_ffn": "MoejaxMoeFfn",
-           "moejax_matmul": "MoejaxMatmul"}  # name: symbol
+           "moejax_matmul": "MoejaxMatmul", "moejax_top_k": "MoejaxTopK"}  # name: symbol
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
 # GCC tuned for AMD Zen computes a lone multiply-add chain as multiply then add (a shorter loop-carried
 # latency), other chains fused: a row would then round differently alone than beside others (gemm.h).
@@ -103,6 +108,18 @@ def matmul(x: jax.Array, *weights: jax.Array) -> tuple[jax.Array, ...]:
     call = jax.ffi.ffi_call("moejax_matmul", [jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32)
                                               for w in weights])
     return tuple(call(x, *weights))
+
+
+def top_k(x: jax.Array, k: int, argmax: bool = False) -> tuple[jax.Array, jax.Array]:
+    """x: [M, N] float32 -> (values [M, k], indices [M, k] int32), as jax.lax.top_k; argmax (k = 1): the
+    index jnp.argmax gives (top_k.cc: the orders)."""
+    if not available():
+        raise RuntimeError("the native CPU kernels are unavailable (see the warning above, or MOEJAX_NATIVE=0)")
+    M = x.shape[0]
+    call = jax.ffi.ffi_call("moejax_top_k", (jax.ShapeDtypeStruct((M, k), jnp.float32),
+                                             jax.ShapeDtypeStruct((M, k), jnp.int32)))
+    values, indices = call(x, k=np.int64(k), argmax=argmax)
+    return values, indices
 
 
 def paged_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array,

@@ -358,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "default sizes), so that no request waits for a compiler")
     srv.add_argument("--run-ahead", action="store_true",
                      help="dispatch the next multi-step decode iteration before the last one's tokens are back: "
-                          "more tokens/s, but a request arriving meanwhile waits one more iteration (up to 16 "
-                          "decode steps) before its prefill")
+                          "more tokens/s, but a request arriving meanwhile waits one more iteration (up to 32 "
+                          "decode steps, about 0.25 s) before its prefill")
     srv.set_defaults(func=cmd_serve_http)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)

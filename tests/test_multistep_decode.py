@@ -119,6 +119,18 @@ def test_abort_while_an_iteration_runs_ahead():
     assert engine.scheduler.kv.num_free_blocks == engine.scheduler.kv.num_blocks
 
 
+def test_iterations_bounded_by_max_iteration_s():
+    """Once a step time is measured, a multi-step iteration runs no more steps than fit in
+    max_iteration_s (at least one); the tokens do not change."""
+    model = build_model(get_preset("tiny-qwen3-moe"), seed=5)
+    prompts, params = [[5, 9, 13, 2, 7], [3, 3, 8]], [SamplingParams(max_tokens=20, ignore_eos=True)] * 2
+    free, _, _ = serve(model, prompts, params, 1)
+    bounded, plans, _ = serve(model, prompts, params, 8, max_iteration_s=0.0, run_ahead=False)
+    assert [r.output_token_ids for r in bounded] == [r.output_token_ids for r in free]
+    steps = [p.plan.decode_steps for p in plans if not p.plan.num_prefill_tokens]
+    assert steps[0] == 8 and set(steps[1:]) == {1}  # the first, unmeasured, runs the executor's most
+
+
 def test_stop_tokens_inside_a_multi_step_iteration():
     model = build_model(get_preset("tiny-qwen3-moe"), seed=5)
     prompt = [5, 9, 13, 2, 7]

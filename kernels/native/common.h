@@ -8,6 +8,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -98,12 +99,18 @@ inline f8 sigmoid(f8 x) {
   return (x < 0 ? e : f8{} + 1.0f) / (1.0f + e);
 }
 
-// Below this many multiply-adds a kernel runs on the calling thread alone: waking a pool thread costs
-// more than the half of the work it would take.
-constexpr int64_t kParallelMinFlops = 1 << 21;
+// Below this many multiply-adds a kernel runs on the calling thread alone: a pool thread joins only after
+// it is woken, and below this the caller has done the work by then (benchmarks/decode_settings.py
+// compares thresholds in the engine). MOEJAX_NATIVE_PARALLEL_MIN overrides it (read at every call).
+constexpr int64_t kParallelMinFlops = 1 << 19;
+
+inline int64_t parallel_min_flops() {
+  const char* value = std::getenv("MOEJAX_NATIVE_PARALLEL_MIN");
+  return value && *value ? std::strtoll(value, nullptr, 10) : kParallelMinFlops;
+}
 
 // Work that streams its operands from memory at decode sizes (KV blocks; an expert's weights for a few
-// rows) counts each multiply-add this many times against kParallelMinFlops: a second thread pays off at
+// rows) counts each multiply-add this many times against the threshold: a second thread pays off at
 // a quarter of a GEMM's work there (measured side by side on 2 cores, the KV and weights of 4 layers
 // read in turn: paged attention at 64 rows, 48 keys 0.32-0.46 -> 0.24-0.36 ms a layer; routed experts
 // at 16 rows 0.48-0.62 -> 0.25-0.36 ms; on operands already in cache no different).
@@ -112,17 +119,17 @@ constexpr int64_t kStreamingWeight = 4;
 // The threads parallel_chunks runs `chunks` chunks of `flops` multiply-adds on: the caller, plus pool
 // threads only when the work is worth waking them.
 inline int64_t parallel_workers(ffi::ThreadPool& pool, int64_t chunks, int64_t flops) {
-  return flops < kParallelMinFlops ? 1 : std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
+  return flops < parallel_min_flops() ? 1 : std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), chunks));
 }
 
 // Runs work(begin, end) over [0, n) in chunks of `grain`, taken from a shared counter by the calling
 // thread and by tasks on the pool: the caller never waits for a chunk nobody has started, so a busy (or
 // one-thread) pool cannot deadlock it. Tasks may start after the call returned; they then find no chunk
 // left. Which thread runs a chunk never changes what it computes. `flops`: the whole work's
-// multiply-adds; below kParallelMinFlops the caller runs it all.
+// multiply-adds; below parallel_min_flops() the caller runs it all.
 template <typename Work>
 void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t grain, int64_t flops, Work work) {
-  if (flops < kParallelMinFlops) return work(0, n);
+  if (flops < parallel_min_flops()) return work(0, n);
   struct State {
     std::atomic<int64_t> next{0};
     int64_t chunks, done = 0;

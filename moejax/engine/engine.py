@@ -22,6 +22,10 @@ from moejax.engine.request import Request
 from moejax.engine.sampling import RequestError, SamplingParams, check_token_ids
 from moejax.engine.scheduler import Scheduler
 
+# The longest a multi-step decode iteration is planned to take (at the last measured step time): a
+# request arriving meanwhile waits about this long (twice with run-ahead), a stream as long between deltas.
+MAX_ITERATION_S = 0.25
+
 
 class WallClock:
     def __init__(self):
@@ -78,9 +82,10 @@ class Arrival:
 
 class Engine:
     def __init__(self, scheduler: Scheduler, executor: Executor, *, virtual_time: bool = False, seed: int = 0,
-                 run_ahead: bool = True):
+                 run_ahead: bool = True, max_iteration_s: float = MAX_ITERATION_S):
         """run_ahead: a multi-step decode iteration dispatches the next one before its own tokens are
-        back (step())."""
+        back (step()). max_iteration_s: a multi-step decode runs no more steps than fit in this time at
+        the last measured step time (step())."""
         self.scheduler = scheduler
         self.executor = executor
         self.config: ModelConfig = scheduler.model_config
@@ -92,6 +97,7 @@ class Engine:
         self._next_id = 0
         self._decode_step_s: float | None = None  # time per decode step, of the last decode-only iteration
         self.run_ahead = run_ahead
+        self.max_iteration_s = max_iteration_s
         self._ahead = None  # (plan, launched): the iteration dispatched ahead, collected by the next step()
 
     # --- requests -----------------------------------------------------------------------------------
@@ -170,8 +176,10 @@ class Engine:
     # --- the loop -------------------------------------------------------------------------------------
     def step(self, until: float | None = None) -> StepOutput:
         """One iteration. A decode-only iteration runs several decode steps in one go (up to the
-        executor's max_decode_steps); `until` (a time on this engine's clock, e.g. the next arrival)
-        bounds them to what is expected to finish by then, so that new requests do not wait.
+        executor's max_decode_steps, and as many as take max_iteration_s at the last measured step time:
+        what a request arriving meanwhile waits, and a stream's longest wait between deltas); `until` (a
+        time on this engine's clock, e.g. the next arrival) bounds them to what is expected to finish by
+        then, so that new requests do not wait.
 
         Run-ahead: a multi-step decode dispatches the iteration after it
         (Scheduler.schedule_ahead: the same requests decoding on) before waiting for its own tokens,
@@ -222,17 +230,18 @@ class Engine:
         return StepOutput(plan, result, finished)
 
     def _decode_steps(self, until: float | None, after: int = 0) -> int:
-        """Decode steps the next iteration may run: the executor's most, or as many as the last
-        measured step time fits before `until`. after: decode steps that run before it starts (an
-        iteration run ahead of one still running), so that a request arriving at `until` waits no
-        longer than without run-ahead."""
-        most = self.executor.max_decode_steps
-        if until is None or most == 1:
+        """Decode steps the next iteration may run: the executor's most, and no more than the last
+        measured step time fits in max_iteration_s, nor before `until`. after: decode steps that run
+        before it starts (an iteration run ahead of one still running), so that a request arriving at
+        `until` waits no longer than without run-ahead."""
+        most, step_s = self.executor.max_decode_steps, self._decode_step_s
+        if most == 1 or step_s is None:
+            return 1 if until is not None else most  # with arrivals to come, one step at a time until measured
+        most = max(1, min(most, int(self.max_iteration_s / step_s)))
+        if until is None:
             return most
-        if self._decode_step_s is None:
-            return 1  # no measure yet: one step at a time until there is one
-        start = self.clock.now() + after * self._decode_step_s
-        return max(1, min(most, int((until - start) / self._decode_step_s)))
+        start = self.clock.now() + after * step_s
+        return max(1, min(most, int((until - start) / step_s)))
 
     def _hand_off(self, req: Request) -> None:
         """Export a handed-off request's KV (all but its last token: the next engine computes that one)."""

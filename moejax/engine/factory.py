@@ -19,7 +19,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from moejax.engine.engine import Engine
+from moejax.engine.engine import MAX_ITERATION_S, Engine
 from moejax.engine.executor import Executor
 from moejax.engine.kv_cache import KVCacheManager, kv_groups
 from moejax.engine.layered import WithinTarget
@@ -68,7 +68,7 @@ def _factory(name: str) -> Factory:
 
 def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget: int = 512, max_num_seqs: int = 256,
           max_model_len: int | None = None, block_size: int = 16, seed: int = 0, run_ahead: bool = True,
-          **options) -> Engine:
+          max_iteration_s: float = MAX_ITERATION_S, **options) -> Engine:
     """An engine serving `model` on `executor` with a scheduling policy ("name" or "name@token_budget").
 
     Other options go to the policy (layered: group_table, cohorts_in_flight, max_prefill_tokens, ...;
@@ -78,6 +78,7 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
     offload / sim-offload: theirs, state_slots too); an option neither takes is an error. state_slots:
     per-request state slots of Gated DeltaNet layers (Qwen3-Next), default one per max_num_seqs.
     run_ahead: dispatch the next multi-step decode iteration before the last one's tokens are back
+    (Engine.step). max_iteration_s: the longest a multi-step decode iteration is planned to take
     (Engine.step)."""
     name, overrides = parse_policy(policy)
     token_budget = overrides.get("token_budget", token_budget)
@@ -111,7 +112,8 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
                         num_state_slots=built.state_slots)
     scheduler = Scheduler(built.executor.config, kv, chosen, SchedulerConfig(
         max_num_seqs=max_num_seqs, token_budget=token_budget, max_model_len=built.max_model_len))
-    return Engine(scheduler, built.executor, virtual_time=built.virtual_time, seed=seed, run_ahead=run_ahead)
+    return Engine(scheduler, built.executor, virtual_time=built.virtual_time, seed=seed, run_ahead=run_ahead,
+                  max_iteration_s=max_iteration_s)
 
 
 _SIZES = ("model", "max_num_seqs", "max_model_len", "block_size", "seed")  # what build passes every factory

@@ -140,10 +140,11 @@ class Launched:
     t0: float  # when it was dispatched
 
 
-# Decode steps one multi-step program runs at most (fewer when a request is waiting to be admitted,
-# see Scheduler._decode_steps): 16 over 8 cut host and dispatch time per token by measurement
-# (benchmarks/engine.md); streaming deltas come up to this many tokens at a time.
-MAX_DECODE_STEPS = 16
+# Decode steps one multi-step program runs at most (fewer when a request is waiting to be admitted, see
+# Scheduler._decode_steps, or when they would take longer than Engine.max_iteration_s): fewer iterations,
+# less host and dispatch time per token (benchmarks/decode_settings.py compares 16 and 32); streaming
+# deltas come up to this many tokens at a time.
+MAX_DECODE_STEPS = 32
 
 
 class JaxExecutor:

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moejax import kernels
+
 MAX_LOGPROBS = 20  # most alternatives a request can ask for (OpenAI's top_logprobs limit)
 
 
@@ -99,7 +101,7 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
            seeds: jax.Array, positions: jax.Array) -> jax.Array:
     """logits: [B, V] fp32; per-row temperature [B], top_k [B] (0 = off), top_p [B], seeds [B] uint32,
     positions [B] (index of the token being drawn in its request's output) -> tokens [B] int32."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = kernels.argmax(logits)
 
     def draw(_):
         V = logits.shape[-1]

@@ -52,11 +52,11 @@ def route(router_logits: jax.Array, routing: Routing, score_bias: jax.Array | No
         T, E = choice.shape
         grouped = choice.reshape(T, routing.groups, E // routing.groups)
         group_scores = grouped.max(axis=-1) if routing.group_score == "max" else \
-            jax.lax.top_k(grouped, 2)[0].sum(axis=-1)  # [T, G]
-        _, best = jax.lax.top_k(group_scores, routing.topk_groups)
+            kernels.top_k(grouped, 2)[0].sum(axis=-1)  # [T, G]
+        _, best = kernels.top_k(group_scores, routing.topk_groups)
         kept = jnp.zeros(group_scores.shape, bool).at[jnp.arange(T)[:, None], best].set(True)
         choice = jnp.where(jnp.repeat(kept, E // routing.groups, axis=1), choice, -jnp.inf)
-    _, ids = jax.lax.top_k(choice, routing.top_k)
+    _, ids = kernels.top_k(choice, routing.top_k)
     weights = jnp.take_along_axis(scores, ids, axis=-1)
     if routing.normalize:
         weights = weights / (kernels.row_sum(weights) + 1e-20)
