@@ -9,6 +9,10 @@ rounds by more than most of these differences).
                                call spreads over the thread pool (default 524288)
     lax.top_k                  the routers' top-k as jax.lax.top_k instead of the native kernel
 
+Greedy sampling's argmax (kernels.argmax) is traced once per process (sampling.sample is jitted on its
+own), so it is compared apart: kernels.top_k / argmax against lax.top_k / jnp.argmax at this model's
+router and sampling shapes, LOOP calls in one compiled loop, per call.
+
     .venv/bin/python benchmarks/decode_settings.py    # -> benchmarks/decode_settings.json
 """
 
@@ -21,6 +25,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 from decode_vs_hf import CKPT, NEW_TOKENS, PROMPT_LEN, prompts, write_json
 
 from moejax import LLM, SamplingParams, kernels
@@ -86,12 +91,50 @@ def measure(batch: int, rounds: int) -> dict:
             "greedy_tokens_identical_to_default": {n: tokens[n] == tokens["default"] for n in names}}
 
 
+LOOP = 200
+
+
+def per_call_us(op, x: jax.Array, repeats: int = 30) -> float:
+    """Microseconds per call of op(x) -> int32 indices, LOOP calls in one program (each input depends on
+    the last output, so none is hoisted), best of `repeats`."""
+    def body(_, carry):
+        return op(x + carry[..., None].astype(x.dtype) * 0)
+
+    loop = jax.jit(lambda x: jax.lax.fori_loop(0, LOOP, body, op(x)))
+    loop(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        loop(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return best / LOOP * 1e6
+
+
+def kernel_rows(batches: list[int]) -> list[dict]:
+    """kernels.top_k (the router: 16 experts, top 4) and kernels.argmax (sampling: 512 logits) against
+    XLA's, at each batch's rows."""
+    rows = []
+    for batch in batches:
+        router = jax.random.normal(jax.random.key(batch), (batch, 16), jnp.float32)
+        logits = jax.random.normal(jax.random.key(batch + 1), (batch, 512), jnp.float32)
+        rows.append({"rows": batch, "router_top_4_of_16_us": {
+                         "lax.top_k": per_call_us(lambda x: jax.lax.top_k(x, 4)[1].sum(axis=-1), router),
+                         "kernels.top_k": per_call_us(lambda x: kernels.top_k(x, 4)[1].sum(axis=-1), router)},
+                     "argmax_of_512_us": {
+                         "jnp.argmax": per_call_us(lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32), logits),
+                         "kernels.argmax": per_call_us(kernels.argmax, logits)}})
+        print(f"rows {batch:4d}: " + "; ".join(f"{k}: " + ", ".join(f"{n} {v:.1f} us" for n, v in d.items())
+                                              for k, d in rows[-1].items() if k != "rows"), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64, 256])
     ap.add_argument("--rounds", type=int, default=10)
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
+    kernels_side = kernel_rows(args.batches)
     rows = []
     for batch in args.batches:
         rows.append(measure(batch, args.rounds))
@@ -100,7 +143,8 @@ def main() -> None:
               + f" (time over default's); greedy identical: {all(rows[-1]['greedy_tokens_identical_to_default'].values())}",
               flush=True)
     write_json(__file__, load_average_1min={"before": load_before, "after": os.getloadavg()[0]}, prompt_len=PROMPT_LEN,
-               new_tokens=NEW_TOKENS, rounds=args.rounds, default_max_decode_steps=MAX_DECODE_STEPS, batches=rows)
+               new_tokens=NEW_TOKENS, rounds=args.rounds, default_max_decode_steps=MAX_DECODE_STEPS, batches=rows,
+               kernels=kernels_side)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,18 @@ inline f8 load8(const uint16_t* p) {  // 8 bfloat16 -> float32
 }
 inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
 
+// Whether any lane of a comparison's result (-1 or 0 per lane) is set.
+inline bool any_lane(i8 mask) {
+#ifdef __AVX__
+  return __builtin_ia32_movmskps256(reinterpret_cast<f8>(mask)) != 0;
+#else
+  uint64_t words[sizeof mask / sizeof(uint64_t)], any = 0;
+  std::memcpy(words, &mask, sizeof mask);
+  for (uint64_t w : words) any |= w;
+  return any != 0;
+#endif
+}
+
 // Lane u of the result = the sum of a[u]'s lanes: eight horizontal sums in 14 shuffles and 7 adds (a
 // pairwise tree: neighbours, then pairs, then halves) instead of 56 scalar adds.
 inline f8 sum8x8(const f8 (&a)[8]) {

@@ -9,6 +9,7 @@
 // at decode sizes, and jnp.argmax as a two-operand reduction loop several times slower than a pass
 // that skips 8 values at a time when none beats the k-th kept.
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -32,36 +33,27 @@ inline i8 order_keys(const float* x) {
   return bits < 0 ? bits ^ 0x7fffffff : bits;
 }
 
-template <bool Argmax>
-inline int32_t order_key(float x) {
-  float lanes[kLanes] = {x};
-  return order_keys<Argmax>(lanes)[0];
-}
-
-// One row's k largest, in order, into v / id (keys: scratch of k).
+// One row's k largest, in order, into v / id (keys: scratch of k), 8 values at a time: a block none of
+// whose values beats the k-th kept is skipped whole.
 template <bool Argmax>
 void row_top_k(const float* row, int64_t N, int64_t k, float* v, int32_t* id, int32_t* keys) {
   int64_t held = 0;  // the best `held` so far, in order
-  auto consider = [&](int64_t j) {
-    const int32_t key = order_key<Argmax>(row[j]);
-    if (held == k && key <= keys[k - 1]) return;  // not above the k-th (an equal one came first)
-    int64_t at = held < k ? held++ : k - 1;
-    for (; at > 0 && keys[at - 1] < key; --at) {  // after every held one not below it
-      keys[at] = keys[at - 1], v[at] = v[at - 1], id[at] = id[at - 1];
+  for (int64_t j = 0; j < N; j += kLanes) {
+    const int64_t n = std::min(kLanes, N - j);
+    float tail[kLanes] = {};
+    const float* block = n == kLanes ? row + j : static_cast<const float*>(std::memcpy(tail, row + j, n * sizeof(float)));
+    const i8 block_keys = order_keys<Argmax>(block);
+    if (held == k && !any_lane(block_keys > keys[k - 1])) continue;
+    for (int64_t u = 0; u < n; ++u) {
+      const int32_t key = block_keys[u];
+      if (held == k && key <= keys[k - 1]) continue;  // not above the k-th (an equal one came first)
+      int64_t at = held < k ? held++ : k - 1;
+      for (; at > 0 && keys[at - 1] < key; --at) {  // after every held one not below it
+        keys[at] = keys[at - 1], v[at] = v[at - 1], id[at] = id[at - 1];
+      }
+      keys[at] = key, v[at] = block[u], id[at] = static_cast<int32_t>(j + u);
     }
-    keys[at] = key, v[at] = row[j], id[at] = static_cast<int32_t>(j);
-  };
-  int64_t j = 0;
-  for (; j < N && held < k; ++j) consider(j);
-  for (; j + kLanes <= N; j += kLanes) {  // 8 at a time past those none of which beats the k-th
-    const i8 above = order_keys<Argmax>(row + j) > keys[k - 1];
-    uint64_t words[sizeof above / sizeof(uint64_t)], any = 0;
-    std::memcpy(words, &above, sizeof above);
-    for (uint64_t w : words) any |= w;
-    if (any)
-      for (int64_t u = 0; u < kLanes; ++u) consider(j + u);
   }
-  for (; j < N; ++j) consider(j);
 }
 
 // x [M, N] float32 -> values [M, k], indices [M, k] int32; 1 <= k <= N (k = 1 with argmax).
