@@ -86,3 +86,30 @@ def test_for_gspmd_traces_xla_operations():
     with kernels.for_gspmd():
         text = lowered()
     assert "moejax_matmul" not in text and "dot_general" in text
+
+
+def test_results_do_not_depend_on_how_many_threads_run_them(monkeypatch):
+    """MOEJAX_NATIVE_PARALLEL_MIN (read at every call) moves work between the calling thread alone and the
+    pool; the projection, routed-experts and paged-attention kernels give the same bits either way."""
+    from moejax.kernels import native
+
+    rng = np.random.default_rng()
+    x, ws = random_problem(rng, 70, 128, [128, 64], "float32")
+    slots = jnp.asarray(rng.integers(0, 9, (70, 4)), jnp.int32)
+    routing = jnp.asarray(rng.random((70, 4)), jnp.float32)
+    w_gate_up, w_down = (jnp.asarray(rng.normal(size=s) / 8, jnp.float32) for s in ((8, 128, 96), (8, 48, 128)))
+    blocks, block_size = 40, 4
+    k_cache, v_cache = (jnp.asarray(rng.normal(size=(blocks, block_size, 2, 32)), jnp.float32) for _ in range(2))
+    q = jnp.asarray(rng.normal(size=(70, 4, 32)), jnp.float32)
+    positions = jnp.asarray(rng.integers(0, 5 * block_size, 70), jnp.int32)
+    seq_ids = jnp.asarray(rng.integers(0, 8, 70), jnp.int32)
+    tables = jnp.asarray(rng.permutation(blocks)[:40].reshape(8, 5), jnp.int32)
+    run = jax.jit(lambda: (native.matmul(x, *ws),
+                           native.moe_ffn(x, slots, routing, w_gate_up, w_down, "silu", None)[0],
+                           native.paged_attention(q, k_cache, v_cache, positions, seq_ids, tables, scale=0.2)))
+    outputs = {}
+    for threshold in ("1", str(1 << 40)):  # every call over the pool / every call on the caller alone
+        monkeypatch.setenv("MOEJAX_NATIVE_PARALLEL_MIN", threshold)
+        outputs[threshold] = jax.tree.leaves(run())
+    for pooled, alone in zip(*outputs.values()):
+        np.testing.assert_array_equal(np.asarray(pooled), np.asarray(alone))
