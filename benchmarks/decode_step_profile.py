@@ -82,7 +82,8 @@ def per_call_ms(fn, n: int = 50) -> float:
 
 MEAN_KEYS = PROMPT_LEN + NEW_TOKENS / 2  # keys a decode step attends, on average over the run (step s: PROMPT_LEN + s)
 NATIVE_KINDS = {"moejax_paged_attention": "paged attention (native)", "moejax_moe_ffn": "routed experts (native)",
-                "moejax_matmul": "projections, norms, router, LM head (native dense)"}
+                "moejax_matmul": "projections, norms, router, LM head (native dense)",
+                "moejax_top_k": "router top-k, greedy argmax (native top-k)"}
 
 
 def traced_split(run, hlo: str, steps: int) -> dict:
