@@ -65,6 +65,12 @@ def test_engine_sizes_must_be_positive(llm, option, value):
         build(llm.model, **{option: value})
 
 
+@pytest.mark.parametrize("value", [-0.1, "1", True, float("nan")])
+def test_max_iteration_s_must_be_seconds(llm, value):
+    with pytest.raises(ValueError, match=r"max_iteration_s=.*: must be a number of seconds >= 0"):
+        build(llm.model, max_iteration_s=value)
+
+
 def test_workload_errors_name_the_setting():
     with pytest.raises(ValueError, match="num_requests must be >= 1, got 0"):
         make_workload("sharegpt", rate=1.0, num_requests=0)

@@ -58,26 +58,42 @@ inline void axpy(float a, const T* __restrict x, float* __restrict y, int64_t hd
   for (int64_t d = 0; d < hd; ++d) y[d] += a * load(x, d);
 }
 
-// o += sum_j p[j] v[j] over a block's keys j0 .. j1, in key order. Head sizes 32 and 64 keep o in registers
-// across the keys (128 would spill AVX2's 16); the rest go through memory.
+// The KV block read after the current one, requested a few 64-byte lines at a time as the current one's
+// keys are computed: spread so, its lines arrive while the core computes; requested all at once at the
+// block's start, they stalled it (side by side in the engine at 64 rows: a shorter decode step).
+struct BlockAhead {
+  const char* next = nullptr;
+  const char* end = nullptr;
+
+  void start(const void* block, int64_t bytes) {  // what is left of the last block first: every line asked for
+    step(end - next);
+    next = static_cast<const char*>(block), end = next + bytes;
+  }
+  void step(int64_t lines) {
+    for (int64_t i = 0; i < lines && next < end; ++i, next += 64) __builtin_prefetch(next);
+  }
+};
+
+// o += sum_j p[j] v[j] over a block's keys j0 .. j1, in key order, `lines` of the next block asked for per
+// key. Head sizes 32 and 64 keep o in registers across the keys (128 would spill AVX2's 16); the rest go
+// through memory.
 template <int64_t HD, typename T>
 inline void add_weighted_values(const float* p, const T* vb, int64_t stride, int64_t j0, int64_t j1, float* o,
-                                int64_t hd) {
+                                int64_t hd, BlockAhead& ahead, int64_t lines) {
   if constexpr (HD == 32 || HD == 64) {
     f8 acc[HD / kLanes];
     for (int64_t i = 0; i < HD / kLanes; ++i) acc[i] = load8(o + i * kLanes);
-    for (int64_t j = j0; j < j1; ++j)
+    for (int64_t j = j0; j < j1; ++j) {
+      ahead.step(lines);
       for (int64_t i = 0; i < HD / kLanes; ++i) acc[i] += p[j] * load8(vb + j * stride + i * kLanes);
+    }
     for (int64_t i = 0; i < HD / kLanes; ++i) store8(o + i * kLanes, acc[i]);
   } else {
-    for (int64_t j = j0; j < j1; ++j) axpy<HD>(p[j], vb + j * stride, o, hd);
+    for (int64_t j = j0; j < j1; ++j) {
+      ahead.step(lines);
+      axpy<HD>(p[j], vb + j * stride, o, hd);
+    }
   }
-}
-
-// Asks for bytes ahead of use, one request per 64-byte line.
-inline void prefetch_bytes(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
 }
 
 inline float max_lanes(f8 v) {
@@ -100,8 +116,8 @@ constexpr int64_t kChunkKeys = 256;
 // Rows [begin, end): out[r, h, :] = softmax(q[r, h] . k[keys] * scale) @ v[keys], keys first .. pos.
 // Per chunk of a row's blocks, two passes: the scores of every head (a K block read once for all
 // heads, each key once for the g query heads sharing its KV head), then the weighted values (each V
-// block read once), the next block prefetched while one is used: at decode batch sizes the KV of all
-// layers outgrows the last-level cache, a KV block is one 4 KiB page at the common sizes, and the
+// block read once), the next block requested while one is used (BlockAhead): at decode batch sizes the KV
+// of all layers outgrows the last-level cache, a KV block is one 4 KiB page at the common sizes, and the
 // hardware prefetchers stop at page boundaries (they cannot follow a block table).
 template <int64_t HD, typename T>
 void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32_t* positions,
@@ -118,6 +134,11 @@ void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32
     return std::clamp<int64_t>(table[std::min(b, s.table_width - 1)], 0, s.num_blocks - 1);
   };
   auto first_key = [&](int64_t pos) { return s.window > 0 ? std::max<int64_t>(0, pos - s.window + 1) : int64_t{0}; };
+  // a block's lines spread over one pass's work on a block: every head's keys
+  const int64_t block_lines = (block_bytes + 63) / 64, key_steps = s.heads * bs;
+  const int64_t lines_per_key = (block_lines + key_steps - 1) / key_steps;
+  const int64_t lines_per_8_keys = (block_lines + key_steps / kLanes - 1) / std::max<int64_t>(1, key_steps / kLanes);
+  BlockAhead ahead;
   for (int64_t r = begin; r < end; ++r) {
     const int64_t pos = positions[r], first = first_key(pos);
     const int32_t* table = row_table(r);
@@ -136,8 +157,8 @@ void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32
       };
       for (int64_t b = c; b < c_end; ++b) {  // scores
         const int64_t block = block_of(table, b);
-        prefetch_bytes(b + 1 < c_end ? k + block_of(table, b + 1) * block_stride : v + block_of(table, c) * block_stride,
-                       block_bytes);
+        ahead.start(b + 1 < c_end ? k + block_of(table, b + 1) * block_stride : v + block_of(table, c) * block_stride,
+                    block_bytes);
         int64_t j0, j1;
         keys_of(b, j0, j1);
         for (int64_t kh = 0; kh < s.kv_heads; ++kh) {
@@ -147,13 +168,17 @@ void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32
             float* sh = scores.data() + (kh * g + h) * score_stride + (b - c) * bs;
             if (hd % kLanes == 0) {
               for (int64_t j = j0; j < j1; j += kLanes) {  // 8 keys at once: one 8 x 8 lane reduction
+                ahead.step(lines_per_8_keys);
                 f8 partial[kLanes];
                 for (int64_t u = 0; u < kLanes; ++u)  // past j1: the last key again (overwritten or masked)
                   partial[u] = dot_lanes<HD>(qh, kb + std::min(j + u, j1 - 1) * slot_stride, hd);
                 store8(sh + j, sum8x8(partial));
               }
             } else {
-              for (int64_t j = j0; j < j1; ++j) sh[j] = dot(qh, kb + j * slot_stride, hd);
+              for (int64_t j = j0; j < j1; ++j) {
+                ahead.step(lines_per_key);
+                sh[j] = dot(qh, kb + j * slot_stride, hd);
+              }
             }
           }
         }
@@ -187,12 +212,12 @@ void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32
       for (int64_t b = c; b < c_end; ++b) {  // weighted values
         const int64_t block = block_of(table, b);
         if (b + 1 < c_end) {
-          prefetch_bytes(v + block_of(table, b + 1) * block_stride, block_bytes);
+          ahead.start(v + block_of(table, b + 1) * block_stride, block_bytes);
         } else if (c_end <= last_block) {
-          prefetch_bytes(k + block_of(table, c_end) * block_stride, block_bytes);
+          ahead.start(k + block_of(table, c_end) * block_stride, block_bytes);
         } else if (r + 1 < end) {  // the next row's first keys
           const int64_t next_pos = positions[r + 1];
-          prefetch_bytes(k + block_of(row_table(r + 1), first_key(next_pos) / bs) * block_stride, block_bytes);
+          ahead.start(k + block_of(row_table(r + 1), first_key(next_pos) / bs) * block_stride, block_bytes);
         }
         int64_t j0, j1;
         keys_of(b, j0, j1);
@@ -201,7 +226,7 @@ void attend_rows(const Shape& s, const T* q, const T* k, const T* v, const int32
           for (int64_t h = 0; h < g; ++h) {
             const int64_t head = kh * g + h;
             add_weighted_values<HD>(scores.data() + head * score_stride + (b - c) * bs, vb, slot_stride, j0, j1,
-                                    o + head * hd, hd);
+                                    o + head * hd, hd, ahead, lines_per_key);
           }
         }
       }

@@ -86,6 +86,8 @@ def build(model, executor: str = "jax", *, policy: str = "chunked", token_budget
                                 ("block_size", block_size, 1), ("max_model_len", max_model_len or 2, 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{field}={value!r}: must be an integer >= {least}")
+    if isinstance(max_iteration_s, bool) or not isinstance(max_iteration_s, (int, float)) or not max_iteration_s >= 0:
+        raise ValueError(f"max_iteration_s={max_iteration_s!r}: must be a number of seconds >= 0")
     factory = _factory(executor)
     executor_takes = set(inspect.signature(factory).parameters) - set(_SIZES)
     policy_takes = policy_options(name) | ({"tbt_target_s"} if name == "layered-adaptive" else set())
