@@ -48,6 +48,17 @@ inline f8 load8(const uint16_t* p) {  // 8 bfloat16 -> float32
 }
 inline void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof v); }
 
+// Memory to be read soon, requested (prefetched) a few 64-byte lines at a time from `next` to `end`.
+struct LinesAhead {
+  const char* next = nullptr;
+  const char* end = nullptr;
+
+  void request(int64_t lines) {
+    for (int64_t i = 0; i < lines && next < end; ++i, next += 64) __builtin_prefetch(next);
+  }
+  int64_t left() const { return (end - next + 63) / 64; }
+};
+
 // Whether any lane of a comparison's result (-1 or 0 per lane) is set.
 inline bool any_lane(i8 mask) {
 #ifdef __AVX__

@@ -62,13 +62,11 @@ struct Item {
   int32_t slot, first, count;  // pairs sorted[first .. first + count)
 };
 
-// The weights of one slot, to be requested while another slot computes (gemm.h's LinePrefetcher), a
-// share per column block of the `column_blocks` it has.
+// The weights of one slot, to be requested over a GEMM of `steps` multiply-add steps of another slot
+// (gemm.h's LinePrefetcher).
 template <typename T>
-LinePrefetcher weights_ahead(const T* weights, int64_t per_slot, int64_t slot, int64_t column_blocks) {
-  const char* first = reinterpret_cast<const char*>(weights + slot * per_slot);
-  const int64_t lines = (per_slot * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-  return {first, first + lines * 64, (lines + column_blocks - 1) / column_blocks};
+LinePrefetcher weights_ahead(const T* weights, int64_t per_slot, int64_t slot, int64_t steps) {
+  return {weights + slot * per_slot, per_slot * static_cast<int64_t>(sizeof(T)), steps};
 }
 
 template <typename T>
@@ -93,9 +91,8 @@ void run_items(const Problem& p, const T* x, const T* w_gate_up, const T* w_down
     const int64_t next = i + ahead < num_items && items[i + ahead].slot != item.slot ? items[i + ahead].slot : -1;
     LinePrefetcher next_gate_up, next_down;
     if (next >= 0) {
-      constexpr int64_t kBlock = kColVectors * kLanes;  // a gemm's column block
-      next_gate_up = weights_ahead(w_gate_up, D * 2 * F, next, (2 * F + kBlock - 1) / kBlock);
-      next_down = weights_ahead(w_down, F * D, next, (D + kBlock - 1) / kBlock);
+      next_gate_up = weights_ahead(w_gate_up, D * 2 * F, next, gemm_steps(item.count, D, 2 * F));
+      next_down = weights_ahead(w_down, F * D, next, gemm_steps(item.count, F, D));
     }
     gemm(item.count, xs.data(), D, w_gate_up + item.slot * D * 2 * F, D, 2 * F, gu.data(), 2 * F,
          next >= 0 ? &next_gate_up : nullptr);

@@ -62,16 +62,13 @@ inline void axpy(float a, const T* __restrict x, float* __restrict y, int64_t hd
 // keys are computed: spread so, its lines arrive while the core computes; requested all at once at the
 // block's start, they stalled it (side by side in the engine at 64 rows: a shorter decode step).
 struct BlockAhead {
-  const char* next = nullptr;
-  const char* end = nullptr;
+  LinesAhead lines;
 
   void start(const void* block, int64_t bytes) {  // what is left of the last block first: every line asked for
-    step(end - next);
-    next = static_cast<const char*>(block), end = next + bytes;
+    lines.request(lines.left());
+    lines = {static_cast<const char*>(block), static_cast<const char*>(block) + bytes};
   }
-  void step(int64_t lines) {
-    for (int64_t i = 0; i < lines && next < end; ++i, next += 64) __builtin_prefetch(next);
-  }
+  void step(int64_t count) { lines.request(count); }
 };
 
 // o += sum_j p[j] v[j] over a block's keys j0 .. j1, in key order, `lines` of the next block asked for per
