@@ -12,8 +12,8 @@ system's C++ compiler on first use and cached per source, flags, jaxlib and mach
                       dot computes a row differently depending on the number of rows):
                       moejax.kernels.dense on CPU
     top_k             the k largest of each row, as jax.lax.top_k, or its argmax as jnp.argmax
-                      (XLA:CPU calls a sort routine / runs a two-operand reduction loop, both several
-                      times slower): moejax.kernels.top_k and argmax on CPU
+                      (XLA:CPU calls a sort routine / runs a two-operand reduction loop, both
+                      slower per call at decode sizes): moejax.kernels.top_k and argmax on CPU
 
 Where no compiler is found the jnp code runs, with one warning.
 

@@ -149,19 +149,24 @@ inline int64_t parallel_workers(ffi::ThreadPool& pool, int64_t chunks, int64_t f
 // thread and by tasks on the pool: the caller never waits for a chunk nobody has started, so a busy (or
 // one-thread) pool cannot deadlock it. Tasks may start after the call returned; they then find no chunk
 // left. Which thread runs a chunk never changes what it computes. `flops`: the whole work's
-// multiply-adds; below parallel_min_flops() the caller runs it all.
+// multiply-adds; with no pool thread worth waking (parallel_workers) the caller runs it all.
 template <typename Work>
 void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t grain, int64_t flops, Work work) {
-  if (flops < parallel_min_flops()) return work(0, n);
+  if (n <= 0) return;
+  const int64_t chunks = (n + grain - 1) / grain;
+  // The caller is a worker too: pool.num_threads() helpers besides it would put one more thread than
+  // the pool was sized for on the cores, and a helper descheduled mid-chunk holds up the whole call
+  // (measured on 2 cores, routed experts at 64 rows: 2 helpers 178-201 us a call, 1 helper 123-158).
+  const int64_t helpers = parallel_workers(pool, chunks, flops) - 1;
+  if (helpers == 0) return work(0, n);
   struct State {
     std::atomic<int64_t> next{0};
     int64_t chunks, done = 0;
     std::mutex mutex;
     std::condition_variable finished;
   };
-  if (n <= 0) return;
   auto state = std::make_shared<State>();
-  state->chunks = (n + grain - 1) / grain;
+  state->chunks = chunks;
   auto run = [state, n, grain, work]() {
     for (int64_t c; (c = state->next.fetch_add(1)) < state->chunks;) {
       work(c * grain, std::min(n, (c + 1) * grain));
@@ -169,10 +174,6 @@ void parallel_chunks(ffi::ThreadPool& pool, int64_t n, int64_t grain, int64_t fl
       if (++state->done == state->chunks) state->finished.notify_all();
     }
   };
-  // The caller is a worker too: pool.num_threads() helpers besides it would put one more thread than
-  // the pool was sized for on the cores, and a helper descheduled mid-chunk holds up the whole call
-  // (measured on 2 cores, routed experts at 64 rows: 2 helpers 178-201 us a call, 1 helper 123-158).
-  const int64_t helpers = parallel_workers(pool, state->chunks, flops) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(run)(run));  // a copy per task
   run();
   std::unique_lock<std::mutex> lock(state->mutex);

@@ -5,9 +5,9 @@
 // ... -inf, -NaN last), equal values in ascending index order; with `argmax` (k = 1), that of
 // jnp.argmax: every NaN above +inf and -0 equal to +0, so the first NaN, else the first of the largest.
 //
-// Why native code: XLA:CPU runs lax.top_k as a library call that costs more than the router's projection
-// at decode sizes, and jnp.argmax as a two-operand reduction loop several times slower than a pass
-// that skips 8 values at a time when none beats the k-th kept.
+// Why native code: XLA:CPU runs lax.top_k as a sort library call and jnp.argmax as a two-operand
+// reduction loop; at decode sizes both took up to about 3x the time per call of this pass, which skips
+// 8 values at a time when none beats the k-th kept (benchmarks/decode_settings.json, `kernels`).
 
 #include <algorithm>
 #include <cstdint>
